@@ -1,0 +1,22 @@
+"""ellsjax: analytic (closed-form) diffusion denoisers in JAX.
+
+The Equivariant Local Score machine of Kamb & Ganguli ("An analytic theory of creativity in
+convolutional diffusion models", arXiv 2412.20292) and its relatives, with samplers, data and
+tools to compare them with trained convolutional diffusion networks.
+
+Example:
+    >>> import jax, ellsjax as ej
+    >>> images, labels = ej.data.load("mnist", limit=64)
+    >>> m = ej.machines.els(images, padding="zeros")
+    >>> x = jax.random.normal(jax.random.key(0), (1, *images.shape[1:]))
+    >>> x0 = ej.samplers.ddim(m, x, [0.95, 0.5, 0.0], scales=[7, 3])
+    >>> x0.shape
+    (1, 28, 28, 1)
+"""
+
+from ellsjax import data, kernel, machines, samplers, schedules
+from ellsjax.machines import Denoiser
+
+__version__ = "0.1.0"
+
+__all__ = ["data", "kernel", "machines", "samplers", "schedules", "Denoiser", "__version__"]

@@ -1,0 +1,109 @@
+"""Argument checks shared by the public functions.
+
+Shape, rank and dtype checks always run (they are static under ``jax.jit``). Value checks (NaN/inf,
+ranges, label membership) run only on concrete arrays: inside a user's own ``jax.jit`` the values
+are tracers and cannot be inspected without a host round trip.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x: Any) -> bool:
+    """True when ``x`` holds values we can look at (not a tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def as_image_batch(x: Any, name: str, *, shape: tuple[int, int, int] | None = None) -> jax.Array:
+    """Check an NHWC float image batch and return it as float32.
+
+    Args:
+        x: the array.
+        name: the argument's name, used in error messages.
+        shape: the required ``(H, W, C)``, if any.
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        x = np.asarray(x)
+        dtype = x.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{name}: expected a floating-point array of images in [-1, 1], got dtype {dtype}"
+            + (" (convert uint8 pixels with p/127.5 - 1)" if jnp.issubdtype(dtype, jnp.integer) else "")
+        )
+    if np.ndim(x) != 4:
+        raise ValueError(f"{name}: expected rank 4 [batch, height, width, channels], got shape {np.shape(x)}")
+    if shape is not None and tuple(np.shape(x)[1:]) != tuple(shape):
+        raise ValueError(f"{name}: expected images of shape [*, {shape[0]}, {shape[1]}, {shape[2]}], got {np.shape(x)}")
+    if np.shape(x)[0] == 0:
+        raise ValueError(f"{name}: the batch is empty")
+    x = jnp.asarray(x, jnp.float32)
+    if is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"{name}: contains NaN or inf")
+    return x
+
+
+def check_scale(k: Any, name: str = "scale") -> int:
+    """A patch size: a positive odd Python int."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (numbers.Integral,)):
+        raise TypeError(f"{name}: expected a positive odd int patch size, got {k!r}")
+    k = int(k)
+    if k <= 0 or k % 2 == 0:
+        raise ValueError(f"{name}: patch size must be a positive odd int, got {k}")
+    return k
+
+
+def as_times(t: Any, batch: int, name: str = "t") -> jax.Array:
+    """A time per batch element: a scalar or a ``[batch]`` array in [0, 1], returned as float32 [batch]."""
+    dtype = getattr(t, "dtype", None)
+    if dtype is not None and not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{name}: expected a real number or array of times, got dtype {dtype}")
+    try:
+        t = jnp.asarray(t, jnp.float32)
+    except TypeError:
+        raise TypeError(f"{name}: expected a real number or array of times, got {t!r}") from None
+    if t.ndim == 0:
+        t = jnp.broadcast_to(t, (batch,))
+    elif t.shape != (batch,):
+        raise ValueError(f"{name}: expected a scalar or shape [{batch}], got shape {t.shape}")
+    if is_concrete(t):
+        if not bool(jnp.all(jnp.isfinite(t))):
+            raise ValueError(f"{name}: contains NaN or inf")
+        if bool(jnp.any((t < 0) | (t > 1))):
+            raise ValueError(f"{name}: times must lie in [0, 1], got min {float(t.min())}, max {float(t.max())}")
+    return t
+
+
+def as_labels(label: Any, batch: int, name: str = "label") -> jax.Array | None:
+    """``None``, an int, or a ``[batch]`` int array, returned as int32 [batch] (or None)."""
+    if label is None:
+        return None
+    dtype = getattr(label, "dtype", None)
+    if dtype is None:
+        if isinstance(label, (bool, np.bool_)) or not isinstance(label, numbers.Integral):
+            arr = np.asarray(label)
+            if not jnp.issubdtype(arr.dtype, jnp.integer):
+                raise TypeError(f"{name}: expected None, an int or an int array of shape [{batch}], got {label!r}")
+            label = arr
+            dtype = arr.dtype
+    elif not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{name}: expected integer class labels, got dtype {dtype}")
+    lab = jnp.asarray(label, jnp.int32)
+    if lab.ndim == 0:
+        lab = jnp.broadcast_to(lab, (batch,))
+    elif lab.shape != (batch,):
+        raise ValueError(f"{name}: expected an int or shape [{batch}], got shape {lab.shape}")
+    return lab
+
+
+def check_positive_int(v: Any, name: str) -> int:
+    """A positive Python int (bools rejected)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    return int(v)

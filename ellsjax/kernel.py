@@ -1,0 +1,235 @@
+r"""The streaming softmax over a patch bank: the one numerical kernel behind every machine.
+
+Every machine computes, for each query ``q`` (a patch of ``x_t``) against a bank of keys ``k_j``
+(training patches) with values ``v_j`` and multiplicities ``c_j``,
+
+.. math::
+
+    \hat v(q) = \frac{\sum_j c_j \exp\!\big(-\|q - a k_j\|^2 / 2s^2\big)\, v_j}
+                     {\sum_j c_j \exp\!\big(-\|q - a k_j\|^2 / 2s^2\big)},
+
+the posterior mean of Kamb & Ganguli (arXiv 2412.20292, eqs. 5–9) restricted to that bank.
+``‖q − a k‖² = ‖q‖² − 2a q·k + a²‖k‖²``; the ``‖q‖²`` term is the same for every ``j`` and cancels,
+so the kernel works with the *raw score* ``l_j = 2a q·k_j − a²‖k_j‖² = ‖q‖² − ‖q − a k_j‖²``, whose
+``q·k`` part is one GEMM per chunk. The bank is consumed chunk by chunk with a running maximum, a
+running normaliser and a running weighted value sum (log-sum-exp merge, :func:`merge_stats`), so
+peak memory is set by the chunk, not by the bank. All arithmetic is float32 with float32 GEMM
+accumulation (``Precision.HIGHEST``, so no TF32 on GPUs).
+
+Accuracy: the raw scores carry float32 rounding of about ``u·√d·‖q‖‖k‖`` (``u ≈ 6e-8``), which the
+softmax multiplies by ``a/s²``; posterior means agree with a float64 evaluation to ~1e-6 at moderate
+noise and, as ``s → 0``, only up to near-ties that float32 cannot resolve (a direct float32
+evaluation of ``‖q − a k‖²`` has the same limit).
+
+At ``s = 0`` (``inv_temp = +inf``) the softmax becomes its limit: the uniform, multiplicity-weighted
+average over the entries that attain the maximal raw score (the nearest keys).
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from ellsjax import kernel
+    >>> q = kernel.Queries(q=jnp.ones((1, 2, 3)), a=jnp.full((1, 2), 0.5), inv_temp=jnp.full((1, 2), 2.0))
+    >>> bank = kernel.make_bank(jnp.ones((1, 4, 3)), jnp.arange(4.0).reshape(1, 4, 1))
+    >>> kernel.softmax_mean(q, bank).shape
+    (1, 2, 1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple, TypeVar
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+__all__ = [
+    "Queries",
+    "Bank",
+    "SoftmaxStats",
+    "make_bank",
+    "empty_stats",
+    "chunk_stats",
+    "merge_stats",
+    "finalize",
+    "softmax_mean",
+    "streaming_softmax",
+]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Queries(NamedTuple):
+    """Query vectors with their per-query noise level. Leading dims ``*g`` index independent groups.
+
+    Attributes:
+        q: ``[*g, m, d]`` query patches (from ``x_t``).
+        a: ``[*g, m]`` signal scale ``a(t)`` of each query's image.
+        inv_temp: ``[*g, m]`` ``1/(2 s(t)²)``; ``+inf`` at ``s = 0`` selects the nearest-key limit.
+    """
+
+    q: Float[Array, "*g m d"]
+    a: Float[Array, "*g m"]
+    inv_temp: Float[Array, "*g m"]
+
+
+class Bank(NamedTuple):
+    """One chunk of a bank. Leading dims ``*g`` must broadcast against the queries'.
+
+    Attributes:
+        keys: ``[*g, n, d]`` bank patches.
+        values: ``[*g, n, v]`` what each entry contributes to the mean (e.g. its center pixel).
+        log_count: ``[*g, n]`` log multiplicity of each entry; ``-inf`` marks an absent (padding) entry.
+        sq_norm: ``[*g, n]`` ``‖k‖²`` (precomputed once per bank).
+    """
+
+    keys: Float[Array, "*g n d"]
+    values: Float[Array, "*g n v"]
+    log_count: Float[Array, "*g n"]
+    sq_norm: Float[Array, "*g n"]
+
+
+class SoftmaxStats(NamedTuple):
+    """Running statistics of the streaming softmax, mergeable exactly in any order.
+
+    Attributes:
+        max: ``[*g, m]`` largest raw score ``l_j = ‖q‖² − ‖q − a k_j‖²`` seen (``-inf`` if none).
+        total: ``[*g, m]`` ``Σ_j c_j exp((l_j − max)·inv_temp)``.
+        weighted: ``[*g, m, v]`` ``Σ_j c_j exp((l_j − max)·inv_temp) v_j``.
+    """
+
+    max: Float[Array, "*g m"]
+    total: Float[Array, "*g m"]
+    weighted: Float[Array, "*g m v"]
+
+
+def make_bank(
+    keys: Float[Array, "*g n d"],
+    values: Float[Array, "*g n v"],
+    present: Int[Array, "*g n"] | None = None,
+    log_count: Float[Array, "*g n"] | None = None,
+) -> Bank:
+    """Assemble a :class:`Bank`, computing ``‖k‖²`` and the log multiplicities.
+
+    Args:
+        keys: bank entries.
+        values: their values.
+        present: optional boolean mask; ``False`` entries are padding and get ``log_count = -inf``.
+        log_count: optional log multiplicities (default 0: every entry counted once).
+    """
+    keys = jnp.asarray(keys, jnp.float32)
+    if log_count is None:
+        log_count = jnp.zeros(keys.shape[:-1], jnp.float32)
+    if present is not None:
+        log_count = jnp.where(present, log_count, -jnp.inf)
+    return Bank(keys, jnp.asarray(values, jnp.float32), log_count, jnp.sum(keys * keys, axis=-1))
+
+
+def empty_stats(queries: Queries, value_dim: int) -> SoftmaxStats:
+    """Statistics of an empty bank: max ``-inf``, zero sums."""
+    shape = jnp.broadcast_shapes(queries.a.shape, queries.q.shape[:-1])
+    return SoftmaxStats(
+        jnp.full(shape, -jnp.inf, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros((*shape, value_dim), jnp.float32),
+    )
+
+
+def _tempered(diff: Array, inv_temp: Array) -> Array:
+    # diff ≤ 0. Where diff == 0 the weight is exp(0) = 1 even for inv_temp = inf (0·inf would be NaN);
+    # elsewhere inv_temp = inf sends every non-maximal entry to exp(-inf) = 0: the s → 0 limit.
+    return jnp.where(diff == 0, 0.0, diff * inv_temp)
+
+
+def chunk_stats(queries: Queries, bank: Bank) -> SoftmaxStats:
+    """Softmax statistics of one bank chunk (the GEMM and one ``exp`` per query–entry pair)."""
+    dots = jnp.einsum("...md,...nd->...mn", queries.q, bank.keys, precision=_HIGHEST)
+    a = queries.a[..., None]
+    raw = a * (2.0 * dots - a * bank.sq_norm[..., None, :])
+    present = bank.log_count[..., None, :] > -jnp.inf
+    raw = jnp.where(present, raw, -jnp.inf)
+    # The maximum only stabilises the exponentials; the result does not depend on it.
+    m = jax.lax.stop_gradient(jnp.max(raw, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    logw = _tempered(raw - m_safe[..., None], queries.inv_temp[..., None]) + bank.log_count[..., None, :]
+    w = jnp.exp(logw)
+    total = jnp.sum(w, axis=-1)
+    weighted = jnp.einsum("...mn,...nv->...mv", w, bank.values, precision=_HIGHEST)
+    return SoftmaxStats(m, total, weighted)
+
+
+def merge_stats(s1: SoftmaxStats, s2: SoftmaxStats, inv_temp: Float[Array, "*g m"]) -> SoftmaxStats:
+    """Exactly merge the statistics of two disjoint parts of a bank (associative and commutative)."""
+    m = jnp.maximum(s1.max, s2.max)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    c1 = jnp.exp(_tempered(s1.max - m_safe, inv_temp))
+    c2 = jnp.exp(_tempered(s2.max - m_safe, inv_temp))
+    return SoftmaxStats(
+        m,
+        s1.total * c1 + s2.total * c2,
+        s1.weighted * c1[..., None] + s2.weighted * c2[..., None],
+    )
+
+
+def finalize(stats: SoftmaxStats) -> Float[Array, "*g m v"]:
+    """The posterior mean ``weighted / total``."""
+    return stats.weighted / stats.total[..., None]
+
+
+def softmax_mean(queries: Queries, bank: Bank) -> Float[Array, "*g m v"]:
+    """Dense (single-chunk) posterior mean: :func:`finalize` of :func:`chunk_stats`."""
+    return finalize(chunk_stats(queries, bank))
+
+
+_Q = TypeVar("_Q", Queries, Mapping)
+
+
+def streaming_softmax(
+    queries: Queries | Mapping[str, Queries],
+    bank_fn: Callable[[Array], Bank | Mapping[str, Bank]],
+    num_chunks: int,
+    *,
+    remat: bool = True,
+) -> tuple[Array | dict[str, Array], SoftmaxStats | dict[str, SoftmaxStats]]:
+    """Posterior means of ``queries`` against a bank produced chunk by chunk.
+
+    One ``lax.scan`` over ``i = 0 … num_chunks − 1`` calls ``bank_fn(i)`` and folds the chunk into
+    the running statistics with :func:`merge_stats`. Several query groups of different shapes
+    (e.g. the interior, edges and corners of the boundary-broken ELS machine) can share the same
+    pass: give ``queries`` as a mapping ``name → Queries`` and have ``bank_fn`` return the same keys.
+
+    Args:
+        queries: a :class:`Queries` or a mapping of them.
+        bank_fn: chunk index (traced int32) ``→`` :class:`Bank` (or mapping of banks).
+        num_chunks: static number of chunks.
+        remat: recompute each chunk in the backward pass (``jax.checkpoint``) so reverse-mode
+            memory stays bounded by one chunk; free in the forward pass.
+
+    Returns:
+        ``(means, stats)``, each with the structure of ``queries``.
+    """
+    if int(num_chunks) < 1:
+        raise ValueError(f"num_chunks: need at least one chunk, got {num_chunks}")
+    single = isinstance(queries, Queries)
+    qs = {"_": queries} if single else dict(queries)
+
+    def banks(i):
+        b = bank_fn(i)
+        if single:
+            b = {"_": b}
+        if set(b) != set(qs):
+            raise ValueError(f"bank_fn: returned groups {sorted(b)}, queries have {sorted(qs)}")
+        return b
+
+    def fold(stats, i):
+        bs = banks(i)
+        return {k: merge_stats(stats[k], chunk_stats(qs[k], bs[k]), qs[k].inv_temp) for k in qs}
+
+    first = banks(jnp.int32(0))
+    stats = {k: chunk_stats(qs[k], first[k]) for k in qs}
+    if num_chunks > 1:
+        step = jax.checkpoint(fold) if remat else fold
+        stats, _ = jax.lax.scan(lambda c, i: (step(c, i), None), stats, jnp.arange(1, num_chunks, dtype=jnp.int32))
+    means = {k: finalize(v) for k, v in stats.items()}
+    if single:
+        return means["_"], stats["_"]
+    return means, stats

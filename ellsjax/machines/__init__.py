@@ -1,0 +1,29 @@
+"""Analytic denoisers ("machines"): the ideal score, the local score and the equivariant local score.
+
+Every machine is a frozen pytree holding its training set; ``denoise``, ``score`` and ``eps`` take a
+noisy batch ``x_t`` ``[B, H, W, C]``, a time ``t`` and (for the local machines) a patch size ``scale``.
+
+Example:
+    >>> import jax, ellsjax as ej
+    >>> imgs = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1)
+    >>> m = ej.machines.els(imgs, padding="circular")
+    >>> m.score(imgs[:1], 0.5, scale=3).shape
+    (1, 8, 8, 1)
+"""
+
+from ellsjax.machines.base import DEFAULT_MEMORY_BUDGET, Denoiser, Machine
+from ellsjax.machines.ideal import IdealScore, ideal
+from ellsjax.machines.patch import EquivariantLocalScore, LocalScore, bbels, els, local
+
+__all__ = [
+    "Denoiser",
+    "Machine",
+    "IdealScore",
+    "LocalScore",
+    "EquivariantLocalScore",
+    "ideal",
+    "local",
+    "els",
+    "bbels",
+    "DEFAULT_MEMORY_BUDGET",
+]

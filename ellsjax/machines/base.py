@@ -1,0 +1,238 @@
+"""The denoiser interface shared by analytic machines and trained networks, and the machines' base.
+
+A :class:`Denoiser` maps a noisy batch ``x_t`` at time ``t`` to the posterior-mean estimate ``x̂0``;
+``score`` and ``eps`` follow from it:
+
+    score(x_t, t) = (a·x̂0 − x_t)/s²,      ε̂(x_t, t) = (x_t − a·x̂0)/s.
+
+Two levels: ``denoise``/``score``/``eps`` check their arguments and run a cached ``jax.jit``;
+``_denoise(x_t, t, label, scale)`` is the pure, unchecked function that samplers call inside their
+own jitted programs (``t`` and ``label`` already per-example arrays).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from ellsjax import _checks
+from ellsjax import schedules as _schedules
+
+__all__ = ["Denoiser", "Machine", "DEFAULT_MEMORY_BUDGET"]
+
+#: Default bytes of temporaries per streamed chunk (logits, gathered patches).
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+
+
+class Denoiser:
+    """Interface: something that returns ``x̂0 = E[x0 | x_t]`` under a noise schedule.
+
+    Subclasses set ``schedule``, ``image_shape`` (``(H, W, C)``), ``conditional`` and implement
+    ``_denoise`` and ``check_scale``. They must be pytrees so that they can be passed to
+    ``jax.jit`` (all machines here are registered dataclasses).
+    """
+
+    schedule: _schedules.Schedule
+    #: Whether ``scale`` (a patch size) is required.
+    needs_scale: ClassVar[bool] = False
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    @property
+    def conditional(self) -> bool:
+        return False
+
+    # -- to implement -------------------------------------------------------------------------------
+    def _denoise(
+        self, x_t: Float[Array, "b h w c"], t: Float[Array, " b"], label: Int[Array, " b"] | None, scale: int | None
+    ) -> Float[Array, "b h w c"]:
+        raise NotImplementedError
+
+    def check_scale(self, scale: Any) -> int | None:
+        """Validate a locality scale for this denoiser; return it normalised (or ``None``)."""
+        return None
+
+    def check_label(self, label: Array | None) -> None:
+        """Validate concrete labels (the default accepts only ``None``)."""
+        if label is not None:
+            raise ValueError("label: this denoiser is unconditional; pass label=None")
+
+    # -- public, checked --------------------------------------------------------------------------
+    def check_inputs(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None):
+        """Check and normalise the arguments of :meth:`denoise`; returns ``(x_t, t, label, scale)``."""
+        x_t = _checks.as_image_batch(x_t, "x_t", shape=self.image_shape)
+        t = _checks.as_times(t, x_t.shape[0])
+        label = _checks.as_labels(label, x_t.shape[0])
+        if _checks.is_concrete(label) or label is None:
+            self.check_label(label)
+        return x_t, t, label, self.check_scale(scale)
+
+    def denoise(self, x_t: Any, t: Any, *, scale: int | None = None, label: Any = None) -> Float[Array, "b h w c"]:
+        """Posterior mean ``x̂0 = E[x0 | x_t]``.
+
+        Args:
+            x_t: ``[B, H, W, C]`` float noisy images.
+            t: a time in ``[0, 1]`` or one per image (``[B]``).
+            scale: the locality scale (odd patch size) for local machines.
+            label: ``None``, a class id, or one per image (``[B]``), for conditional denoising.
+        """
+        x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
+        return _jit_denoise(self, x_t, t, label, scale)
+
+    def score(self, x_t: Any, t: Any, *, scale: int | None = None, label: Any = None) -> Float[Array, "b h w c"]:
+        """Score ``∇ log p_t(x_t) = (a·x̂0 − x_t)/s²``. Undefined at ``s(t) = 0`` (raises)."""
+        x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
+        self._check_noisy(t, "score")
+        return _jit_score(self, x_t, t, label, scale)
+
+    def eps(self, x_t: Any, t: Any, *, scale: int | None = None, label: Any = None) -> Float[Array, "b h w c"]:
+        """Noise prediction ``ε̂ = (x_t − a·x̂0)/s``. Undefined at ``s(t) = 0`` (raises)."""
+        x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
+        self._check_noisy(t, "eps")
+        return _jit_eps(self, x_t, t, label, scale)
+
+    def _check_noisy(self, t: Array, what: str) -> None:
+        if _checks.is_concrete(t) and bool(jnp.any(self.schedule.variances(t)[1] <= 0)):
+            raise ValueError(
+                f"t: the {what} diverges where the noise level s(t) is 0 (t = 0 for this schedule); "
+                "use denoise() there, which returns the nearest-neighbour limit"
+            )
+
+    def _score(self, x_t, t, label, scale):
+        a, var = _ab(self.schedule, t)
+        x0 = self._denoise(x_t, t, label, scale)
+        return (a * x0 - x_t) / var
+
+    def _eps(self, x_t, t, label, scale):
+        a, var = _ab(self.schedule, t)
+        x0 = self._denoise(x_t, t, label, scale)
+        return (x_t - a * x0) / jnp.sqrt(var)
+
+
+def _ab(schedule, t):
+    ab, var = schedule.variances(t)
+    return jnp.sqrt(ab)[:, None, None, None], var[:, None, None, None]
+
+
+@partial(jax.jit, static_argnums=(4,))
+def _jit_denoise(d, x_t, t, label, scale):
+    return d._denoise(x_t, t, label, scale)
+
+
+@partial(jax.jit, static_argnums=(4,))
+def _jit_score(d, x_t, t, label, scale):
+    return d._score(x_t, t, label, scale)
+
+
+@partial(jax.jit, static_argnums=(4,))
+def _jit_eps(d, x_t, t, label, scale):
+    return d._eps(x_t, t, label, scale)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Machine(Denoiser):
+    """Base of the analytic machines: a training set, optionally split by class.
+
+    Attributes:
+        images: ``[N, H, W, C]`` float32 training images.
+        class_members: ``[K, Nmax]`` int32 indices of each class's images (padded), or ``None``.
+        schedule: the noise schedule.
+        class_sizes: number of training images per class id ``0 … K−1`` (static), or ``None``.
+        chunk_size: training images per streamed chunk; ``None`` picks it from ``memory_budget``.
+        memory_budget: bytes of temporaries allowed per chunk when ``chunk_size`` is ``None``.
+    """
+
+    images: Float[Array, "n h w c"]
+    class_members: Int[Array, "k nmax"] | None
+    schedule: _schedules.Schedule = _schedules.cosine_legacy()
+    class_sizes: tuple[int, ...] | None = None
+    chunk_size: int | None = None
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+
+    _DATA_FIELDS: ClassVar[tuple[str, ...]] = ("images", "class_members")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_images(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def conditional(self) -> bool:
+        return self.class_sizes is not None
+
+    def check_label(self, label: Array | None) -> None:
+        if label is None:
+            return
+        if self.class_sizes is None:
+            raise ValueError("label: this machine was built without labels; pass labels=... to build it")
+        present = [k for k, n in enumerate(self.class_sizes) if n > 0]
+        bad = sorted({int(v) for v in np.asarray(label).ravel() if not (0 <= v < len(self.class_sizes)) or self.class_sizes[v] == 0})
+        if bad:
+            raise ValueError(f"label: no training images of class {bad}; classes present: {present}")
+
+    # -- the streamed training set ---------------------------------------------------------------------
+    def _chunking(self, label: Array | None, bytes_per_image: int) -> tuple[Array, Array, int, int]:
+        """Member indices ``[Gb, n_chunks·c]``, validity mask, number of chunks and images per chunk.
+
+        ``Gb = 1`` without labels (one bank shared by the whole batch), ``Gb = B`` with labels (each
+        image searches only its own class).
+        """
+        n = self.num_images if label is None else max(self.class_sizes)
+        if self.chunk_size is not None:
+            c = min(self.chunk_size, n)
+        else:
+            c = int(min(max(1, self.memory_budget // max(1, bytes_per_image)), n))
+        nch = -(-n // c)
+        width = nch * c
+        if label is None:
+            members = jnp.arange(width, dtype=jnp.int32)[None] % self.num_images
+            valid = (jnp.arange(width) < self.num_images)[None]
+        else:
+            members = jnp.pad(self.class_members[label], ((0, 0), (0, width - n)))
+            sizes = jnp.asarray(self.class_sizes, jnp.int32)[label]
+            valid = jnp.arange(width)[None, :] < sizes[:, None]
+        return members, valid, nch, c
+
+    def _chunk(self, members, valid, c, i):
+        idx = jax.lax.dynamic_slice_in_dim(members, i * c, c, axis=1)
+        ok = jax.lax.dynamic_slice_in_dim(valid, i * c, c, axis=1)
+        return self.images[idx], ok  # [Gb, c, H, W, C], [Gb, c]
+
+
+def register(cls, extra_meta: tuple[str, ...] = ()):
+    """Register a :class:`Machine` dataclass subclass as a pytree (arrays are leaves)."""
+    meta = [f.name for f in dataclasses.fields(cls) if f.name not in cls._DATA_FIELDS]
+    return jax.tree_util.register_dataclass(cls, data_fields=list(cls._DATA_FIELDS), meta_fields=meta)
+
+
+def prepare_training_set(images: Any, labels: Any) -> tuple[Array, Array | None, tuple[int, ...] | None]:
+    """Check training images/labels; build per-class member lists. Returns ``(images, members, sizes)``."""
+    images = _checks.as_image_batch(images, "images")
+    if labels is None:
+        return images, None, None
+    lab = np.asarray(labels)
+    if not np.issubdtype(lab.dtype, np.integer):
+        raise TypeError(f"labels: expected integer class ids, got dtype {lab.dtype}")
+    if lab.shape != (images.shape[0],):
+        raise ValueError(f"labels: expected shape [{images.shape[0]}] (one per image), got {lab.shape}")
+    if lab.min() < 0:
+        raise ValueError(f"labels: class ids must be >= 0, got {int(lab.min())}")
+    k = int(lab.max()) + 1
+    sizes = tuple(int(s) for s in np.bincount(lab, minlength=k))
+    nmax = max(sizes)
+    members = np.zeros((k, nmax), np.int32)
+    for cls in range(k):
+        idx = np.flatnonzero(lab == cls)
+        members[cls, : len(idx)] = idx
+    return images, jnp.asarray(members), sizes

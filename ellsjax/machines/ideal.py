@@ -1,0 +1,92 @@
+r"""The ideal score machine (IS): the exact score of the empirical training distribution.
+
+.. math::
+
+    \hat x_0 = \sum_j \mathrm{softmax}_j\Big(-\frac{\|x_t - a\,\phi_j\|^2}{2 s^2}\Big)\, \phi_j
+
+over whole training images ``φ_j`` (Kamb & Ganguli, arXiv 2412.20292, eq. 5). Sampling with it
+only reproduces training images: it memorizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+from jaxtyping import ArrayLike, Float, Int
+
+from ellsjax import _checks
+from ellsjax import kernel as _kernel
+from ellsjax import schedules as _schedules
+from ellsjax.machines.base import DEFAULT_MEMORY_BUDGET, Machine, prepare_training_set, register
+
+__all__ = ["IdealScore", "ideal"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class IdealScore(Machine):
+    """The ideal score machine. Build with :func:`ideal`. ``scale`` is accepted and ignored."""
+
+    def check_scale(self, scale: Any) -> None:
+        if scale is not None:
+            _checks.check_scale(scale)
+        return None
+
+    def _denoise(self, x_t, t, label, scale):
+        b, h, w, ch = x_t.shape
+        d = h * w * ch
+        ab, var = self.schedule.variances(t)
+        a, inv_temp = jnp.sqrt(ab), 0.5 / var
+        q = x_t.reshape(b, d)
+        if label is None:  # one bank for the batch
+            queries = _kernel.Queries(q[None], a[None], inv_temp[None])
+        else:  # each image against its class
+            queries = _kernel.Queries(q[:, None], a[:, None], inv_temp[:, None])
+        per_image = 4 * (3 * d + 2 * b + 2)
+        members, valid, nchunks, c = self._chunking(label, per_image)
+
+        def bank_fn(i):
+            imgs, ok = self._chunk(members, valid, c, i)
+            flat = imgs.reshape(imgs.shape[0], c, d)
+            return _kernel.make_bank(flat, flat, ok)
+
+        mean, _ = _kernel.streaming_softmax(queries, bank_fn, nchunks)
+        return mean.reshape(b, h, w, ch)
+
+
+register(IdealScore)
+
+
+def ideal(
+    images: Float[ArrayLike, "n h w c"],
+    labels: Int[ArrayLike, " n"] | None = None,
+    *,
+    schedule: _schedules.Schedule | str = "cosine_legacy",
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> IdealScore:
+    """The ideal score machine (IS): posterior mean over whole training images.
+
+    Args:
+        images: ``[N, H, W, C]`` float training images in ``[-1, 1]``.
+        labels: optional ``[N]`` int class ids for conditional denoising.
+        schedule: noise schedule (object or name).
+        chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
+        memory_budget: bytes of temporaries per chunk.
+
+    Example:
+        >>> import jax, ellsjax as ej
+        >>> imgs = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1)
+        >>> x0 = ej.machines.ideal(imgs).denoise(imgs[:2], 0.01)
+        >>> bool(abs(x0 - imgs[:2]).max() < 1e-3)   # low noise: the nearest training image
+        True
+    """
+    imgs, members, sizes = prepare_training_set(images, labels)
+    if chunk_size is not None:
+        chunk_size = _checks.check_positive_int(chunk_size, "chunk_size")
+    memory_budget = _checks.check_positive_int(memory_budget, "memory_budget")
+    return IdealScore(
+        imgs, members, schedule=_schedules.get(schedule), class_sizes=sizes,
+        chunk_size=chunk_size, memory_budget=memory_budget,
+    )

@@ -1,0 +1,327 @@
+r"""Patch machines: the local score (LS), the equivariant local score (ELS) and boundary-broken ELS.
+
+All three answer, for every pixel ``p`` of ``x_t``, the same question with a different bank
+(Kamb & Ganguli, arXiv 2412.20292, §3–4): with ``Ω_p`` the ``k×k`` window at ``p``,
+
+.. math::
+
+    \hat x_0(p) = \sum_j \mathrm{softmax}_j\Big(-\frac{\|x_t[\Omega_p] - a\,\phi_j\|^2}{2 s^2}\Big)\, \phi_j^{\mathrm{center}},
+
+where the bank ``{φ_j}`` is
+
+* **LS** (``local``): the windows at the same ``p`` of every training image, zero padded;
+* **ELS** (``els``, ``padding="circular"``): every ``k×k`` patch lying fully inside any training
+  image, at any position; ``x_t``'s window wraps circularly. Translation equivariant;
+* **bbELS** (``els``, ``padding="zeros"``): ``x_t`` zero padded. A pixel whose window lies inside the
+  image uses the ELS bank; a pixel within ``k//2`` of a border only meets zero-padded training
+  windows whose centers have the same offsets from the borders (corner pixels: the same corner
+  position; edge pixels: the same row (column) offset, any interior column (row)).
+
+Implementation: pixels are split into *position groups* that share a bank (one group for ELS, one
+per pixel for LS, interior/rows/columns/corners for bbELS). Static index tables gather the query
+windows and the bank windows of each chunk of training images, and one pass of
+:func:`ellsjax.kernel.streaming_softmax` serves all groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from ellsjax import _checks
+from ellsjax import kernel as _kernel
+from ellsjax import schedules as _schedules
+from ellsjax.machines.base import DEFAULT_MEMORY_BUDGET, Machine, prepare_training_set, register
+
+__all__ = ["LocalScore", "EquivariantLocalScore", "local", "els", "bbels"]
+
+
+class _Group(NamedTuple):
+    """A set of pixels sharing one bank. ``G`` sub-groups of equal size, stacked.
+
+    qidx: ``[G, Pq, kk]`` flat window index (into ``H·W + 1``, the last slot a zero) of each query pixel.
+    qpos: ``[G, Pq]`` flat position of each query pixel (where its output goes).
+    bidx: ``[G, Pb, kk]`` flat window index of each bank position.
+    bpos: ``[G, Pb]`` flat position of each bank window's center (its value).
+    """
+
+    qidx: np.ndarray
+    qpos: np.ndarray
+    bidx: np.ndarray
+    bpos: np.ndarray
+
+
+def _window_index(h: int, w: int, kh: int, kw: int, mode: str) -> np.ndarray:
+    """``[H·W, kh·kw]`` flat index of the window centered at each pixel, rows then columns.
+
+    ``mode="circular"`` wraps; ``mode="zeros"`` points outside pixels at slot ``H·W`` (a zero).
+    """
+    r = np.arange(h)[:, None, None, None] + np.arange(kh)[None, None, :, None] - kh // 2
+    c = np.arange(w)[None, :, None, None] + np.arange(kw)[None, None, None, :] - kw // 2
+    r, c = np.broadcast_arrays(r, c)
+    if mode == "circular":
+        idx = (r % h) * w + (c % w)
+    else:
+        inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        idx = np.where(inside, r * w + c, h * w)
+    return idx.reshape(h * w, kh * kw).astype(np.int32)
+
+
+def _flat(rows, cols, w) -> np.ndarray:
+    return (np.asarray(rows)[:, None] * w + np.asarray(cols)[None, :]).ravel()
+
+
+def _group(pos: np.ndarray, qwin: np.ndarray, bwin: np.ndarray, bpos: np.ndarray | None = None) -> _Group:
+    """Group whose query pixels are ``pos`` ``[G, P]`` and whose bank centers are ``bpos`` (default ``pos``)."""
+    bpos = pos if bpos is None else bpos
+    return _Group(qwin[pos], pos, bwin[bpos], bpos)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(kind: str, h: int, w: int, k: int) -> dict[str, _Group]:
+    """Position groups of a machine ``kind`` ∈ {local, els, bbels} for ``H×W`` images and scale ``k``."""
+    if kind == "local" or (kind == "bbels" and k >= min(h, w)):
+        # Windows wider than 2·size−1 see only zeros beyond the image: clip them (exact).
+        kh, kw = min(k, 2 * h - 1), min(k, 2 * w - 1)
+        win = _window_index(h, w, kh, kw, "zeros")
+        return {"pixels": _group(np.arange(h * w)[:, None], win, win)}
+    hk = k // 2
+    zwin = _window_index(h, w, k, k, "zeros")
+    interior = _flat(np.arange(hk, h - hk), np.arange(hk, w - hk), w)[None]
+    if kind == "els":
+        cwin = _window_index(h, w, k, k, "circular")
+        return {"all": _group(np.arange(h * w)[None], cwin, zwin, interior)}
+    groups = {"interior": _group(interior, zwin, zwin)}
+    if hk > 0:
+        brow = np.r_[0:hk, h - hk : h]
+        bcol = np.r_[0:hk, w - hk : w]
+        groups["rows"] = _group(np.stack([_flat([r], np.arange(hk, w - hk), w) for r in brow]), zwin, zwin)
+        groups["cols"] = _group(np.stack([_flat(np.arange(hk, h - hk), [c], w) for c in bcol]), zwin, zwin)
+        groups["corners"] = _group(_flat(brow, bcol, w)[:, None], zwin, zwin)
+    return groups
+
+
+class _Layout(NamedTuple):
+    groups: dict[str, _Group]
+    inverse: np.ndarray  # output order: concatenated group outputs -> pixel order
+
+
+@functools.lru_cache(maxsize=256)
+def _full_layout(kind: str, h: int, w: int, k: int) -> _Layout:
+    groups = _layout(kind, h, w, k)
+    order = np.concatenate([g.qpos.ravel() for g in groups.values()])
+    if not np.array_equal(np.sort(order), np.arange(h * w)):  # every pixel answered exactly once
+        raise AssertionError(f"internal: layout {kind} {h}x{w} k={k} does not cover the image")
+    return _Layout(groups, np.argsort(order))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _PatchMachine(Machine):
+    """Common code of the patch machines (see module docstring)."""
+
+    needs_scale: ClassVar[bool] = True
+
+    def _kind(self) -> str:
+        raise NotImplementedError
+
+    def _denoise(self, x_t, t, label, scale):
+        b, h, w, ch = x_t.shape
+        layout = _full_layout(self._kind(), h, w, scale)
+        ab, var = self.schedule.variances(t)
+        a, inv_temp = jnp.sqrt(ab), 0.5 / var  # inv_temp = +inf at s = 0: nearest-patch limit
+        cond = label is not None
+        xz = _with_zero_slot(x_t)  # [B, HW+1, C]
+
+        queries = {}
+        bytes_per_image = 0
+        for name, g in layout.groups.items():
+            ng, pq, kk = g.qidx.shape
+            pb = g.bpos.shape[1]
+            d = kk * ch
+            q = xz[:, g.qidx].reshape(b, ng, pq, d)
+            if cond:  # every image its own bank: leading dims (B, G)
+                qa = jnp.broadcast_to(a[:, None, None], (b, ng, pq))
+                qt = jnp.broadcast_to(inv_temp[:, None, None], (b, ng, pq))
+            else:  # one bank for the batch: leading dim (G,), the batch folded into the queries
+                q = q.transpose(1, 0, 2, 3).reshape(ng, b * pq, d)
+                qa = jnp.broadcast_to(a[None, :, None], (ng, b, pq)).reshape(ng, b * pq)
+                qt = jnp.broadcast_to(inv_temp[None, :, None], (ng, b, pq)).reshape(ng, b * pq)
+            queries[name] = _kernel.Queries(q, qa, qt)
+            # per training image: gathered windows + logits and weights (2 floats per query-entry)
+            bytes_per_image += 4 * ng * pb * (2 * d + ch + 2 * b * pq + 2)
+
+        members, valid, nchunks, c = self._chunking(label, bytes_per_image)
+
+        def bank_fn(i):
+            imgs, ok = self._chunk(members, valid, c, i)  # [Gb, c, H, W, C], [Gb, c]
+            gb = imgs.shape[0]
+            iz = _with_zero_slot(imgs.reshape(gb * c, h, w, ch)).reshape(gb, c, h * w + 1, ch)
+            banks = {}
+            for name, g in layout.groups.items():
+                ng, pb, kk = g.bidx.shape
+                keys = iz[:, :, g.bidx].reshape(gb, c, ng, pb, kk * ch)
+                keys = keys.transpose(0, 2, 1, 3, 4).reshape(gb, ng, c * pb, kk * ch)
+                vals = iz[:, :, g.bpos].transpose(0, 2, 1, 3, 4).reshape(gb, ng, c * pb, ch)
+                present = jnp.broadcast_to(ok[:, None, :, None], (gb, ng, c, pb)).reshape(gb, ng, c * pb)
+                if not cond:
+                    keys, vals, present = keys[0], vals[0], present[0]
+                banks[name] = _kernel.make_bank(keys, vals, present)
+            return banks
+
+        means, _ = _kernel.streaming_softmax(queries, bank_fn, nchunks)
+        outs = []
+        for name, g in layout.groups.items():
+            ng, pq = g.qpos.shape
+            m = means[name]
+            if not cond:
+                m = m.reshape(ng, b, pq, ch).transpose(1, 0, 2, 3)
+            outs.append(m.reshape(b, ng * pq, ch))
+        x0 = jnp.concatenate(outs, axis=1)[:, layout.inverse]
+        return x0.reshape(b, h, w, ch)
+
+
+def _with_zero_slot(x: Float[Array, "b h w c"]) -> Float[Array, "b hw1 c"]:
+    """Flatten the pixels and append one zero pixel: the target of out-of-image window indices."""
+    b, h, w, c = x.shape
+    return jnp.concatenate([x.reshape(b, h * w, c), jnp.zeros((b, 1, c), x.dtype)], axis=1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LocalScore(_PatchMachine):
+    """The local score machine (LS): each pixel's posterior over training images, from its
+    zero-padded ``k×k`` window only. Build with :func:`local`."""
+
+    def _kind(self) -> str:
+        return "local"
+
+    def check_scale(self, scale: Any) -> int:
+        if scale is None:
+            raise ValueError("scale: the local score machine needs a patch size (an odd int)")
+        return _checks.check_scale(scale)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EquivariantLocalScore(_PatchMachine):
+    """The equivariant local score machine (ELS, ``padding="circular"``) and its boundary-broken
+    variant (bbELS, ``padding="zeros"``). Build with :func:`els`."""
+
+    padding: Literal["circular", "zeros"] = "circular"
+
+    def __post_init__(self):
+        if self.padding not in ("circular", "zeros"):
+            raise ValueError(f"padding: must be 'circular' (ELS) or 'zeros' (bbELS), got {self.padding!r}")
+
+    def _kind(self) -> str:
+        return "els" if self.padding == "circular" else "bbels"
+
+    def check_scale(self, scale: Any) -> int:
+        if scale is None:
+            raise ValueError("scale: the ELS machine needs a patch size (an odd int)")
+        k = _checks.check_scale(scale)
+        h, w, _ = self.image_shape
+        if self.padding == "circular" and k > min(h, w):
+            raise ValueError(
+                f"scale: patch size {k} is larger than the {h}x{w} image; ELS needs k <= {min(h, w)} "
+                "(its bank holds the patches lying fully inside a training image)"
+            )
+        return k
+
+
+register(LocalScore)
+register(EquivariantLocalScore)
+
+
+def _build(cls, images, labels, schedule, chunk_size, memory_budget, **extra):
+    imgs, members, sizes = prepare_training_set(images, labels)
+    if chunk_size is not None:
+        chunk_size = _checks.check_positive_int(chunk_size, "chunk_size")
+    memory_budget = _checks.check_positive_int(memory_budget, "memory_budget")
+    return cls(
+        imgs,
+        members,
+        schedule=_schedules.get(schedule),
+        class_sizes=sizes,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        **extra,
+    )
+
+
+def local(
+    images: Float[ArrayLike, "n h w c"],
+    labels: Int[ArrayLike, " n"] | None = None,
+    *,
+    schedule: _schedules.Schedule | str = "cosine_legacy",
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> LocalScore:
+    """The local score machine (LS, zero padding).
+
+    For each pixel ``p``: ``w_j(p) = softmax_j(−‖x_t[Ω_p] − a·φ_j[Ω_p]‖²/2s²)`` over training images
+    ``φ_j`` with pixels outside the image counted as 0, and ``x̂0(p) = Σ_j w_j(p) φ_j(p)``. With
+    ``k ≥ 2·max(H, W) − 1`` every window covers the whole image and LS equals the ideal score.
+
+    Args:
+        images: ``[N, H, W, C]`` float training images in ``[-1, 1]``.
+        labels: optional ``[N]`` int class ids; then ``denoise(..., label=y)`` searches class ``y`` only.
+        schedule: noise schedule (object or name).
+        chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
+        memory_budget: bytes of temporaries per chunk.
+
+    Example:
+        >>> import jax, ellsjax as ej
+        >>> imgs = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1)
+        >>> m = ej.machines.local(imgs)
+        >>> m.denoise(imgs[:2], 0.5, scale=3).shape
+        (2, 8, 8, 1)
+    """
+    return _build(LocalScore, images, labels, schedule, chunk_size, memory_budget)
+
+
+def els(
+    images: Float[ArrayLike, "n h w c"],
+    labels: Int[ArrayLike, " n"] | None = None,
+    padding: Literal["circular", "zeros"] = "circular",
+    *,
+    schedule: _schedules.Schedule | str = "cosine_legacy",
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> EquivariantLocalScore:
+    """The equivariant local score machine: ELS (``padding="circular"``) or bbELS (``"zeros"``).
+
+    ELS: ``x̂0(p) = Σ_j softmax_j(−‖x_t[Ω_p] − a·P_j‖²/2s²) · P_j^center`` over every ``k×k`` patch
+    ``P_j`` lying fully inside a training image (``(H−k+1)(W−k+1)`` per image), with ``Ω_p`` wrapping
+    circularly. Requires ``k ≤ min(H, W)``.
+
+    bbELS: ``x_t`` is zero padded; interior pixels use the ELS bank, a pixel within ``k//2`` of a
+    border only zero-padded training windows with the same border offsets (see the module docstring).
+    If ``k ≥ min(H, W)`` there is no interior: bbELS falls back to the local score machine (LS).
+
+    Args:
+        images: ``[N, H, W, C]`` float training images in ``[-1, 1]``.
+        labels: optional ``[N]`` int class ids for conditional denoising.
+        padding: ``"circular"`` (ELS) or ``"zeros"`` (bbELS).
+        schedule: noise schedule (object or name).
+        chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
+        memory_budget: bytes of temporaries per chunk.
+
+    Example:
+        >>> import jax, ellsjax as ej
+        >>> imgs = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1)
+        >>> m = ej.machines.els(imgs, padding="zeros")
+        >>> m.denoise(imgs[:2], 0.5, scale=3).shape
+        (2, 8, 8, 1)
+    """
+    if padding not in ("circular", "zeros"):
+        raise ValueError(f"padding: must be 'circular' (ELS) or 'zeros' (bbELS), got {padding!r}")
+    return _build(EquivariantLocalScore, images, labels, schedule, chunk_size, memory_budget, padding=padding)
+
+
+def bbels(images, labels=None, **kwargs) -> EquivariantLocalScore:
+    """The boundary-broken ELS machine: ``els(images, labels, padding="zeros", ...)``."""
+    return els(images, labels, padding="zeros", **kwargs)
