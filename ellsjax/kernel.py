@@ -135,9 +135,12 @@ def empty_stats(queries: Queries, value_dim: int) -> SoftmaxStats:
 
 
 def _tempered(diff: Array, inv_temp: Array) -> Array:
-    # diff ≤ 0. Where diff == 0 the weight is exp(0) = 1 even for inv_temp = inf (0·inf would be NaN);
-    # elsewhere inv_temp = inf sends every non-maximal entry to exp(-inf) = 0: the s → 0 limit.
-    return jnp.where(diff == 0, 0.0, diff * inv_temp)
+    # diff ≤ 0 scaled by inv_temp, with the s → 0 limit for inv_temp = inf: 0 for the maximal entries
+    # (0·inf would be NaN), -inf for the rest. The finite branch keeps d/d(diff) = inv_temp everywhere,
+    # the maximal entry included, so gradients are exact.
+    finite = jnp.isfinite(inv_temp)
+    scaled = diff * jnp.where(finite, inv_temp, 1.0)
+    return jnp.where(finite, scaled, jnp.where(diff == 0, 0.0, -jnp.inf))
 
 
 def chunk_stats(queries: Queries, bank: Bank) -> SoftmaxStats:

@@ -1,0 +1,138 @@
+"""The streaming softmax: chunked == dense == float64, exact merges, limits and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ellsjax import kernel as K
+
+
+def problem(g=2, m=5, n=23, d=7, v=3, seed=0, t_scale=2.0):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(g, m, d)).astype(np.float32)
+    keys = rng.normal(size=(g, n, d)).astype(np.float32)
+    vals = rng.normal(size=(g, n, v)).astype(np.float32)
+    a = rng.uniform(0.2, 1.0, (g, m)).astype(np.float32)
+    it = (t_scale * rng.uniform(0.5, 1.5, (g, m))).astype(np.float32)
+    return q, keys, vals, a, it
+
+
+def ref(q, keys, vals, a, it, counts=None):
+    q, keys, vals, a, it = (np.asarray(x, np.float64) for x in (q, keys, vals, a, it))
+    d2 = ((q[:, :, None, :] - a[..., None, None] * keys[:, None]) ** 2).sum(-1)
+    logit = -d2 * it[..., None]
+    if counts is not None:
+        logit = logit + np.log(counts)[:, None, :]
+    w = np.exp(logit - logit.max(-1, keepdims=True))
+    return np.einsum("gmn,gnv->gmv", w, vals) / w.sum(-1)[..., None]
+
+
+def stream(q, keys, vals, a, it, chunk, counts=None, remat=True):
+    n = keys.shape[1]
+    nch = -(-n // chunk)
+    pad = nch * chunk - n
+    kp = jnp.pad(keys, ((0, 0), (0, pad), (0, 0)))
+    vp = jnp.pad(vals, ((0, 0), (0, pad), (0, 0)))
+    present = jnp.arange(nch * chunk) < n
+    lc = None if counts is None else jnp.log(jnp.pad(jnp.asarray(counts, jnp.float32), ((0, 0), (0, pad)), constant_values=1))
+
+    def bank_fn(i):
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)  # noqa: E731
+        return K.make_bank(sl(kp), sl(vp), jax.lax.dynamic_slice_in_dim(present, i * chunk, chunk)[None].repeat(keys.shape[0], 0),
+                           None if lc is None else sl(lc))
+
+    return K.streaming_softmax(K.Queries(jnp.asarray(q), jnp.asarray(a), jnp.asarray(it)), bank_fn, nch, remat=remat)[0]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 23, 50])
+def test_streaming_matches_float64(chunk):
+    args = problem()
+    np.testing.assert_allclose(stream(*args, chunk), ref(*args), atol=2e-6)
+
+
+def test_dense_helper_matches():
+    q, keys, vals, a, it = problem()
+    dense = K.softmax_mean(K.Queries(q, a, it), K.make_bank(keys, vals))
+    np.testing.assert_allclose(dense, ref(q, keys, vals, a, it), atol=2e-6)
+
+
+def test_merge_is_exact_in_any_order():
+    q, keys, vals, a, it = problem(n=30)
+    Q = K.Queries(q, a, it)
+    parts = [K.chunk_stats(Q, K.make_bank(keys[:, s], vals[:, s])) for s in (slice(0, 9), slice(9, 20), slice(20, 30))]
+    left = K.merge_stats(K.merge_stats(parts[0], parts[1], it), parts[2], it)
+    right = K.merge_stats(parts[2], K.merge_stats(parts[1], parts[0], it), it)
+    whole = K.chunk_stats(Q, K.make_bank(keys, vals))
+    for x in (left, right):
+        np.testing.assert_allclose(K.finalize(x), K.finalize(whole), atol=1e-6)
+        np.testing.assert_allclose(x.max, whole.max, rtol=1e-6)
+    # merging with an empty bank changes nothing
+    e = K.empty_stats(Q, vals.shape[-1])
+    np.testing.assert_allclose(K.finalize(K.merge_stats(e, whole, it)), K.finalize(whole), atol=0)
+
+
+def test_multiplicity_equals_duplicated_entries():
+    q, keys, vals, a, it = problem(n=10)
+    counts = np.array([[1, 3, 1, 2, 1, 1, 5, 1, 1, 2]] * 2)
+    dup_k = np.stack([np.repeat(keys[g], counts[g], axis=0) for g in range(2)])
+    dup_v = np.stack([np.repeat(vals[g], counts[g], axis=0) for g in range(2)])
+    with_counts = stream(q, keys, vals, a, it, 4, counts=counts)
+    np.testing.assert_allclose(with_counts, stream(q, dup_k, dup_v, a, it, 4), atol=2e-6)
+    np.testing.assert_allclose(with_counts, ref(q, keys, vals, a, it, counts), atol=2e-6)
+
+
+def test_zero_noise_limit_is_average_of_nearest():
+    keys = np.array([[[0.0], [1.0], [1.0], [3.0]]], np.float32)
+    vals = np.array([[[10.0], [20.0], [40.0], [80.0]]], np.float32)
+    q = np.array([[[1.2], [2.9], [-5.0]]], np.float32)
+    Q = K.Queries(q, np.ones((1, 3), np.float32), np.full((1, 3), np.inf, np.float32))
+    out = K.streaming_softmax(Q, lambda i: K.make_bank(keys[:, i * 2 : i * 2 + 2] if False else jax.lax.dynamic_slice_in_dim(keys, i * 2, 2, 1),
+                                                      jax.lax.dynamic_slice_in_dim(vals, i * 2, 2, 1)), 2)[0]
+    np.testing.assert_allclose(np.asarray(out)[0, :, 0], [30.0, 80.0, 10.0])
+    # with multiplicities, ties are weighted by count
+    out = K.softmax_mean(Q, K.make_bank(keys, vals, log_count=jnp.log(jnp.array([[1.0, 3.0, 1.0, 1.0]]))))
+    np.testing.assert_allclose(np.asarray(out)[0, 0, 0], (3 * 20 + 40) / 4)
+
+
+def test_absent_entries_and_empty_chunks_are_ignored():
+    q, keys, vals, a, it = problem(n=8)
+    present = np.array([True, False, False, False, True, True, False, True])
+    got = K.streaming_softmax(
+        K.Queries(q, a, it),
+        lambda i: K.make_bank(jax.lax.dynamic_slice_in_dim(keys, i * 2, 2, 1), jax.lax.dynamic_slice_in_dim(vals, i * 2, 2, 1),
+                              jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(jnp.asarray(present), i * 2, 2), (2, 2))),
+        4,
+    )[0]
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, ref(q, keys[:, present], vals[:, present], a, it), atol=2e-6)
+
+
+def test_gradients_match_dense_and_are_finite():
+    q, keys, vals, a, it = problem(n=12)
+
+    def loss_stream(qq):
+        return jnp.sum(stream(qq, keys, vals, a, it, 5) ** 2)
+
+    def loss_dense(qq):
+        return jnp.sum(K.softmax_mean(K.Queries(qq, a, it), K.make_bank(keys, vals)) ** 2)
+
+    def loss_naive(qq):  # plain softmax of direct distances: obviously correct, no tricks
+        d2 = jnp.sum((qq[:, :, None, :] - a[..., None, None] * keys[:, None]) ** 2, -1)
+        w = jax.nn.softmax(-d2 * it[..., None], axis=-1)
+        return jnp.sum(jnp.einsum("gmn,gnv->gmv", w, vals) ** 2)
+
+    g1, g2 = jax.grad(loss_stream)(jnp.asarray(q)), jax.grad(loss_dense)(jnp.asarray(q))
+    assert np.all(np.isfinite(g1))
+    np.testing.assert_allclose(g1, g2, atol=1e-5)
+    np.testing.assert_allclose(g1, jax.grad(loss_naive)(jnp.asarray(q)), atol=1e-4, rtol=1e-4)
+    g3 = jax.grad(lambda qq: jnp.sum(stream(qq, keys, vals, a, it, 5, remat=False) ** 2))(jnp.asarray(q))
+    np.testing.assert_allclose(g1, g3, atol=1e-6)
+
+
+def test_bad_group_names():
+    q, keys, vals, a, it = problem()
+    with pytest.raises(ValueError, match="bank_fn: returned groups"):
+        K.streaming_softmax({"x": K.Queries(q, a, it)}, lambda i: {"y": K.make_bank(keys, vals)}, 1)
+    with pytest.raises(ValueError, match="num_chunks"):
+        K.streaming_softmax(K.Queries(q, a, it), lambda i: K.make_bank(keys, vals), 0)

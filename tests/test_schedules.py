@@ -1,0 +1,72 @@
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ellsjax as ej
+
+
+@pytest.mark.parametrize("sched", [ej.schedules.cosine_legacy(), ej.schedules.cosine(), ej.schedules.linear(), ej.schedules.exponential()])
+def test_variance_preserving_and_monotone(sched):
+    t = jnp.linspace(0, 1, 101)
+    a, s = sched(t)
+    np.testing.assert_allclose(a**2 + s**2, 1, atol=1e-6)
+    assert np.all(np.diff(np.asarray(s)) >= 0) and np.all(np.diff(np.asarray(a)) <= 0)
+    ab, var = sched.variances(t)
+    np.testing.assert_allclose(ab + var, 1, atol=1e-6)
+
+
+def test_formulas():
+    t = np.linspace(0, 1, 11)
+    ab = np.asarray(ej.schedules.cosine_legacy().alpha_bar(t))
+    np.testing.assert_allclose(1 - ab, 1 - np.cos(t / 1.008 * math.pi / 2) ** 2, atol=1e-6)
+    ab = np.asarray(ej.schedules.cosine(0.008).alpha_bar(t))
+    np.testing.assert_allclose(1 - ab, 1 - np.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2, atol=1e-6)
+    np.testing.assert_allclose(1 - np.asarray(ej.schedules.linear().alpha_bar(t)), 0.01 + 0.97 * t, atol=1e-6)
+    np.testing.assert_allclose(1 - np.asarray(ej.schedules.exponential().alpha_bar(t)), 1 - np.exp(-2 * t), atol=1e-6)
+    # endpoints: noise-free at 0 for the paper's schedule; a small signal left at 1
+    a, s = ej.schedules.cosine_legacy()(jnp.array([0.0, 1.0]))
+    assert float(s[0]) == 0.0 and float(a[0]) == 1.0
+    np.testing.assert_allclose(float(a[1]), math.cos(math.pi / 2 / 1.008), rtol=1e-4)
+    # small-t accuracy of 1 - abar (computed as sin^2, not 1 - cos^2)
+    var = float(ej.schedules.cosine_legacy().variances(1e-4)[1])
+    np.testing.assert_allclose(var, math.sin(1e-4 / 1.008 * math.pi / 2) ** 2, rtol=1e-5)
+
+
+def test_paper_grid_and_presets():
+    ts = ej.schedules.paper_times(20)
+    assert len(ts) == 20 and ts[0] == pytest.approx(0.95) and ts[-1] == 0.0
+    raw = ej.schedules.PAPER_SCALES["MNIST_ResNet_zeros"]
+    sc = ej.schedules.paper_scales("MNIST_ResNet_zeros")
+    assert len(sc) == 19 and sc[0] == raw[19] and sc[-1] == raw[1]
+    cal = ej.schedules.paper_scales("MNIST_ResNet_zeros", convention="calibration")
+    assert cal[0] == raw[18] and cal[-1] == raw[0]
+    assert len(ej.schedules.PAPER_SCALES) == 10
+    assert all(len(v) == 20 and all(k % 2 == 1 for k in v) for v in ej.schedules.PAPER_SCALES.values())
+
+
+def test_presets_match_shared_reference():
+    import json
+    from pathlib import Path
+
+    p = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "kamb_ganguli_scales.json"
+    if not p.exists():
+        pytest.skip("../shared/reference not available")
+    ref = json.loads(p.read_text())["scales"]
+    assert {k: tuple(v) for k, v in ref.items()} == ej.schedules.PAPER_SCALES
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="name: unknown scale preset"):
+        ej.schedules.paper_scales("MNIST_Transformer")
+    with pytest.raises(ValueError, match="convention"):
+        ej.schedules.paper_scales("MNIST_ResNet_zeros", convention="other")
+    with pytest.raises(ValueError, match="nsteps"):
+        ej.schedules.paper_times(1)
+    with pytest.raises(ValueError, match="schedule: unknown"):
+        ej.schedules.get("sigmoid")
+    with pytest.raises(ValueError, match="beta_min"):
+        ej.schedules.linear(0.5, 0.1)
+    with pytest.raises(ValueError, match="rate"):
+        ej.schedules.exponential(-1.0)
