@@ -14,9 +14,9 @@ Example:
     (1, 28, 28, 1)
 """
 
-from ellsjax import data, kernel, machines, samplers, schedules
+from ellsjax import data, kernel, machines, plotting, samplers, schedules
 from ellsjax.machines import Denoiser
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "kernel", "machines", "samplers", "schedules", "Denoiser", "__version__"]
+__all__ = ["data", "kernel", "machines", "plotting", "samplers", "schedules", "Denoiser", "__version__"]

@@ -15,8 +15,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from typing import Literal
+import os
+from typing import Any, Literal
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +35,8 @@ __all__ = [
     "PAPER_SCALES",
     "PAPER_SCALES_SOURCE",
     "paper_scales",
+    "resolve_scales",
+    "save_scales",
 ]
 
 _Kind = Literal["cosine_legacy", "cosine", "linear", "exponential"]
@@ -209,3 +213,63 @@ def paper_scales(
     if convention == "calibration":  # t = j/n uses raw[j-1]
         return tuple(raw[j - 1] for j in range(n - 1, 0, -1))
     raise ValueError(f"convention: must be 'sampler' or 'calibration', got {convention!r}")
+
+
+def resolve_scales(spec: Any, *, nsteps: int = 20) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Turn a scale specification into a time grid and per-step scales for the sampler.
+
+    Args:
+        spec: a preset name of :data:`PAPER_SCALES` (with :func:`paper_times` ``(20)``), a path to a
+            JSON schedule (``{"ts": [...], "scales": [...]}``, ``len(scales) == len(ts) − 1``; the
+            format written by :func:`save_scales` and the calibration tools), a sequence of ints
+            (one per step of ``paper_times(nsteps)``), a comma-separated string of them, or one int
+            (the same scale at every step).
+        nsteps: grid size used when ``spec`` carries no times.
+
+    Returns:
+        ``(ts, scales)`` with ``len(scales) == len(ts) − 1``.
+
+    Example:
+        >>> ts, sc = resolve_scales("MNIST_ResNet_zeros")
+        >>> len(ts), len(sc)
+        (20, 19)
+    """
+    if isinstance(spec, str) and spec in PAPER_SCALES:
+        return paper_times(20), paper_scales(spec)
+    if isinstance(spec, (str, os.PathLike)) and (os.fspath(spec).endswith(".json") or os.path.exists(spec)):
+        path = os.fspath(spec)
+        try:
+            with open(path) as f:
+                obj = json.load(f)
+            ts, scales = np.asarray(obj["ts"], np.float32), tuple(int(k) for k in obj["scales"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"spec: cannot read a scale schedule from {path!r}: {e}") from None
+        if ts.ndim != 1 or len(scales) != len(ts) - 1:
+            raise ValueError(f"spec: {path!r} needs len(scales) == len(ts) - 1, got {len(scales)} and {ts.shape}")
+        return ts, scales
+    if isinstance(spec, str):
+        try:
+            spec = [int(v) for v in spec.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(
+                f"spec: {spec!r} is neither a preset ({sorted(PAPER_SCALES)}), a JSON file, nor comma-separated ints"
+            ) from None
+        if len(spec) == 1:
+            spec = spec[0]
+    ts = paper_times(nsteps)
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        return ts, (int(spec),) * (nsteps - 1)
+    scales = tuple(int(k) for k in spec)
+    if len(scales) != nsteps - 1:
+        raise ValueError(f"spec: expected {nsteps - 1} scales for a {nsteps}-point grid, got {len(scales)}")
+    return ts, scales
+
+
+def save_scales(path: str | os.PathLike, ts: Any, scales: Any, **meta: Any) -> None:
+    """Write a JSON scale schedule readable by :func:`resolve_scales` (extra ``meta`` is kept)."""
+    ts = [float(t) for t in np.asarray(ts).ravel()]
+    scales = [int(k) for k in scales]
+    if len(scales) != len(ts) - 1:
+        raise ValueError(f"scales: expected len(ts) - 1 = {len(ts) - 1} values, got {len(scales)}")
+    with open(path, "w") as f:
+        json.dump({"ts": ts, "scales": scales, **meta}, f, indent=1)

@@ -11,7 +11,7 @@ Example:
     (1, 8, 8, 1)
 """
 
-from ellsjax.machines.base import DEFAULT_MEMORY_BUDGET, Denoiser, Machine
+from ellsjax.machines.base import DEFAULT_MEMORY_BUDGET, Denoiser, Machine, default_memory_budget
 from ellsjax.machines.ideal import IdealScore, ideal
 from ellsjax.machines.patch import EquivariantLocalScore, LocalScore, bbels, els, local
 
@@ -26,4 +26,5 @@ __all__ = [
     "els",
     "bbels",
     "DEFAULT_MEMORY_BUDGET",
+    "default_memory_budget",
 ]

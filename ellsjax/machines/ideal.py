@@ -19,7 +19,7 @@ from jaxtyping import ArrayLike, Float, Int
 from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
-from ellsjax.machines.base import DEFAULT_MEMORY_BUDGET, Machine, prepare_training_set, register
+from ellsjax.machines.base import Machine, build, register
 
 __all__ = ["IdealScore", "ideal"]
 
@@ -64,7 +64,7 @@ def ideal(
     *,
     schedule: _schedules.Schedule | str = "cosine_legacy",
     chunk_size: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
 ) -> IdealScore:
     """The ideal score machine (IS): posterior mean over whole training images.
 
@@ -73,7 +73,7 @@ def ideal(
         labels: optional ``[N]`` int class ids for conditional denoising.
         schedule: noise schedule (object or name).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
-        memory_budget: bytes of temporaries per chunk.
+        memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
 
     Example:
         >>> import jax, ellsjax as ej
@@ -82,11 +82,4 @@ def ideal(
         >>> bool(abs(x0 - imgs[:2]).max() < 1e-3)   # low noise: the nearest training image
         True
     """
-    imgs, members, sizes = prepare_training_set(images, labels)
-    if chunk_size is not None:
-        chunk_size = _checks.check_positive_int(chunk_size, "chunk_size")
-    memory_budget = _checks.check_positive_int(memory_budget, "memory_budget")
-    return IdealScore(
-        imgs, members, schedule=_schedules.get(schedule), class_sizes=sizes,
-        chunk_size=chunk_size, memory_budget=memory_budget,
-    )
+    return build(IdealScore, images, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget)

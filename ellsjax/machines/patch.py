@@ -36,7 +36,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
-from ellsjax.machines.base import DEFAULT_MEMORY_BUDGET, Machine, prepare_training_set, register
+from ellsjax.machines.base import Machine, build, register
 
 __all__ = ["LocalScore", "EquivariantLocalScore", "local", "els", "bbels"]
 
@@ -236,29 +236,13 @@ register(LocalScore)
 register(EquivariantLocalScore)
 
 
-def _build(cls, images, labels, schedule, chunk_size, memory_budget, **extra):
-    imgs, members, sizes = prepare_training_set(images, labels)
-    if chunk_size is not None:
-        chunk_size = _checks.check_positive_int(chunk_size, "chunk_size")
-    memory_budget = _checks.check_positive_int(memory_budget, "memory_budget")
-    return cls(
-        imgs,
-        members,
-        schedule=_schedules.get(schedule),
-        class_sizes=sizes,
-        chunk_size=chunk_size,
-        memory_budget=memory_budget,
-        **extra,
-    )
-
-
 def local(
     images: Float[ArrayLike, "n h w c"],
     labels: Int[ArrayLike, " n"] | None = None,
     *,
     schedule: _schedules.Schedule | str = "cosine_legacy",
     chunk_size: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
 ) -> LocalScore:
     """The local score machine (LS, zero padding).
 
@@ -271,7 +255,7 @@ def local(
         labels: optional ``[N]`` int class ids; then ``denoise(..., label=y)`` searches class ``y`` only.
         schedule: noise schedule (object or name).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
-        memory_budget: bytes of temporaries per chunk.
+        memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
 
     Example:
         >>> import jax, ellsjax as ej
@@ -280,7 +264,7 @@ def local(
         >>> m.denoise(imgs[:2], 0.5, scale=3).shape
         (2, 8, 8, 1)
     """
-    return _build(LocalScore, images, labels, schedule, chunk_size, memory_budget)
+    return build(LocalScore, images, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget)
 
 
 def els(
@@ -290,7 +274,7 @@ def els(
     *,
     schedule: _schedules.Schedule | str = "cosine_legacy",
     chunk_size: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
 ) -> EquivariantLocalScore:
     """The equivariant local score machine: ELS (``padding="circular"``) or bbELS (``"zeros"``).
 
@@ -308,7 +292,7 @@ def els(
         padding: ``"circular"`` (ELS) or ``"zeros"`` (bbELS).
         schedule: noise schedule (object or name).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
-        memory_budget: bytes of temporaries per chunk.
+        memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
 
     Example:
         >>> import jax, ellsjax as ej
@@ -319,7 +303,10 @@ def els(
     """
     if padding not in ("circular", "zeros"):
         raise ValueError(f"padding: must be 'circular' (ELS) or 'zeros' (bbELS), got {padding!r}")
-    return _build(EquivariantLocalScore, images, labels, schedule, chunk_size, memory_budget, padding=padding)
+    return build(
+        EquivariantLocalScore, images, labels, schedule=schedule, chunk_size=chunk_size,
+        memory_budget=memory_budget, padding=padding,
+    )
 
 
 def bbels(images, labels=None, **kwargs) -> EquivariantLocalScore:
