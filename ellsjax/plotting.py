@@ -5,7 +5,7 @@ Example:
     >>> from ellsjax import plotting
     >>> grid = plotting.image_grid(np.zeros((6, 8, 8, 1), np.float32), ncols=3)
     >>> grid.shape, grid.dtype
-    ((18, 28, 3), dtype('uint8'))
+    ((22, 32, 3), dtype('uint8'))
 """
 
 from __future__ import annotations

@@ -70,3 +70,28 @@ def test_errors():
         ej.schedules.linear(0.5, 0.1)
     with pytest.raises(ValueError, match="rate"):
         ej.schedules.exponential(-1.0)
+
+
+def test_resolve_scales_specs(tmp_path):
+    ts, sc = ej.schedules.resolve_scales("MNIST_UNet_zeros")
+    assert sc == ej.schedules.paper_scales("MNIST_UNet_zeros") and len(ts) == 20
+    ts, sc = ej.schedules.resolve_scales("5,3", nsteps=3)
+    assert sc == (5, 3) and np.allclose(ts, [2 / 3, 1 / 3, 0])
+    assert ej.schedules.resolve_scales(7, nsteps=4)[1] == (7, 7, 7)
+    assert ej.schedules.resolve_scales("9", nsteps=3)[1] == (9, 9)
+    p = tmp_path / "sched.json"
+    ej.schedules.save_scales(p, [0.9, 0.5, 0.0], [5, 3], source="test")
+    ts, sc = ej.schedules.resolve_scales(str(p))
+    assert sc == (5, 3) and np.allclose(ts, [0.9, 0.5, 0.0])
+    with pytest.raises(ValueError, match="spec: expected 19 scales"):
+        ej.schedules.resolve_scales([3, 3])
+    with pytest.raises(ValueError, match="neither a preset"):
+        ej.schedules.resolve_scales("mnist")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"ts": [0.5, 0.0], "scales": [3, 3]}')
+    with pytest.raises(ValueError, match="needs len\\(scales\\) == len\\(ts\\) - 1"):
+        ej.schedules.resolve_scales(str(bad))
+    with pytest.raises(ValueError, match="cannot read"):
+        ej.schedules.resolve_scales(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="scales: expected len"):
+        ej.schedules.save_scales(p, [0.5, 0.0], [3, 3])
