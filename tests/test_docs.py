@@ -7,7 +7,7 @@ import pytest
 
 MODULES = [
     "ellsjax", "ellsjax.schedules", "ellsjax.kernel", "ellsjax.machines", "ellsjax.machines.patch",
-    "ellsjax.machines.ideal", "ellsjax.samplers", "ellsjax.plotting", "ellsjax.data",
+    "ellsjax.machines.ideal", "ellsjax.samplers", "ellsjax.samplers._ddim", "ellsjax.plotting", "ellsjax.data",
 ]
 
 

@@ -1,20 +1,18 @@
-"""``ellsjax`` command line: a thin face over the library.
-
-``ellsjax sample`` (the main job) draws samples from an analytic machine on a dataset and writes a
-PNG grid, an ``.npz`` of the samples and a ``config.json``. Run ``ellsjax sample --help``.
-"""
+"""``ellsjax sample``: the main job. Draws samples from an analytic machine on a dataset and writes
+a PNG grid, an ``.npz`` of the samples and a ``config.json``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "build_parser", "DEFAULT_PRESETS"]
+from ellsjax.cli._common import fail as _fail
+
+__all__ = ["register", "DEFAULT_PRESETS"]
 
 # The published scale schedule matching a dataset and a padding (zeros pairs with bbELS networks).
 DEFAULT_PRESETS = {
@@ -28,12 +26,8 @@ DEFAULT_PRESETS = {
 _MACHINES = ("bbels", "els", "ls", "is")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ellsjax", description="Analytic diffusion denoisers (ELS machine and relatives) in JAX."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def register(sub) -> None:
+    """Add the ``sample`` subcommand to an ``argparse`` subparsers object."""
     s = sub.add_parser(
         "sample",
         help="sample from an analytic machine (default: bbELS on bundled MNIST, the paper's MNIST schedule)",
@@ -70,11 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples", help="output directory")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.set_defaults(func=_cmd_sample)
-    return parser
 
 
-def _fail(msg: str) -> None:
-    raise SystemExit(f"ellsjax: error: {msg}")
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -152,13 +143,3 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     print(f"{args.num_samples} samples from {args.machine} ({padding} padding) on {images.shape[0]} {args.dataset} "
           f"images in {elapsed:.1f}s -> {out / 'samples.png'}, {out / 'samples.npz'}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``ellsjax`` console script."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

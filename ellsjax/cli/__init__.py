@@ -1,0 +1,36 @@
+"""``ellsjax`` command line: a thin face over the library.
+
+Each subcommand lives in its own module with a ``register(subparsers)`` function; ``sample`` is the
+main job (``ellsjax sample --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "build_parser"]
+
+# Subcommand modules, in help order.
+_COMMANDS = ("_sample",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ellsjax", description="Analytic diffusion denoisers (ELS machine and relatives) in JAX."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMANDS:
+        importlib.import_module(f"ellsjax.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ellsjax`` console script."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
