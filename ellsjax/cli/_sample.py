@@ -23,7 +23,6 @@ DEFAULT_PRESETS = {
     ("cifar10", "circular"): "CIFAR10_ResNet_circular_conditional",
     ("celeb_a", "zeros"): "CelebA_ResNet_zeros",
 }
-_MACHINES = ("bbels", "els", "ls", "is")
 
 
 def register(sub) -> None:
@@ -39,10 +38,13 @@ def register(sub) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    s.add_argument("--machine", choices=_MACHINES, default="bbels",
-                   help="bbels = ELS with zero padding; els = ELS with --padding (default circular); ls = local score; is = ideal score")
+    s.add_argument("--machine", default="bbels",
+                   help="a machine of ellsjax.machines.MACHINES: bbels = ELS with zero padding; els = ELS with "
+                        "circular padding; ls = local score; is = ideal score")
     s.add_argument("--padding", choices=("zeros", "circular"), default=None,
-                   help="padding of the ELS machine (overrides the one implied by --machine)")
+                   help="padding of the ELS machine: --machine els --padding zeros is bbels")
+    s.add_argument("--machine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra keyword for the machine's builder (VALUE parsed as JSON if possible); repeatable")
     s.add_argument("--dataset", default="mnist", help="mnist, fashion_mnist, cifar10 or celeb_a")
     s.add_argument("--source", default="bundled", choices=("bundled", "npz", "idx", "tfds", "auto"),
                    help="where the training images come from (see ellsjax.data.load)")
@@ -73,15 +75,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     import ellsjax as ej
 
-    padding = args.padding or ("zeros" if args.machine in ("bbels", "ls") else "circular")
     if args.machine == "bbels" and args.padding == "circular":
-        _fail("--machine bbels is ELS with zero padding; use --machine els --padding circular for plain ELS")
+        _fail("--machine bbels is ELS with zero padding; use --machine els for plain (circular) ELS")
+    name = "bbels" if (args.machine == "els" and args.padding == "zeros") else args.machine
+    if name not in ej.machines.MACHINES:
+        _fail(f"--machine: unknown machine {args.machine!r}; known: {', '.join(sorted(ej.machines.MACHINES))}")
+    padding = "circular" if name == "els" else "zeros"  # the network padding whose scale preset applies
+    options = dict(_parse_option(o) for o in args.machine_option)
     image_size = args.image_size
     if image_size is None and args.dataset in ("mnist", "fashion_mnist"):
         image_size = 32
-    for name in ("n_train", "num_samples", "steps"):
-        if getattr(args, name) <= 0:
-            _fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for opt in ("n_train", "num_samples", "steps"):
+        if getattr(args, opt) <= 0:
+            _fail(f"--{opt.replace('_', '-')} must be positive, got {getattr(args, opt)}")
 
     t0 = time.perf_counter()
     try:
@@ -90,16 +96,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             image_size=image_size, limit=args.n_train,
         )
         conditional = args.label is not None
-        lab = labels if conditional else None
-        kw = dict(schedule=args.schedule)
-        if args.machine == "is":
-            machine = ej.machines.ideal(images, lab, **kw)
-        elif args.machine == "ls":
-            machine = ej.machines.local(images, lab, **kw)
-        else:
-            machine = ej.machines.els(images, lab, padding=padding, **kw)
-
-        if args.machine == "is":
+        machine = ej.machines.build(name, images, labels if conditional else None, schedule=args.schedule, **options)
+        if not machine.needs_scale:
             ts, scales = ej.schedules.paper_times(args.steps), None
             spec = None
         else:
@@ -110,7 +108,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                     _fail(f"no published scale schedule for {args.dataset} with {padding} padding; pass --scales")
             ts, scales = ej.schedules.resolve_scales(spec, nsteps=args.steps)
         x_start = jax.random.normal(jax.random.key(args.seed), (args.num_samples, *machine.image_shape))
-        if scales is not None and args.machine == "els" and padding == "circular":
+        if scales is not None and name == "els":
             # ELS needs k <= image size; a preset made for larger images cannot run here
             too_big = [k for k in scales if k > min(machine.image_shape[:2])]
             if too_big:
@@ -128,7 +126,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ej.plotting.save_png(out / "samples.png", ej.plotting.image_grid(samples), scale=4)
     config = {
-        "machine": args.machine, "padding": padding, "dataset": args.dataset, "source": args.source,
+        "machine": name, "machine_options": options, "padding": padding, "dataset": args.dataset, "source": args.source,
         "split": args.split, "n_train": int(images.shape[0]), "image_shape": list(machine.image_shape),
         "label": args.label, "num_samples": args.num_samples, "seed": args.seed,
         "scales_spec": spec, "scales": None if scales is None else list(scales), "ts": [float(t) for t in ts],
@@ -140,6 +138,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         scales=np.asarray(scales if scales is not None else [], np.int32),
     )
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    print(f"{args.num_samples} samples from {args.machine} ({padding} padding) on {images.shape[0]} {args.dataset} "
+    print(f"{args.num_samples} samples from {name} on {images.shape[0]} {args.dataset} "
           f"images in {elapsed:.1f}s -> {out / 'samples.png'}, {out / 'samples.npz'}")
     return 0
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        _fail(f"--machine-option: expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value

@@ -15,6 +15,29 @@ from ellsjax.machines.base import DEFAULT_MEMORY_BUDGET, Denoiser, Machine, defa
 from ellsjax.machines.ideal import IdealScore, ideal
 from ellsjax.machines.patch import EquivariantLocalScore, LocalScore, bbels, els, local
 
+#: Machines by name, for the command line and the evaluation tools: ``name → builder(images,
+#: labels=None, **options)``. New machines register here.
+MACHINES = {
+    "is": ideal,
+    "ls": local,
+    "els": els,
+    "bbels": bbels,
+}
+
+
+def build(name: str, images, labels=None, **options) -> Machine:
+    """Build a machine by its registry name (see :data:`MACHINES`), passing ``options`` through.
+
+    Example:
+        >>> import jax, ellsjax as ej
+        >>> imgs = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), minval=-1, maxval=1)
+        >>> type(ej.machines.build("bbels", imgs)).__name__
+        'EquivariantLocalScore'
+    """
+    if name not in MACHINES:
+        raise ValueError(f"name: unknown machine {name!r}; known: {sorted(MACHINES)}")
+    return MACHINES[name](images, labels, **options)
+
 __all__ = [
     "Denoiser",
     "Machine",
@@ -25,6 +48,8 @@ __all__ = [
     "local",
     "els",
     "bbels",
+    "MACHINES",
+    "build",
     "DEFAULT_MEMORY_BUDGET",
     "default_memory_budget",
 ]
