@@ -288,3 +288,59 @@ class TestBadInput:
             ej.machines.els(self.imgs, chunk_size=0)
         with pytest.raises(ValueError, match="schedule: unknown"):
             ej.machines.els(self.imgs, schedule="quadratic")
+
+
+def _dup_data():
+    imgs, x = data((8, 8, 2), n=7)
+    imgs[3] = imgs[1]  # a duplicated image
+    imgs[:, :4, :4] = -1.0  # shared background: many identical windows
+    return imgs, x
+
+
+@pytest.mark.parametrize("kind", ["is", "ls", "els", "bbels"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_prebuilt_deduplicated_banks_equal_streamed_images(kind, conditional):
+    imgs, x = _dup_data()
+    labels = np.array([0, 1, 0, 1, 0, 1, 1]) if conditional else None
+    label = np.array([1, 0, 1]) if conditional else None
+    m = BUILD[kind](imgs, labels)
+    lazy = BUILD[kind](imgs, labels, bank_budget=1)  # too small: windows gathered from the images
+    t = jnp.array([0.3, 0.6, 1.0])
+    for k in [3, 5]:
+        assert not lazy.prepare((k,), conditional=conditional).banks
+        ready = m.prepare((k,), conditional=conditional)
+        assert ready.banks
+        want = lazy.denoise(x, t, scale=k, label=label)
+        # same math; float32 rounding differs (c·exp(l) vs c separate terms, GEMM blocking)
+        np.testing.assert_allclose(ready.denoise(x, t, scale=k, label=label), want, atol=1e-5)
+        for c in [1, 3]:  # chunking of the prebuilt bank
+            got = BUILD[kind](imgs, labels, chunk_size=c).denoise(x, t, scale=k, label=label)
+            np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_bank_deduplication_counts_are_exact():
+    imgs, _ = _dup_data()
+    m = ej.machines.els(imgs).prepare((3,))
+    bank = m.banks["k3"]["all"]
+    lc = np.asarray(bank.log_count)[0, 0]
+    present = np.isfinite(lc)
+    counts = np.exp(lc[present])
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-4)
+    assert round(counts.sum()) == 7 * 6 * 6  # every interior window of every image, counted once
+    assert present.sum() < 7 * 6 * 6  # and duplicates were merged
+    keys = np.asarray(bank.keys)[0, 0][present]
+    assert len(np.unique(keys, axis=0)) == len(keys)
+    # the background window (-1 everywhere) is among the most frequent
+    bg = np.all(keys == -1.0, axis=1)
+    assert bg.sum() == 1 and counts[bg][0] >= 7 * 2 * 2
+
+
+def test_prepare_is_memoized_and_pure():
+    imgs, x = _dup_data()
+    m = ej.machines.els(imgs, padding="zeros")
+    p1 = m.prepare((3, 5))
+    p2 = m.prepare((5, 3))
+    assert p1 is not m and not m.banks  # the original machine is unchanged
+    assert p1.banks["k3"]["interior"].keys is p2.banks["k3"]["interior"].keys  # built once
+    assert p1.prepare((3,)) is p1  # nothing new to build
+    np.testing.assert_allclose(p1.denoise(x, 0.5, scale=5), m.denoise(x, 0.5, scale=5), atol=1e-6)

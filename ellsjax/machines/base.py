@@ -22,14 +22,20 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ellsjax import _checks
+from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
+from ellsjax.machines import _banks
 
-__all__ = ["Denoiser", "Machine", "DEFAULT_MEMORY_BUDGET", "default_memory_budget"]
+__all__ = ["Denoiser", "Machine", "DEFAULT_MEMORY_BUDGET", "DEFAULT_BANK_BUDGET", "default_memory_budget", "bank_key"]
 
 #: Default bytes of temporaries per streamed chunk (logits, gathered patches), per backend. On CPU
 #: a chunk whose logits stay in cache is about twice as fast as a large one; accelerators want
 #: large chunks to fill the device.
 DEFAULT_MEMORY_BUDGET = {"cpu": 4 * 2**20, "gpu": 1024 * 2**20, "tpu": 1024 * 2**20}
+
+
+#: Default bytes one scale's materialized bank may take, per backend.
+DEFAULT_BANK_BUDGET = {"cpu": 2**30, "gpu": 4 * 2**30, "tpu": 4 * 2**30}
 
 
 def default_memory_budget() -> int:
@@ -67,6 +73,13 @@ class Denoiser:
         """Validate a locality scale for this denoiser; return it normalised (or ``None``)."""
         return None
 
+    def prepare(self, scales: Any = (None,), *, conditional: bool = False) -> "Denoiser":
+        """Return a denoiser ready to run at these scales (e.g. with prebuilt banks); same results.
+
+        The default has nothing to prepare and returns ``self``.
+        """
+        return self
+
     def check_label(self, label: Array | None) -> None:
         """Validate concrete labels (the default accepts only ``None``)."""
         if label is not None:
@@ -92,19 +105,25 @@ class Denoiser:
             label: ``None``, a class id, or one per image (``[B]``), for conditional denoising.
         """
         x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
-        return _jit_denoise(self, x_t, t, label, scale)
+        return _jit_denoise(self._ready(scale, label), x_t, t, label, scale)
 
     def score(self, x_t: Any, t: Any, *, scale: int | None = None, label: Any = None) -> Float[Array, "b h w c"]:
         """Score ``∇ log p_t(x_t) = (a·x̂0 − x_t)/s²``. Undefined at ``s(t) = 0`` (raises)."""
         x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
         self._check_noisy(t, "score")
-        return _jit_score(self, x_t, t, label, scale)
+        return _jit_score(self._ready(scale, label), x_t, t, label, scale)
 
     def eps(self, x_t: Any, t: Any, *, scale: int | None = None, label: Any = None) -> Float[Array, "b h w c"]:
         """Noise prediction ``ε̂ = (x_t − a·x̂0)/s``. Undefined at ``s(t) = 0`` (raises)."""
         x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
         self._check_noisy(t, "eps")
-        return _jit_eps(self, x_t, t, label, scale)
+        return _jit_eps(self._ready(scale, label), x_t, t, label, scale)
+
+    def _ready(self, scale, label) -> "Denoiser":
+        # Build what this scale needs once (memoized); skipped for traced machines (user's jit).
+        if all(_checks.is_concrete(x) for x in jax.tree.leaves(self)):
+            return self.prepare((scale,), conditional=label is not None)
+        return self
 
     def _check_noisy(self, t: Array, what: str) -> None:
         if _checks.is_concrete(t) and bool(jnp.any(self.schedule.variances(t)[1] <= 0)):
@@ -156,6 +175,11 @@ class Machine(Denoiser):
         chunk_size: training images per streamed chunk; ``None`` picks it from ``memory_budget``.
         memory_budget: bytes of temporaries allowed per chunk when ``chunk_size`` is ``None``
             (``None``: :func:`default_memory_budget` of the backend).
+        bank_budget: bytes a materialized bank of one scale may take (``None``: a per-backend
+            default, :data:`DEFAULT_BANK_BUDGET`); larger banks are gathered from the images chunk by
+            chunk at every call instead (same result, slower).
+        banks: prebuilt deduplicated banks by ``"k{scale}"`` / ``"k{scale}/class"`` (see
+            :meth:`prepare`); empty until prepared.
     """
 
     images: Float[Array, "n h w c"]
@@ -164,8 +188,10 @@ class Machine(Denoiser):
     class_sizes: tuple[int, ...] | None = None
     chunk_size: int | None = None
     memory_budget: int | None = None
+    bank_budget: int | None = None
+    banks: dict = dataclasses.field(default_factory=dict)
 
-    _DATA_FIELDS: ClassVar[tuple[str, ...]] = ("images", "class_members")
+    _DATA_FIELDS: ClassVar[tuple[str, ...]] = ("images", "class_members", "banks")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -188,6 +214,89 @@ class Machine(Denoiser):
         bad = sorted({int(v) for v in np.asarray(label).ravel() if not (0 <= v < len(self.class_sizes)) or self.class_sizes[v] == 0})
         if bad:
             raise ValueError(f"label: no training images of class {bad}; classes present: {present}")
+
+    # -- prebuilt banks ----------------------------------------------------------------------------
+    def _bank_layout(self, scale: int | None) -> dict[str, tuple[np.ndarray, int | None]]:
+        """Per position group: the bank window index ``[G, Pb, kk]`` and the value's index in the
+        window (``None``: the value is the whole window)."""
+        raise NotImplementedError
+
+    def prepare(self, scales: Any = (None,), *, conditional: bool = False) -> "Machine":
+        """Return this machine with deduplicated banks built for ``scales`` (exact, faster).
+
+        Each bank is built once on the host (identical windows stored once with their count) and
+        memoized on this object, so repeated calls are free. Banks larger than ``bank_budget`` are
+        not built; those scales keep streaming windows from the images. Called automatically by
+        ``denoise``/``score``/``eps`` and the samplers.
+
+        Args:
+            scales: the patch sizes to prepare (``None`` entries are ignored).
+            conditional: prepare the per-class banks (for ``label=...``) instead of the full one.
+        """
+        if conditional and not self.conditional:
+            return self
+        memo = self.__dict__.setdefault("_bank_memo", {})
+        new = {}
+        wanted = {s for s in scales if s is not None} if self.needs_scale else {None}
+        for k in wanted:
+            key = bank_key(k, conditional)
+            if key in self.banks:
+                continue
+            if key not in memo:
+                memo[key] = self._build_bank(k, conditional)
+            if memo[key] is not None:
+                new[key] = memo[key]
+        if not new:
+            return self
+        return dataclasses.replace(self, banks={**self.banks, **new})
+
+    def _build_bank(self, k, conditional):
+        layout = self._bank_layout(k)
+        n, ch = self.num_images, self.image_shape[-1]
+        budget = self.bank_budget or DEFAULT_BANK_BUDGET.get(jax.default_backend(), 2**30)
+        if sum(_banks.bank_nbytes(n, b, ch, c is not None) for b, c in layout.values()) > budget:
+            return None
+        images = np.asarray(self.images)
+        if conditional:
+            members = [np.asarray(self.class_members)[y, :size] for y, size in enumerate(self.class_sizes)]
+        else:
+            members = [np.arange(n)]
+        out = {}
+        for name, (bidx, center) in layout.items():
+            gb = _banks.build_group_bank(images, members, bidx, center)
+            out[name] = _banks.GroupBank(*(None if v is None else jnp.asarray(v) for v in gb))
+        return out
+
+    def _stream_bank(self, queries, bank: "_banks.GroupBank", label, positions_per_image: int):
+        """Posterior means of one group's queries over its prebuilt bank.
+
+        ``queries`` have leading dims ``[G]`` (one bank for the batch) or ``[B, G]`` (``label``:
+        each image against its class's bank).
+        """
+        kb, ng, u, d = bank.keys.shape
+        mq = queries.q.shape[-2]
+        lead = int(np.prod(queries.q.shape[:-2]))
+        vdim = d if bank.values is None else bank.values.shape[-1]
+        if self.chunk_size is not None:
+            c = self.chunk_size * positions_per_image
+        else:
+            budget = self.memory_budget or default_memory_budget()
+            # per bank entry: logits and weights of every query, plus the entry itself, per group
+            c = budget // (4 * lead * (2 * mq + d + vdim + 2))
+        c = int(min(max(c, 1), u))
+        nchunks = -(-u // c)
+
+        def bank_fn(i):
+            # clamp the last chunk into range; entries already seen are masked out, not re-counted
+            start = jnp.minimum(i * c, u - c)
+            sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start, c, axis=2)  # noqa: E731
+            keys, lc, sq = sl(bank.keys), sl(bank.log_count), sl(bank.sq_norm)
+            vals = keys if bank.values is None else sl(bank.values)
+            lc = jnp.where(start + jnp.arange(c) >= i * c, lc, -jnp.inf)
+            pick = (lambda x: x[label]) if label is not None else (lambda x: x[0])
+            return _kernel.Bank(pick(keys), pick(vals), pick(lc), pick(sq))
+
+        return _kernel.streaming_softmax(queries, bank_fn, nchunks)[0]
 
     # -- the streamed training set ---------------------------------------------------------------------
     def _chunking(self, label: Array | None, bytes_per_image: int) -> tuple[Array, Array, int, int]:
@@ -219,19 +328,26 @@ class Machine(Denoiser):
         return self.images[idx], ok  # [Gb, c, H, W, C], [Gb, c]
 
 
+def bank_key(scale: int | None, conditional: bool) -> str:
+    """Key of a prebuilt bank in :attr:`Machine.banks`."""
+    return f"k{scale}" + ("/class" if conditional else "")
+
+
 def register(cls, extra_meta: tuple[str, ...] = ()):
     """Register a :class:`Machine` dataclass subclass as a pytree (arrays are leaves)."""
     meta = [f.name for f in dataclasses.fields(cls) if f.name not in cls._DATA_FIELDS]
     return jax.tree_util.register_dataclass(cls, data_fields=list(cls._DATA_FIELDS), meta_fields=meta)
 
 
-def build(cls, images, labels, *, schedule, chunk_size, memory_budget, **extra):
+def build(cls, images, labels, *, schedule, chunk_size, memory_budget, bank_budget=None, **extra):
     """Check the common constructor arguments and build a machine of class ``cls``."""
     imgs, members, sizes = prepare_training_set(images, labels)
     if chunk_size is not None:
         chunk_size = _checks.check_positive_int(chunk_size, "chunk_size")
     if memory_budget is not None:
         memory_budget = _checks.check_positive_int(memory_budget, "memory_budget")
+    if bank_budget is not None:
+        bank_budget = _checks.check_positive_int(bank_budget, "bank_budget")
     return cls(
         imgs,
         members,
@@ -239,6 +355,7 @@ def build(cls, images, labels, *, schedule, chunk_size, memory_budget, **extra):
         class_sizes=sizes,
         chunk_size=chunk_size,
         memory_budget=memory_budget,
+        bank_budget=bank_budget,
         **extra,
     )
 

@@ -14,12 +14,13 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import ArrayLike, Float, Int
 
 from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
-from ellsjax.machines.base import Machine, build, register
+from ellsjax.machines.base import Machine, bank_key, build, register
 
 __all__ = ["IdealScore", "ideal"]
 
@@ -33,22 +34,31 @@ class IdealScore(Machine):
             _checks.check_scale(scale)
         return None
 
+    def _bank_layout(self, scale):
+        h, w, _ = self.image_shape
+        return {"image": (np.arange(h * w, dtype=np.int32)[None, None], None)}
+
     def _denoise(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape
         d = h * w * ch
         ab, var = self.schedule.variances(t)
         a, inv_temp = jnp.sqrt(ab), 0.5 / var
         q = x_t.reshape(b, d)
-        if label is None:  # one bank for the batch
+        if label is None:  # one bank for the batch: leading dims (G=1,)
             queries = _kernel.Queries(q[None], a[None], inv_temp[None])
-        else:  # each image against its class
-            queries = _kernel.Queries(q[:, None], a[:, None], inv_temp[:, None])
+        else:  # each image against its class: leading dims (B, G=1)
+            queries = _kernel.Queries(q[:, None, None], a[:, None, None], inv_temp[:, None, None])
+        prepared = self.banks.get(bank_key(None, label is not None))
+        if prepared is not None:
+            return self._stream_bank(queries, prepared["image"], label, 1).reshape(b, h, w, ch)
         per_image = 4 * (3 * d + 2 * b + 2)
         members, valid, nchunks, c = self._chunking(label, per_image)
 
         def bank_fn(i):
             imgs, ok = self._chunk(members, valid, c, i)
             flat = imgs.reshape(imgs.shape[0], c, d)
+            if label is not None:
+                flat, ok = flat[:, None], ok[:, None]
             return _kernel.make_bank(flat, flat, ok)
 
         mean, _ = _kernel.streaming_softmax(queries, bank_fn, nchunks)
@@ -65,6 +75,7 @@ def ideal(
     schedule: _schedules.Schedule | str = "cosine_legacy",
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    bank_budget: int | None = None,
 ) -> IdealScore:
     """The ideal score machine (IS): posterior mean over whole training images.
 
@@ -74,6 +85,7 @@ def ideal(
         schedule: noise schedule (object or name).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
+        bank_budget: bytes the prebuilt, deduplicated image bank may take (``None``: default).
 
     Example:
         >>> import jax, ellsjax as ej
@@ -82,4 +94,7 @@ def ideal(
         >>> bool(abs(x0 - imgs[:2]).max() < 1e-3)   # low noise: the nearest training image
         True
     """
-    return build(IdealScore, images, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget)
+    return build(
+        IdealScore, images, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget,
+        bank_budget=bank_budget,
+    )

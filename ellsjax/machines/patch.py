@@ -36,7 +36,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
-from ellsjax.machines.base import Machine, build, register
+from ellsjax.machines.base import Machine, bank_key, build, register
 
 __all__ = ["LocalScore", "EquivariantLocalScore", "local", "els", "bbels"]
 
@@ -48,12 +48,14 @@ class _Group(NamedTuple):
     qpos: ``[G, Pq]`` flat position of each query pixel (where its output goes).
     bidx: ``[G, Pb, kk]`` flat window index of each bank position.
     bpos: ``[G, Pb]`` flat position of each bank window's center (its value).
+    center: index of the center pixel within a window (row-major ``kh×kw``).
     """
 
     qidx: np.ndarray
     qpos: np.ndarray
     bidx: np.ndarray
     bpos: np.ndarray
+    center: int
 
 
 def _window_index(h: int, w: int, kh: int, kw: int, mode: str) -> np.ndarray:
@@ -76,10 +78,11 @@ def _flat(rows, cols, w) -> np.ndarray:
     return (np.asarray(rows)[:, None] * w + np.asarray(cols)[None, :]).ravel()
 
 
-def _group(pos: np.ndarray, qwin: np.ndarray, bwin: np.ndarray, bpos: np.ndarray | None = None) -> _Group:
-    """Group whose query pixels are ``pos`` ``[G, P]`` and whose bank centers are ``bpos`` (default ``pos``)."""
+def _group(pos: np.ndarray, qwin: np.ndarray, bwin: np.ndarray, k: tuple[int, int], bpos: np.ndarray | None = None) -> _Group:
+    """Group whose query pixels are ``pos`` ``[G, P]`` and whose bank centers are ``bpos`` (default
+    ``pos``), for ``k = (kh, kw)`` windows."""
     bpos = pos if bpos is None else bpos
-    return _Group(qwin[pos], pos, bwin[bpos], bpos)
+    return _Group(qwin[pos], pos, bwin[bpos], bpos, (k[0] // 2) * k[1] + k[1] // 2)
 
 
 @functools.lru_cache(maxsize=256)
@@ -89,20 +92,20 @@ def _layout(kind: str, h: int, w: int, k: int) -> dict[str, _Group]:
         # Windows wider than 2·size−1 see only zeros beyond the image: clip them (exact).
         kh, kw = min(k, 2 * h - 1), min(k, 2 * w - 1)
         win = _window_index(h, w, kh, kw, "zeros")
-        return {"pixels": _group(np.arange(h * w)[:, None], win, win)}
+        return {"pixels": _group(np.arange(h * w)[:, None], win, win, (kh, kw))}
     hk = k // 2
     zwin = _window_index(h, w, k, k, "zeros")
     interior = _flat(np.arange(hk, h - hk), np.arange(hk, w - hk), w)[None]
     if kind == "els":
         cwin = _window_index(h, w, k, k, "circular")
-        return {"all": _group(np.arange(h * w)[None], cwin, zwin, interior)}
-    groups = {"interior": _group(interior, zwin, zwin)}
+        return {"all": _group(np.arange(h * w)[None], cwin, zwin, (k, k), interior)}
+    groups = {"interior": _group(interior, zwin, zwin, (k, k))}
     if hk > 0:
         brow = np.r_[0:hk, h - hk : h]
         bcol = np.r_[0:hk, w - hk : w]
-        groups["rows"] = _group(np.stack([_flat([r], np.arange(hk, w - hk), w) for r in brow]), zwin, zwin)
-        groups["cols"] = _group(np.stack([_flat(np.arange(hk, h - hk), [c], w) for c in bcol]), zwin, zwin)
-        groups["corners"] = _group(_flat(brow, bcol, w)[:, None], zwin, zwin)
+        groups["rows"] = _group(np.stack([_flat([r], np.arange(hk, w - hk), w) for r in brow]), zwin, zwin, (k, k))
+        groups["cols"] = _group(np.stack([_flat(np.arange(hk, h - hk), [c], w) for c in bcol]), zwin, zwin, (k, k))
+        groups["corners"] = _group(_flat(brow, bcol, w)[:, None], zwin, zwin, (k, k))
     return groups
 
 
@@ -128,6 +131,10 @@ class _PatchMachine(Machine):
 
     def _kind(self) -> str:
         raise NotImplementedError
+
+    def _bank_layout(self, scale):
+        h, w, _ = self.image_shape
+        return {name: (g.bidx, g.center) for name, g in _full_layout(self._kind(), h, w, scale).groups.items()}
 
     def _denoise(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape
@@ -155,6 +162,28 @@ class _PatchMachine(Machine):
             # per training image: gathered windows + logits and weights (2 floats per query-entry)
             bytes_per_image += 4 * ng * pb * (2 * d + ch + 2 * b * pq + 2)
 
+        prepared = self.banks.get(bank_key(scale, cond))
+        if prepared is not None:
+            means = {
+                name: self._stream_bank(queries[name], prepared[name], label, g.bpos.shape[1])
+                for name, g in layout.groups.items()
+            }
+        else:
+            means = self._stream_images(queries, layout, label, bytes_per_image)
+        outs = []
+        for name, g in layout.groups.items():
+            ng, pq = g.qpos.shape
+            m = means[name]
+            if not cond:
+                m = m.reshape(ng, b, pq, ch).transpose(1, 0, 2, 3)
+            outs.append(m.reshape(b, ng * pq, ch))
+        x0 = jnp.concatenate(outs, axis=1)[:, layout.inverse]
+        return x0.reshape(b, h, w, ch)
+
+    def _stream_images(self, queries, layout, label, bytes_per_image):
+        """All groups in one pass over the training images, gathering windows chunk by chunk."""
+        h, w, ch = self.image_shape
+        cond = label is not None
         members, valid, nchunks, c = self._chunking(label, bytes_per_image)
 
         def bank_fn(i):
@@ -173,16 +202,7 @@ class _PatchMachine(Machine):
                 banks[name] = _kernel.make_bank(keys, vals, present)
             return banks
 
-        means, _ = _kernel.streaming_softmax(queries, bank_fn, nchunks)
-        outs = []
-        for name, g in layout.groups.items():
-            ng, pq = g.qpos.shape
-            m = means[name]
-            if not cond:
-                m = m.reshape(ng, b, pq, ch).transpose(1, 0, 2, 3)
-            outs.append(m.reshape(b, ng * pq, ch))
-        x0 = jnp.concatenate(outs, axis=1)[:, layout.inverse]
-        return x0.reshape(b, h, w, ch)
+        return _kernel.streaming_softmax(queries, bank_fn, nchunks)[0]
 
 
 def _with_zero_slot(x: Float[Array, "b h w c"]) -> Float[Array, "b hw1 c"]:
@@ -243,6 +263,7 @@ def local(
     schedule: _schedules.Schedule | str = "cosine_legacy",
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    bank_budget: int | None = None,
 ) -> LocalScore:
     """The local score machine (LS, zero padding).
 
@@ -256,6 +277,8 @@ def local(
         schedule: noise schedule (object or name).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
+        bank_budget: bytes one scale's prebuilt, deduplicated bank may take (``None``: per-backend
+            default); beyond it windows are gathered from the images at every call.
 
     Example:
         >>> import jax, ellsjax as ej
@@ -264,7 +287,10 @@ def local(
         >>> m.denoise(imgs[:2], 0.5, scale=3).shape
         (2, 8, 8, 1)
     """
-    return build(LocalScore, images, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget)
+    return build(
+        LocalScore, images, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget,
+        bank_budget=bank_budget,
+    )
 
 
 def els(
@@ -275,6 +301,7 @@ def els(
     schedule: _schedules.Schedule | str = "cosine_legacy",
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    bank_budget: int | None = None,
 ) -> EquivariantLocalScore:
     """The equivariant local score machine: ELS (``padding="circular"``) or bbELS (``"zeros"``).
 
@@ -293,6 +320,8 @@ def els(
         schedule: noise schedule (object or name).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
+        bank_budget: bytes one scale's prebuilt, deduplicated bank may take (``None``: per-backend
+            default); beyond it windows are gathered from the images at every call.
 
     Example:
         >>> import jax, ellsjax as ej
@@ -305,7 +334,7 @@ def els(
         raise ValueError(f"padding: must be 'circular' (ELS) or 'zeros' (bbELS), got {padding!r}")
     return build(
         EquivariantLocalScore, images, labels, schedule=schedule, chunk_size=chunk_size,
-        memory_budget=memory_budget, padding=padding,
+        memory_budget=memory_budget, bank_budget=bank_budget, padding=padding,
     )
 
 

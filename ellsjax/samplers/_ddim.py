@@ -178,6 +178,8 @@ def ddim(
         denoiser.check_label(label)
 
     nsteps = ts.shape[0] - 1
+    if all(_checks.is_concrete(v) for v in jax.tree.leaves(denoiser)):
+        denoiser = denoiser.prepare(scales if scales is not None else (None,), conditional=label is not None)
     with _progress_target(progress, nsteps) as has_progress:
         x, traj = _ddim(denoiser, x, ts, label, scales=scales, progress=has_progress, keep=bool(return_trajectory))
         x = jax.block_until_ready(x)
