@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Benchmark one machine step (and optionally a whole sample) on real data.
+
+For each machine and scale: the median step time over repeats after warm-up (compile time and
+bank-build time reported separately), the achieved GFLOP/s by the issue's formula
+``2·H·W·k²·C·N·(H−k+1)(W−k+1)`` per image (counting every bank patch, before deduplication), the fp32
+GEMM rate of this machine for the same shapes measured in the same run, peak memory (compiled
+temporaries and process RSS), and the max error against an independent float64 numpy evaluation on
+sampled pixels.
+
+Example:
+    python scripts/bench_machines.py --machines els,bbels --n 1000 --scales 5,9 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ellsjax as ej
+
+
+def median_time(fn, repeats):
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), ts
+
+
+def gemm_rate(m, d, n=8192, repeats=5):
+    """fp32 GEMM GFLOP/s for [m, d] x [d, n] (the kernel's shape) on this machine."""
+    q = jax.random.normal(jax.random.key(0), (m, d))
+    k = jax.random.normal(jax.random.key(1), (n, d))
+    f = jax.jit(lambda q, k: jnp.dot(q, k.T, precision=jax.lax.Precision.HIGHEST))
+    jax.block_until_ready(f(q, k))
+    t, _ = median_time(lambda: f(q, k), repeats)
+    return 2 * m * d * n / t / 1e9
+
+
+def window(img, r, c, k, mode):
+    h, w, ch = img.shape
+    rr = np.arange(r - k // 2, r + k // 2 + 1)[:, None]
+    cc = np.arange(c - k // 2, c + k // 2 + 1)[None, :]
+    if mode == "circular":
+        return img[rr % h, cc % w]
+    inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    return np.where(inside[..., None], img[np.clip(rr, 0, h - 1), np.clip(cc, 0, w - 1)], 0.0)
+
+
+def reference_pixel(images, x, r, c, k, a, s, padding):
+    """float64 posterior mean of one pixel of one image, from the definitions (ELS / bbELS)."""
+    n, h, w, ch = images.shape
+    hk = k // 2
+
+    def cls(v, size):
+        return v if v < hk else (v - size if v >= size - hk else "in")
+
+    if padding == "circular":
+        pos = [(i, j) for i in range(hk, h - hk) for j in range(hk, w - hk)]
+        q = window(x, r, c, k, "circular")
+    else:
+        pos = [(i, j) for i in range(h) for j in range(w) if cls(i, h) == cls(r, h) and cls(j, w) == cls(c, w)]
+        q = window(x, r, c, k, "zeros")
+    padded = np.pad(images.astype(np.float64), ((0, 0), (hk, hk), (hk, hk), (0, 0)))
+    keys = np.stack([padded[:, i : i + k, j : j + k] for i, j in pos], axis=1).reshape(-1, k * k * ch)
+    vals = np.stack([images[:, i, j] for i, j in pos], axis=1).reshape(-1, ch).astype(np.float64)
+    d2 = ((q.reshape(1, -1).astype(np.float64) - a * keys) ** 2).sum(1)
+    logit = -d2 / (2 * s * s)
+    wts = np.exp(logit - logit.max())
+    return wts @ vals / wts.sum()
+
+
+def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng):
+    m = ej.machines.build(machine_name, images)
+    h, w, ch = m.image_shape
+    n = images.shape[0]
+    x = jax.random.normal(jax.random.key(1), (batch, h, w, ch))
+    t0 = time.perf_counter()
+    ready = m.prepare((k,))
+    t_bank = time.perf_counter() - t0
+    step = jax.jit(lambda mm, xx: mm._denoise(xx, jnp.full((batch,), t, jnp.float32), None, k))
+    t0 = time.perf_counter()
+    compiled = step.lower(ready, x).compile()
+    t_compile = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    temp_bytes = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+    jax.block_until_ready(compiled(ready, x))
+    t_med, ts = median_time(lambda: compiled(ready, x), repeats)
+    flops = 2 * h * w * k * k * ch * n * (h - k + 1) * (w - k + 1) * batch
+    entries = None
+    if ready.banks:
+        bank = next(iter(ready.banks.values()))
+        entries = int(sum(np.isfinite(np.asarray(gb.log_count)).sum() for gb in bank.values()))
+    out = np.asarray(compiled(ready, x))
+    a, s = (float(v) for v in m.schedule(t))
+    err = 0.0
+    if check_pixels and machine_name in ("els", "bbels"):
+        padding = "circular" if machine_name == "els" else "zeros"
+        img0 = np.asarray(x[0])
+        coords = [(0, 0), (h - 1, w // 2), (h // 2, 1)] + [tuple(rng.integers(0, [h, w])) for _ in range(check_pixels - 3)]
+        for r, c in coords:
+            ref = reference_pixel(np.asarray(images), img0, r, c, k, a, s, padding)
+            err = max(err, float(np.abs(out[0, r, c] - ref).max()))
+    return {
+        "machine": machine_name,
+        "k": k,
+        "N": n,
+        "image": [h, w, ch],
+        "batch": batch,
+        "t": t,
+        "step_s_median": t_med,
+        "step_s_all": ts,
+        "compile_s": t_compile,
+        "bank_build_s": t_bank,
+        "bank_entries": entries,
+        "bank_patches_total": n * (h - k + 1) * (w - k + 1) if machine_name in ("els", "bbels") else None,
+        "gflop": flops / 1e9,
+        "gflops_achieved": flops / t_med / 1e9,
+        "gemm_gflops_same_shape": gemm_rate(batch * h * w, k * k * ch),
+        "temp_bytes_compiled": temp_bytes,
+        "max_err_vs_float64": err if check_pixels else None,
+        "pixels_checked": check_pixels,
+    }
+
+
+def bench_sample(machine_name, images, preset, batch, seed):
+    m = ej.machines.build(machine_name, images)
+    ts, scales = ej.schedules.resolve_scales(preset)
+    x = jax.random.normal(jax.random.key(seed), (batch, *m.image_shape))
+    t0 = time.perf_counter()
+    out = ej.samplers.ddim(m, x, ts, scales=scales)
+    jax.block_until_ready(out)
+    return {"machine": machine_name, "preset": preset, "N": int(images.shape[0]), "batch": batch,
+            "sample_s_total": time.perf_counter() - t0, "note": "includes bank builds and compilation"}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--machines", default="els,bbels")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--source", default="auto", help="auto: bundled if it holds --n images, else ../shared/data npz")
+    p.add_argument("--path", default=None)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--scales", default="3,5,9,15")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--t", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--check-pixels", type=int, default=8, help="pixels compared with float64 numpy (0: skip)")
+    p.add_argument("--sample", default=None, help="also time a whole DDIM sample with this scale preset")
+    p.add_argument("--out", default="bench_machines.json")
+    args = p.parse_args()
+
+    source, path = args.source, args.path
+    if source == "auto":
+        bundled = ej.data.bundled_info().get(args.dataset, {}).get("train", {}).get("num_images", 0)
+        if args.n > bundled:
+            source, path = "npz", path or "../shared/data"
+        else:
+            source = "bundled"
+    images, _ = ej.data.load(args.dataset, source=source, path=path, limit=args.n, image_size=args.image_size)
+    rng = np.random.default_rng(0)
+    rows = []
+    for name in args.machines.split(","):
+        for k in [int(v) for v in args.scales.split(",")]:
+            rows.append(bench_step(name, images, k, args.batch, args.t, args.repeats, args.check_pixels, rng))
+            r = rows[-1]
+            print(f"{name:6s} k={k:2d} N={r['N']} B={r['batch']}  step {r['step_s_median']:.3f}s  "
+                  f"({r['gflops_achieved']:.1f} GFLOP/s; same-shape GEMM {r['gemm_gflops_same_shape']:.1f})  "
+                  f"compile {r['compile_s']:.1f}s  bank {r['bank_build_s']:.1f}s ({r['bank_entries']} entries)  "
+                  f"temp {None if r['temp_bytes_compiled'] is None else round(r['temp_bytes_compiled'] / 2**20, 1)} MiB  "
+                  f"err {r['max_err_vs_float64']}", flush=True)
+    sample = None
+    if args.sample:
+        sample = bench_sample(args.machines.split(",")[-1], images, args.sample, args.batch, 0)
+        print(f"whole sample ({sample['preset']}, {sample['machine']}, N={sample['N']}): {sample['sample_s_total']:.1f}s")
+    result = {
+        "host": {"platform": platform.platform(), "processor": platform.processor(), "cpus": jax.local_device_count(),
+                 "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "args": vars(args),
+        "steps": rows,
+        "sample": sample,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\npeak RSS {result['peak_rss_mib']:.0f} MiB; wrote {args.out}")
+    print("\n| machine | k | N | B | step (s) | GFLOP/s | GEMM GFLOP/s | % of GEMM | compile (s) | bank (s) | entries | max err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['machine']} | {r['k']} | {r['N']} | {r['batch']} | {r['step_s_median']:.3f} | {r['gflops_achieved']:.1f} | "
+              f"{r['gemm_gflops_same_shape']:.1f} | {100 * r['gflops_achieved'] / r['gemm_gflops_same_shape']:.0f}% | "
+              f"{r['compile_s']:.1f} | {r['bank_build_s']:.1f} | {r['bank_entries']} | {r['max_err_vs_float64']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
