@@ -54,6 +54,8 @@ __all__ = [
     "finalize",
     "softmax_mean",
     "streaming_softmax",
+    "topk_softmax",
+    "TopKResult",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -333,3 +335,125 @@ def _tiled(qs, banks, num_chunks, tile, single_pass, remat):
 
         out[k] = SoftmaxStats(merge_tiles(st.max, 0), merge_tiles(st.total, 0), merge_tiles(st.weighted, 1))
     return out
+
+
+# -- approximate search: top-K candidates, exact re-scoring, a bound on what was left out -------------
+
+
+class TopKResult(NamedTuple):
+    """Result of :func:`topk_softmax`.
+
+    Attributes:
+        mean: ``[*g, m, v]`` posterior mean over the ``K`` re-scored candidates.
+        mass_left_out: ``[*g, m]`` upper bound on the softmax mass of the entries not retrieved,
+            as a fraction of the total (``Z_rest / (Z_K + Z_rest)``).
+        error_bound: ``[*g, m]`` resulting bound on ``max_v |mean − exact mean|`` from the entries
+            left out (float32 rounding of the computation itself, ~1e-6, comes on top).
+        ids: ``[*g, m, K]`` the retrieved entries (indices into the bank).
+    """
+
+    mean: Array
+    mass_left_out: Array
+    error_bound: Array
+    ids: Array
+
+
+_UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float32": 2.0**-24}
+
+
+def topk_softmax(
+    queries: Queries,
+    bank_fn: Callable[[Array], tuple[Bank, Array]],
+    fetch_fn: Callable[[Array], Bank],
+    num_chunks: int,
+    *,
+    k: int,
+    total_count: Array | float,
+    key_norm_max: Array | float,
+    value_abs_max: Array | float,
+    scoring: str = "bfloat16",
+    recall_target: float = 0.95,
+) -> TopKResult:
+    r"""Approximate posterior means from the ``k`` best-scoring bank entries, with a bound.
+
+    1. Scoring: each chunk's raw scores ``l̃_j`` come from a GEMM in ``scoring`` precision (bf16
+       inputs, float32 accumulation by default) and the best ``k`` per query are kept with
+       ``jax.lax.approx_max_k`` (exact top-k on CPU and GPU; approximate with ``recall_target`` on
+       TPU), merged across chunks.
+    2. Re-scoring: the candidates are fetched and scored exactly in float32; their softmax gives
+       the mean ``x̂_K`` and normaliser ``Z_K``.
+    3. Bound: every entry left out scored at most the ``k``-th best ``l̃_(k)``, and scoring errs by at
+       most ``δ = 2a(2u + u² + d·2⁻²⁴(1+u)²)‖q‖·max‖k‖`` (``u`` the scoring unit roundoff), so the
+       mass left out is ``Z_rest ≤ (C − C_K)·exp((l̃_(k) + δ − max l)/2s²)`` with ``C`` the bank's
+       total count, and ``|x̂ − x̂_K| ≤ Z_rest/(Z_K + Z_rest)·(max|v| + |x̂_K|)``.
+
+    The bound is rigorous when the top-k of step 1 is exact (CPU, GPU); on TPU it holds for the
+    entries retrieved, which miss true top-k entries with probability ``1 − recall_target``.
+
+    Args:
+        queries: ``[*g, m, d]`` queries.
+        bank_fn: chunk index ``→`` ``(Bank, ids)``, ``ids [*g, n]`` the entries' bank indices.
+        fetch_fn: ``ids [*g, m, K] →`` :class:`Bank` of those entries (``keys [*g, m, K, d]``, …).
+        num_chunks: number of chunks.
+        k: candidates per query.
+        total_count: ``[*g]`` (or scalar) total multiplicity ``C`` of the bank.
+        key_norm_max: ``[*g]`` (or scalar) largest ``‖k‖`` in the bank.
+        value_abs_max: ``[*g]`` (or scalar) largest ``|v|`` in the bank.
+        scoring: ``"bfloat16"`` or ``"float32"`` GEMM inputs for step 1.
+        recall_target: passed to ``approx_max_k`` (only TPUs approximate).
+    """
+    if scoring not in _UNIT_ROUNDOFF:
+        raise ValueError(f"scoring: must be one of {sorted(_UNIT_ROUNDOFF)}, got {scoring!r}")
+    if int(k) < 1:
+        raise ValueError(f"k: need at least one candidate, got {k}")
+    dtype = jnp.bfloat16 if scoring == "bfloat16" else jnp.float32
+    a = queries.a[..., None]
+    qs = queries.q.astype(dtype)
+
+    def scores(bank):
+        dots = jnp.einsum("...md,...nd->...mn", qs, bank.keys.astype(dtype), preferred_element_type=jnp.float32,
+                          precision=_HIGHEST)
+        raw = a * (2.0 * dots - a * bank.sq_norm[..., None, :])
+        return jnp.where(bank.log_count[..., None, :] > -jnp.inf, raw, -jnp.inf)
+
+    def top(vals, ids):
+        best, pos = jax.lax.approx_max_k(vals, min(int(k), vals.shape[-1]), recall_target=recall_target)
+        return best, jnp.take_along_axis(ids, pos, axis=-1)
+
+    def fold(carry, i):
+        bank, ids = bank_fn(i)
+        raw = scores(bank)
+        best, got = top(raw, jnp.broadcast_to(ids[..., None, :], raw.shape).astype(jnp.int32))
+        return top(jnp.concatenate([carry[0], best], -1), jnp.concatenate([carry[1], got], -1)), None
+
+    shape = (*jnp.broadcast_shapes(queries.a.shape, queries.q.shape[:-1]), int(k))
+    carry = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.int32))  # k empty slots
+    (approx, ids), _ = jax.lax.scan(fold, carry, jnp.arange(num_chunks, dtype=jnp.int32))
+    ids = jax.lax.stop_gradient(ids)
+
+    cand = fetch_fn(ids)  # keys [*g, m, K, d]
+    # candidates that scored -inf are padding (or entries masked in a clamped chunk): never count them
+    lc = jnp.where(approx > -jnp.inf, cand.log_count, -jnp.inf)
+    dots = jnp.einsum("...md,...mkd->...mk", queries.q, cand.keys, precision=_HIGHEST)
+    raw = jnp.where(lc > -jnp.inf, a * (2.0 * dots - a * cand.sq_norm), -jnp.inf)
+    tau = queries.inv_temp
+    m = jax.lax.stop_gradient(jnp.max(raw, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(_tempered(raw - m_safe[..., None], tau[..., None]) + lc)
+    z_k = jnp.sum(w, axis=-1)
+    mean = jnp.einsum("...mk,...mkv->...mv", w, cand.values, precision=_HIGHEST) / z_k[..., None]
+
+    # every entry left out scored <= the k-th best approximate score; true scores differ by <= delta
+    u = _UNIT_ROUNDOFF[scoring]
+    eps_dot = 2 * u + u * u + queries.q.shape[-1] * 2.0**-24 * (1 + u) ** 2
+    qnorm = jnp.sqrt(jnp.sum(queries.q * queries.q, axis=-1))
+    delta = 2.0 * queries.a * eps_dot * qnorm * jnp.asarray(key_norm_max, jnp.float32)[..., None]
+    c_k = jnp.sum(jnp.where(lc > -jnp.inf, jnp.exp(lc), 0.0), axis=-1)
+    rest = jnp.maximum(jnp.asarray(total_count, jnp.float32)[..., None] - c_k, 0.0)
+    gap = approx[..., -1] + delta - m_safe  # -inf when fewer than k entries exist
+    finite = jnp.isfinite(tau)
+    expo = jnp.where(finite, gap * jnp.where(finite, tau, 1.0), jnp.where(gap < 0, -jnp.inf, jnp.where(gap == 0, 0.0, jnp.inf)))
+    z_rest = jnp.where(rest > 0, rest * jnp.exp(expo), 0.0)
+    frac = jnp.where(jnp.isinf(z_rest), 1.0, z_rest / (z_k + z_rest))
+    bound = frac * (jnp.asarray(value_abs_max, jnp.float32)[..., None] + jnp.max(jnp.abs(mean), axis=-1))
+    return TopKResult(mean, frac, bound, ids)

@@ -344,3 +344,40 @@ def test_prepare_is_memoized_and_pure():
     assert p1.banks["k3"]["interior"].keys is p2.banks["k3"]["interior"].keys  # built once
     assert p1.prepare((3,)) is p1  # nothing new to build
     np.testing.assert_allclose(p1.denoise(x, 0.5, scale=5), m.denoise(x, 0.5, scale=5), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["is", "ls", "els", "bbels"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_approximate_search_stays_within_its_bound(kind, conditional):
+    imgs, _ = _dup_data()
+    labels = np.array([0, 1, 0, 1, 0, 1, 1]) if conditional else None
+    label = np.array([1, 0]) if conditional else None
+    m = BUILD[kind](imgs, labels)
+    rng = np.random.default_rng(1)
+    for t in [0.1, 0.5]:
+        a, s = ab(t)
+        x = (a * imgs[[1, 2]] + s * rng.normal(size=imgs[:2].shape)).astype(np.float32)
+        exact = np.asarray(m.denoise(x, t, scale=3, label=label))
+        for scoring in ["float32", "bfloat16"]:
+            x0, bound = m.with_search(tolerance=1e-3, top_k=8, scoring=scoring).denoise_with_bound(x, t, scale=3, label=label)
+            err = np.abs(np.asarray(x0) - exact).max(-1)
+            assert np.all(err <= np.asarray(bound) + 2e-5), (t, scoring, float(err.max()))
+        auto = m.with_search(tolerance=1e-3, top_k=8).denoise(x, t, scale=3, label=label)
+        np.testing.assert_allclose(auto, exact, atol=1e-3 + 2e-5)
+
+
+def test_approximate_search_options():
+    imgs, x = _dup_data()
+    m = ej.machines.els(imgs)
+    with pytest.raises(ValueError, match="tolerance: must be positive"):
+        m.with_search(tolerance=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        m.with_search(tolerance=1e-3, top_k=0)
+    with pytest.raises(ValueError, match="scoring"):
+        m.with_search(tolerance=1e-3, scoring="int8")
+    assert m.with_search(tolerance=1e-3).with_search(tolerance=None).tolerance is None
+    with pytest.raises(ValueError, match="exceeds bank_budget"):
+        ej.machines.els(imgs, bank_budget=1).denoise_with_bound(x, 0.1, scale=3)
+    # a bank too large to prebuild keeps the exact streamed path, even with a tolerance
+    lazy = ej.machines.els(imgs, bank_budget=1).with_search(tolerance=1e-6)
+    np.testing.assert_allclose(lazy.denoise(x, 0.3, scale=3), m.denoise(x, 0.3, scale=3), atol=1e-5)

@@ -163,6 +163,11 @@ def _jit_eps(d, x_t, t, label, scale):
     return d._eps(x_t, t, label, scale)
 
 
+@partial(jax.jit, static_argnums=(4,))
+def _jit_topk(d, x_t, t, label, scale):
+    return d._denoise_topk(x_t, t, label, scale)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Machine(Denoiser):
     """Base of the analytic machines: a training set, optionally split by class.
@@ -180,6 +185,10 @@ class Machine(Denoiser):
             chunk at every call instead (same result, slower).
         banks: prebuilt deduplicated banks by ``"k{scale}"`` / ``"k{scale}/class"`` (see
             :meth:`prepare`); empty until prepared.
+        tolerance: ``None`` (exact search) or the largest error allowed per output value for the
+            approximate top-``top_k`` search (see :meth:`with_search`).
+        top_k: candidates per query of the approximate search.
+        scoring: GEMM input precision of the approximate search's candidate scoring.
     """
 
     images: Float[Array, "n h w c"]
@@ -190,6 +199,9 @@ class Machine(Denoiser):
     memory_budget: int | None = None
     bank_budget: int | None = None
     banks: dict = dataclasses.field(default_factory=dict)
+    tolerance: float | None = None
+    top_k: int = 64
+    scoring: str = "bfloat16"
 
     _DATA_FIELDS: ClassVar[tuple[str, ...]] = ("images", "class_members", "banks")
 
@@ -250,6 +262,81 @@ class Machine(Denoiser):
             return self
         return dataclasses.replace(self, banks={**self.banks, **new})
 
+    def with_search(self, *, tolerance: float | None, top_k: int = 64, scoring: str = "bfloat16") -> "Machine":
+        """Return this machine with approximate search switched on (or off with ``tolerance=None``).
+
+        At every call and for every group of pixels, the ``top_k`` best candidates per query are
+        retrieved from a ``scoring``-precision GEMM and re-scored exactly
+        (:func:`ellsjax.kernel.topk_softmax`); if the resulting error bound of every output value is
+        at most ``tolerance`` that result is used, otherwise the exact search runs. So results stay
+        within ``tolerance`` (plus float32 rounding) of the exact ones, and the approximate search
+        is used where the posterior is concentrated (low noise). It needs prebuilt banks (see
+        :meth:`prepare`); scales whose bank exceeds ``bank_budget`` stay exact. Retrieval is exact
+        top-k on CPU/GPU and ``approx_max_k`` on TPU (bound then as stated by its recall target).
+        On CPUs top-k selection costs more than the exponentials it saves: use it on accelerators.
+
+        Example:
+            >>> import jax, ellsjax as ej
+            >>> imgs = jax.random.uniform(jax.random.key(0), (8, 8, 8, 1), minval=-1, maxval=1)
+            >>> m = ej.machines.els(imgs).with_search(tolerance=1e-3, top_k=16)
+            >>> m.denoise(imgs[:1], 0.05, scale=3).shape
+            (1, 8, 8, 1)
+        """
+        if tolerance is not None and not (float(tolerance) > 0):
+            raise ValueError(f"tolerance: must be positive (or None for exact search), got {tolerance!r}")
+        top_k = _checks.check_positive_int(top_k, "top_k")
+        if scoring not in ("bfloat16", "float32"):
+            raise ValueError(f"scoring: must be 'bfloat16' or 'float32', got {scoring!r}")
+        return dataclasses.replace(
+            self, tolerance=None if tolerance is None else float(tolerance), top_k=top_k, scoring=scoring
+        )
+
+    def denoise_with_bound(self, x_t: Any, t: Any, *, scale: int | None = None, label: Any = None):
+        """Approximate posterior mean by the top-``top_k`` search, and its error bound per pixel.
+
+        Returns:
+            ``(x0_hat [B, H, W, C], bound [B, H, W])``: ``|x0_hat − exact| ≤ bound`` in every channel
+            (plus float32 rounding). Needs a bank that fits ``bank_budget``.
+        """
+        x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
+        ready = self.prepare((scale,), conditional=label is not None)
+        if bank_key(scale if self.needs_scale else None, label is not None) not in ready.banks:
+            raise ValueError("scale: the bank of this scale exceeds bank_budget; approximate search needs a prebuilt bank")
+        return _jit_topk(ready, x_t, t, label, scale)
+
+    def _topk_bank(self, queries, bank: "_banks.GroupBank", label):
+        """:func:`ellsjax.kernel.topk_softmax` of one group's queries over its prebuilt bank."""
+        kb, ng, u, d = bank.keys.shape
+        mq = queries.q.shape[-2]
+        lead = int(np.prod(queries.q.shape[:-2]))
+        budget = self.memory_budget or default_memory_budget()
+        c = int(min(max(budget // (4 * lead * (2 * mq + d + 2)), self.top_k, 1), u))
+        nchunks = -(-u // c)
+        pick = (lambda x: x[label]) if label is not None else (lambda x: x[0])
+        values = bank.keys if bank.values is None else bank.values
+        present = bank.log_count > -jnp.inf
+        totals = jnp.sum(jnp.where(present, jnp.exp(bank.log_count), 0.0), axis=-1)
+        kmax = jnp.sqrt(jnp.max(jnp.where(present, bank.sq_norm, 0.0), axis=-1))
+        vmax = jnp.max(jnp.where(present[..., None], jnp.abs(values), 0.0), axis=(-1, -2))
+
+        def bank_fn(i):
+            start = jnp.minimum(i * c, u - c)
+            sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start, c, axis=2)  # noqa: E731
+            ids = start + jnp.arange(c, dtype=jnp.int32)
+            lc = jnp.where(ids >= i * c, sl(bank.log_count), -jnp.inf)
+            chunk = _kernel.Bank(pick(sl(bank.keys)), pick(sl(values)), pick(lc), pick(sl(bank.sq_norm)))
+            return chunk, jnp.broadcast_to(ids, chunk.log_count.shape)
+
+        def fetch_fn(ids):  # ids [*lead, m, K] -> entries of each query's own bank
+            g = jnp.arange(ng).reshape((ng, 1, 1))
+            b = 0 if label is None else label.reshape((-1, 1, 1, 1))
+            return _kernel.Bank(bank.keys[b, g, ids], values[b, g, ids], bank.log_count[b, g, ids], bank.sq_norm[b, g, ids])
+
+        return _kernel.topk_softmax(
+            queries, bank_fn, fetch_fn, nchunks, k=min(self.top_k, u), total_count=pick(totals),
+            key_norm_max=pick(kmax), value_abs_max=pick(vmax), scoring=self.scoring,
+        )
+
     def _build_bank(self, k, conditional):
         layout = self._bank_layout(k)
         n, ch = self.num_images, self.image_shape[-1]
@@ -296,7 +383,13 @@ class Machine(Denoiser):
             pick = (lambda x: x[label]) if label is not None else (lambda x: x[0])
             return _kernel.Bank(pick(keys), pick(vals), pick(lc), pick(sq))
 
-        return _kernel.streaming_softmax(queries, bank_fn, nchunks)[0]
+        def exact():
+            return _kernel.streaming_softmax(queries, bank_fn, nchunks)[0]
+
+        if self.tolerance is None:
+            return exact()
+        approx = self._topk_bank(queries, bank, label)
+        return jax.lax.cond(jnp.all(approx.error_bound <= self.tolerance), lambda: approx.mean, exact)
 
     # -- the streamed training set ---------------------------------------------------------------------
     def _chunking(self, label: Array | None, bytes_per_image: int) -> tuple[Array, Array, int, int]:

@@ -38,16 +38,25 @@ class IdealScore(Machine):
         h, w, _ = self.image_shape
         return {"image": (np.arange(h * w, dtype=np.int32)[None, None], None)}
 
+    @staticmethod
+    def _queries(x_t, t, label, schedule):
+        b = x_t.shape[0]
+        ab, var = schedule.variances(t)
+        a, inv_temp = jnp.sqrt(ab), 0.5 / var
+        q = x_t.reshape(b, -1)
+        if label is None:  # one bank for the batch: leading dims (G=1,)
+            return _kernel.Queries(q[None], a[None], inv_temp[None])
+        return _kernel.Queries(q[:, None, None], a[:, None, None], inv_temp[:, None, None])  # (B, G=1)
+
+    def _denoise_topk(self, x_t, t, label, scale):
+        b, h, w, ch = x_t.shape
+        res = self._topk_bank(self._queries(x_t, t, label, self.schedule), self.banks[bank_key(None, label is not None)]["image"], label)
+        return res.mean.reshape(b, h, w, ch), jnp.broadcast_to(res.error_bound.reshape(b, 1, 1), (b, h, w))
+
     def _denoise(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape
         d = h * w * ch
-        ab, var = self.schedule.variances(t)
-        a, inv_temp = jnp.sqrt(ab), 0.5 / var
-        q = x_t.reshape(b, d)
-        if label is None:  # one bank for the batch: leading dims (G=1,)
-            queries = _kernel.Queries(q[None], a[None], inv_temp[None])
-        else:  # each image against its class: leading dims (B, G=1)
-            queries = _kernel.Queries(q[:, None, None], a[:, None, None], inv_temp[:, None, None])
+        queries = self._queries(x_t, t, label, self.schedule)
         prepared = self.banks.get(bank_key(None, label is not None))
         if prepared is not None:
             return self._stream_bank(queries, prepared["image"], label, 1).reshape(b, h, w, ch)

@@ -136,14 +136,13 @@ class _PatchMachine(Machine):
         h, w, _ = self.image_shape
         return {name: (g.bidx, g.center) for name, g in _full_layout(self._kind(), h, w, scale).groups.items()}
 
-    def _denoise(self, x_t, t, label, scale):
+    def _queries(self, x_t, t, label, scale):
+        """Per position group: the query windows of ``x_t`` (see :class:`_Group`)."""
         b, h, w, ch = x_t.shape
         layout = _full_layout(self._kind(), h, w, scale)
         ab, var = self.schedule.variances(t)
         a, inv_temp = jnp.sqrt(ab), 0.5 / var  # inv_temp = +inf at s = 0: nearest-patch limit
-        cond = label is not None
         xz = _with_zero_slot(x_t)  # [B, HW+1, C]
-
         queries = {}
         bytes_per_image = 0
         for name, g in layout.groups.items():
@@ -151,7 +150,7 @@ class _PatchMachine(Machine):
             pb = g.bpos.shape[1]
             d = kk * ch
             q = xz[:, g.qidx].reshape(b, ng, pq, d)
-            if cond:  # every image its own bank: leading dims (B, G)
+            if label is not None:  # every image its own bank: leading dims (B, G)
                 qa = jnp.broadcast_to(a[:, None, None], (b, ng, pq))
                 qt = jnp.broadcast_to(inv_temp[:, None, None], (b, ng, pq))
             else:  # one bank for the batch: leading dim (G,), the batch folded into the queries
@@ -161,8 +160,25 @@ class _PatchMachine(Machine):
             queries[name] = _kernel.Queries(q, qa, qt)
             # per training image: gathered windows + logits and weights (2 floats per query-entry)
             bytes_per_image += 4 * ng * pb * (2 * d + ch + 2 * b * pq + 2)
+        return layout, queries, bytes_per_image
 
-        prepared = self.banks.get(bank_key(scale, cond))
+    @staticmethod
+    def _assemble(layout, per_group, b, h, w, conditional):
+        """Scatter per-group results ``[G, B·P, V]`` / ``[B, G, P, V]`` back to ``[B, H, W, V]``."""
+        outs = []
+        for name, g in layout.groups.items():
+            ng, pq = g.qpos.shape
+            m = per_group[name]
+            v = m.shape[-1]
+            if not conditional:
+                m = m.reshape(ng, b, pq, v).transpose(1, 0, 2, 3)
+            outs.append(m.reshape(b, ng * pq, v))
+        return jnp.concatenate(outs, axis=1)[:, layout.inverse].reshape(b, h, w, -1)
+
+    def _denoise(self, x_t, t, label, scale):
+        b, h, w, ch = x_t.shape
+        layout, queries, bytes_per_image = self._queries(x_t, t, label, scale)
+        prepared = self.banks.get(bank_key(scale, label is not None))
         if prepared is not None:
             means = {
                 name: self._stream_bank(queries[name], prepared[name], label, g.bpos.shape[1])
@@ -170,15 +186,16 @@ class _PatchMachine(Machine):
             }
         else:
             means = self._stream_images(queries, layout, label, bytes_per_image)
-        outs = []
-        for name, g in layout.groups.items():
-            ng, pq = g.qpos.shape
-            m = means[name]
-            if not cond:
-                m = m.reshape(ng, b, pq, ch).transpose(1, 0, 2, 3)
-            outs.append(m.reshape(b, ng * pq, ch))
-        x0 = jnp.concatenate(outs, axis=1)[:, layout.inverse]
-        return x0.reshape(b, h, w, ch)
+        return self._assemble(layout, means, b, h, w, label is not None)
+
+    def _denoise_topk(self, x_t, t, label, scale):
+        b, h, w, ch = x_t.shape
+        layout, queries, _ = self._queries(x_t, t, label, scale)
+        bank = self.banks[bank_key(scale, label is not None)]
+        res = {name: self._topk_bank(queries[name], bank[name], label) for name in layout.groups}
+        x0 = self._assemble(layout, {n: r.mean for n, r in res.items()}, b, h, w, label is not None)
+        bound = self._assemble(layout, {n: r.error_bound[..., None] for n, r in res.items()}, b, h, w, label is not None)
+        return x0, bound[..., 0]
 
     def _stream_images(self, queries, layout, label, bytes_per_image):
         """All groups in one pass over the training images, gathering windows chunk by chunk."""
