@@ -51,6 +51,7 @@ __all__ = [
     "chunk_stats",
     "fold_chunk",
     "merge_stats",
+    "merge_across",
     "finalize",
     "softmax_mean",
     "streaming_softmax",
@@ -214,6 +215,22 @@ def merge_stats(s1: SoftmaxStats, s2: SoftmaxStats, inv_temp: Float[Array, "*g m
         m,
         s1.total * c1 + s2.total * c2,
         s1.weighted * c1[..., None] + s2.weighted * c2[..., None],
+    )
+
+
+def merge_across(stats: SoftmaxStats, inv_temp: Float[Array, "*g m"], axis_name: str) -> SoftmaxStats:
+    """Exactly merge per-device statistics over a mapped axis (inside ``shard_map``/``pmap``).
+
+    The global max comes from ``pmax``; each device rescales its sums to it and ``psum`` adds them:
+    the same result as streaming the whole bank on one device, up to summation order.
+    """
+    m = jax.lax.pmax(stats.max, axis_name)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    c = jnp.exp(_tempered(stats.max - m_safe, inv_temp))
+    return SoftmaxStats(
+        m,
+        jax.lax.psum(stats.total * c, axis_name),
+        jax.lax.psum(stats.weighted * c[..., None], axis_name),
     )
 
 

@@ -189,6 +189,8 @@ class Machine(Denoiser):
             approximate top-``top_k`` search (see :meth:`with_search`).
         top_k: candidates per query of the approximate search.
         scoring: GEMM input precision of the approximate search's candidate scoring.
+        mesh: a ``jax.sharding.Mesh`` the prebuilt banks are split over (see :meth:`shard`), or ``None``.
+        mesh_axis: the mesh axis the banks are split along.
     """
 
     images: Float[Array, "n h w c"]
@@ -202,6 +204,8 @@ class Machine(Denoiser):
     tolerance: float | None = None
     top_k: int = 64
     scoring: str = "bfloat16"
+    mesh: Any = None
+    mesh_axis: str = "bank"
 
     _DATA_FIELDS: ClassVar[tuple[str, ...]] = ("images", "class_members", "banks")
 
@@ -351,15 +355,49 @@ class Machine(Denoiser):
         out = {}
         for name, (bidx, center) in layout.items():
             gb = _banks.build_group_bank(images, members, bidx, center)
-            out[name] = _banks.GroupBank(*(None if v is None else jnp.asarray(v) for v in gb))
+            out[name] = self._place(gb)
         return out
+
+    def _place(self, gb: "_banks.GroupBank") -> "_banks.GroupBank":
+        """Move a host bank to the device(s): whole, or split along its entry axis over the mesh."""
+        if self.mesh is None:
+            return _banks.GroupBank(*(None if v is None else jnp.asarray(v) for v in gb))
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        n = self.mesh.shape[self.mesh_axis]
+        u = gb.keys.shape[2]
+        pad = -u % n  # padding entries have log_count -inf
+        gb = _banks.GroupBank(
+            *(None if v is None else np.pad(v, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 3),
+                                              constant_values=-np.inf if i == 2 else 0) for i, v in enumerate(gb))
+        )
+
+        def put(v):
+            sharding = NamedSharding(self.mesh, P(None, None, self.mesh_axis, *([None] * (v.ndim - 3))))
+            return jax.make_array_from_callback(v.shape, sharding, lambda idx: v[idx])
+
+        return _banks.GroupBank(*(None if v is None else put(v) for v in gb))
 
     def _stream_bank(self, queries, bank: "_banks.GroupBank", label, positions_per_image: int):
         """Posterior means of one group's queries over its prebuilt bank.
 
         ``queries`` have leading dims ``[G]`` (one bank for the batch) or ``[B, G]`` (``label``:
-        each image against its class's bank).
+        each image against its class's bank). With a mesh (:meth:`shard`) every device streams its
+        slice of the bank and the partial statistics are merged exactly across devices.
         """
+        if self.mesh is not None:
+            return self._stream_sharded(queries, bank, label, positions_per_image)
+
+        def exact():
+            return _kernel.finalize(self._bank_stats(queries, bank, label, positions_per_image))
+
+        if self.tolerance is None:
+            return exact()
+        approx = self._topk_bank(queries, bank, label)
+        return jax.lax.cond(jnp.all(approx.error_bound <= self.tolerance), lambda: approx.mean, exact)
+
+    def _bank_stats(self, queries, bank: "_banks.GroupBank", label, positions_per_image: int):
+        """Streaming-softmax statistics of ``queries`` over (this device's part of) a prebuilt bank."""
         kb, ng, u, d = bank.keys.shape
         mq = queries.q.shape[-2]
         lead = int(np.prod(queries.q.shape[:-2]))
@@ -383,13 +421,48 @@ class Machine(Denoiser):
             pick = (lambda x: x[label]) if label is not None else (lambda x: x[0])
             return _kernel.Bank(pick(keys), pick(vals), pick(lc), pick(sq))
 
-        def exact():
-            return _kernel.streaming_softmax(queries, bank_fn, nchunks)[0]
+        return _kernel.streaming_softmax(queries, bank_fn, nchunks)[1]
 
-        if self.tolerance is None:
-            return exact()
-        approx = self._topk_bank(queries, bank, label)
-        return jax.lax.cond(jnp.all(approx.error_bound <= self.tolerance), lambda: approx.mean, exact)
+    def _stream_sharded(self, queries, bank, label, positions_per_image):
+        from jax.sharding import PartitionSpec as P
+
+        ax = self.mesh_axis
+        bspec = _banks.GroupBank(P(None, None, ax, None), None if bank.values is None else P(None, None, ax, None),
+                                 P(None, None, ax), P(None, None, ax))
+
+        def local(q, b, lab):
+            stats = self._bank_stats(q, b, lab, positions_per_image)
+            return _kernel.finalize(_kernel.merge_across(stats, q.inv_temp, ax))
+
+        if label is None:
+            fn = jax.shard_map(lambda q, b: local(q, b, None), mesh=self.mesh, in_specs=(P(), bspec), out_specs=P(),
+                               check_vma=False)
+            return fn(queries, bank)
+        fn = jax.shard_map(local, mesh=self.mesh, in_specs=(P(), bspec, P()), out_specs=P(), check_vma=False)
+        return fn(queries, bank, label)
+
+    def shard(self, mesh: Any = None, *, axis: str = "bank") -> "Machine":
+        """Return this machine with its prebuilt banks split across devices along ``axis`` of ``mesh``.
+
+        Each device streams its slice of every bank; the partial statistics (max, normaliser,
+        weighted sum) are merged exactly with ``pmax``/``psum`` (:func:`ellsjax.kernel.merge_across`),
+        so results equal the single-device ones up to float32 summation order. Queries are
+        replicated. Banks are built on the host (per process) and each device receives only its
+        slice (``jax.make_array_from_callback``), so the same code runs on a multi-host GPU cluster or
+        TPU pod after ``jax.distributed.initialize()`` with a mesh over ``jax.devices()``. Scales whose
+        bank exceeds ``bank_budget`` (a per-process host budget) stream images on each device
+        unsharded. Approximate search (:meth:`with_search`) is not combined with sharding: sharded
+        machines search exactly.
+
+        Args:
+            mesh: a ``jax.sharding.Mesh``; default: all devices on one axis named ``axis``.
+            axis: the mesh axis the banks are split along.
+        """
+        if mesh is None:
+            mesh = jax.make_mesh((jax.device_count(),), (axis,), axis_types=(jax.sharding.AxisType.Explicit,))
+        if axis not in mesh.axis_names:
+            raise ValueError(f"axis: {axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
+        return dataclasses.replace(self, mesh=mesh, mesh_axis=axis, banks={}, tolerance=None)
 
     # -- the streamed training set ---------------------------------------------------------------------
     def _chunking(self, label: Array | None, bytes_per_image: int) -> tuple[Array, Array, int, int]:
