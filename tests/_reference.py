@@ -100,3 +100,91 @@ def conditional(fn, images, labels, x, label, *args):
     return np.concatenate(
         [fn(images[labels == label[b]], x[b : b + 1], *[np.asarray(v)[b : b + 1] for v in args[:2]], *args[2:]) for b in range(len(x))]
     )
+
+
+# --- the other analytic denoisers (PSPC, Wiener, PCA locality, σ-CFDM), from their definitions ---
+
+
+def pspc(images, x, a, s, k):
+    """PSPC-Square (Niedoba et al. 2025, eq. 11): every k×k window inside the image (top-left
+    corners (r, c), no padding) gets the posterior mean of the training windows; pixels average
+    the windows covering them."""
+    n, h, w, ch = images.shape
+    out = np.zeros(x.shape)
+    count = np.zeros((h, w, 1))
+    for r in range(h - k + 1):
+        for c in range(w - k + 1):
+            count[r : r + k, c : c + k] += 1
+            keys = images[:, r : r + k, c : c + k]
+            for b in range(len(x)):
+                out[b, r : r + k, c : c + k] += posterior(x[b, r : r + k, c : c + k], keys, keys, a[b], s[b]).reshape(k, k, ch)
+    return out / count[None]
+
+
+def moments(images, ddof):
+    flat = np.asarray(images, np.float64).reshape(len(images), -1)
+    mu = flat.mean(0)
+    xc = flat - mu
+    return mu, xc.T @ xc / (len(flat) - ddof)
+
+
+def gaussian_posterior_mean(mu, cov, x, a, s):
+    """E[x0 | x_t] for x0 ~ N(mu, cov), x_t = a x0 + s ε: mu + a cov (a² cov + s² I)⁻¹ (x_t − a mu)."""
+    d = len(mu)
+    flat = np.asarray(x, np.float64).reshape(len(x), -1)
+    out = np.stack([mu + a[b] * cov @ np.linalg.solve(a[b] ** 2 * cov + s[b] ** 2 * np.eye(d), flat[b] - a[b] * mu)
+                    for b in range(len(x))])
+    return out.reshape(x.shape)
+
+
+def wiener(images, x, a, s, ddof=0):
+    mu, cov = moments(images, ddof)
+    return gaussian_posterior_mean(mu, cov, x, a, s)
+
+
+def wiener_matrix(cov, ab):
+    """The Wiener filter W = ab·cov (ab·cov + (1 − ab) I)⁻¹ applied to x_t/a − mu."""
+    d = len(cov)
+    return ab * cov @ np.linalg.inv(ab * cov + (1 - ab) * np.eye(d))
+
+
+def pca_mask(cov, ab, threshold, relative_to="row"):
+    """N[m, n] = 1 if output m reads input n (Lukoianov et al. 2025): row rule |W_mn| ≥ θ·max_n'|W_mn'|;
+    'global' transcribes the release (rows divided by their diagonal, global max, columns)."""
+    wm = wiener_matrix(cov, ab)
+    if relative_to == "row":
+        mag = np.abs(wm)
+        rowmax = mag.max(1, keepdims=True)
+        return (mag >= threshold * rowmax) & (rowmax > 0)
+    diag = np.diag(wm).copy()
+    diag[np.abs(diag) < 1e-6] = 1.0
+    norm = np.abs(wm / diag[:, None])
+    return (norm >= threshold * norm.max()).T
+
+
+def pca(images, x, a, s, threshold, relative_to="row", ddof=1, temperature=1.0, stats_images=None):
+    """Per output entry m: softmax over whole training images of −Σ_{n∈N(m)} (x_n − aφ_n)²/(2 s² T)."""
+    _, cov = moments(images if stats_images is None else stats_images, ddof)
+    flat_i = np.asarray(images, np.float64).reshape(len(images), -1)
+    flat_x = np.asarray(x, np.float64).reshape(len(x), -1)
+    out = np.zeros(flat_x.shape)
+    for b in range(len(x)):
+        mask = pca_mask(cov, a[b] ** 2, threshold, relative_to)
+        for m in range(flat_x.shape[1]):
+            sel = mask[m]
+            d2 = ((flat_x[b, sel][None] - a[b] * flat_i[:, sel]) ** 2).sum(1)
+            logit = -d2 / (2 * s[b] ** 2 * temperature)
+            wgt = np.exp(logit - logit.max())
+            out[b, m] = wgt @ flat_i[:, m] / wgt.sum()
+    return out.reshape(x.shape)
+
+
+def cfdm(images, x, a, s, sigma, noise):
+    """σ-CFDM (Scarvelis et al. 2025) mapped to VP time: mean over m of the ideal posterior at the
+    perturbed query x_t + σ(a + s) ε_m."""
+    out = np.zeros(x.shape)
+    for b in range(len(x)):
+        for eps in noise:
+            q = x[b] + sigma * (a[b] + s[b]) * eps
+            out[b] += posterior(q, images, images, a[b], s[b]).reshape(x.shape[1:])
+    return out / len(noise)

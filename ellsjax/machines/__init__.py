@@ -1,4 +1,5 @@
-"""Analytic denoisers ("machines"): the ideal score, the local score and the equivariant local score.
+"""Analytic denoisers ("machines"): the ideal score, the local score and the equivariant local score,
+and the other closed-form denoisers of this literature (PSPC, Wiener, PCA locality, σ-CFDM).
 
 Every machine is a frozen pytree holding its training set; ``denoise``, ``score`` and ``eps`` take a
 noisy batch ``x_t`` ``[B, H, W, C]``, a time ``t`` and (for the local machines) a patch size ``scale``.
@@ -14,6 +15,11 @@ Example:
 from ellsjax.machines.base import DEFAULT_MEMORY_BUDGET, Denoiser, Machine, default_memory_budget
 from ellsjax.machines.ideal import IdealScore, ideal
 from ellsjax.machines.patch import EquivariantLocalScore, LocalScore, bbels, els, local
+from ellsjax.machines.cfdm import SmoothedClosedForm, cfdm, cfdm_time, from_cfdm_time
+from ellsjax.machines.pca import PCALocality, pca
+from ellsjax.machines.pca import neighbourhoods as pca_neighbourhoods
+from ellsjax.machines.pspc import PSPC_CIFAR10_SCALES, PatchSetPosteriorComposite, pspc
+from ellsjax.machines.wiener import Wiener, wiener
 
 #: Machines by name, for the command line and the evaluation tools: ``name → builder(images,
 #: labels=None, **options)``. New machines register here.
@@ -22,6 +28,10 @@ MACHINES = {
     "ls": local,
     "els": els,
     "bbels": bbels,
+    "pspc": pspc,
+    "wiener": wiener,
+    "pca": pca,
+    "cfdm": cfdm,
 }
 
 
@@ -48,6 +58,18 @@ __all__ = [
     "local",
     "els",
     "bbels",
+    "PatchSetPosteriorComposite",
+    "Wiener",
+    "PCALocality",
+    "SmoothedClosedForm",
+    "pspc",
+    "wiener",
+    "pca",
+    "cfdm",
+    "cfdm_time",
+    "from_cfdm_time",
+    "pca_neighbourhoods",
+    "PSPC_CIFAR10_SCALES",
     "MACHINES",
     "build",
     "DEFAULT_MEMORY_BUDGET",

@@ -232,10 +232,11 @@ class Machine(Denoiser):
             raise ValueError(f"label: no training images of class {bad}; classes present: {present}")
 
     # -- prebuilt banks ----------------------------------------------------------------------------
-    def _bank_layout(self, scale: int | None) -> dict[str, tuple[np.ndarray, int | None]]:
+    def _bank_layout(self, scale: int | None) -> dict[str, tuple[np.ndarray, int | None]] | None:
         """Per position group: the bank window index ``[G, Pb, kk]`` and the value's index in the
-        window (``None``: the value is the whole window)."""
-        raise NotImplementedError
+        window (``None``: the value is the whole window). ``None`` (the default): this machine has
+        no banks to prebuild and reads its training set at every call."""
+        return None
 
     def prepare(self, scales: Any = (None,), *, conditional: bool = False) -> "Machine":
         """Return this machine with deduplicated banks built for ``scales`` (exact, faster).
@@ -249,7 +250,7 @@ class Machine(Denoiser):
             scales: the patch sizes to prepare (``None`` entries are ignored).
             conditional: prepare the per-class banks (for ``label=...``) instead of the full one.
         """
-        if conditional and not self.conditional:
+        if (conditional and not self.conditional) or self._bank_layout(next(iter(scales), None)) is None:
             return self
         memo = self.__dict__.setdefault("_bank_memo", {})
         new = {}
@@ -303,6 +304,8 @@ class Machine(Denoiser):
             (plus float32 rounding). Needs a bank that fits ``bank_budget``.
         """
         x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
+        if self._bank_layout(scale) is None:
+            raise ValueError(f"{type(self).__name__} has no patch bank to search; approximate search needs one")
         ready = self.prepare((scale,), conditional=label is not None)
         if bank_key(scale if self.needs_scale else None, label is not None) not in ready.banks:
             raise ValueError("scale: the bank of this scale exceeds bank_budget; approximate search needs a prebuilt bank")

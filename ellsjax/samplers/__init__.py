@@ -10,5 +10,11 @@ Example:
 """
 
 from ellsjax.samplers._ddim import Trajectory, check_scales, check_times, ddim
+from ellsjax.samplers._ddpm import ddpm
+from ellsjax.samplers._diffrax import ODE_SOLVERS, SDE_SOLVERS, ode, sde
+from ellsjax.samplers._edm import check_sigmas, euler, heun
 
-__all__ = ["ddim", "Trajectory", "check_times", "check_scales"]
+__all__ = [
+    "ddim", "ddpm", "euler", "heun", "ode", "sde", "Trajectory", "check_times", "check_scales", "check_sigmas",
+    "ODE_SOLVERS", "SDE_SOLVERS",
+]

@@ -1,0 +1,218 @@
+r"""PCA locality: locality from data statistics (Lukoianov, Yuan, Solomon & Sitzmann, NeurIPS 2025,
+"Locality in Image Diffusion Models Emerges from Data Statistics", arXiv 2509.09672).
+
+At time ``t`` the Wiener (optimal linear) denoiser of the training set is the matrix
+
+.. math::
+
+    W(t) = U\,\mathrm{diag}\Big(\frac{\bar\alpha\lambda}{\bar\alpha\lambda + 1 - \bar\alpha}\Big)\,U^\top
+
+(``Σ = U diag(λ) Uᵀ`` the data covariance; :mod:`ellsjax.machines.wiener`). Its rows say which input
+entries a linear denoiser reads for each output entry. Each output entry ``m`` (a pixel's channel)
+gets the neighbourhood
+
+.. math::
+
+    N_t(m) = \{\, n : |W_{mn}/W_{mm}| \ge \theta \cdot \max_{n'} |W_{mn'}/W_{mm}| \,\}
+
+(``relative_to="row"``; the diagonal normalisation cancels, so this is ``|W_mn| ≥ θ·max_n'|W_mn'|``),
+and the posterior over whole training images ``φ_j`` is taken with distances inside it only:
+
+.. math::
+
+    \hat x_0(m) = \sum_j \mathrm{softmax}_j\Big(-\frac{\sum_{n \in N_t(m)} (x_t(n) - a\,\phi_j(n))^2}
+        {2 s^2 T}\Big)\, \phi_j(m)
+
+(``T`` a temperature, 1 in the paper). ``θ = 0`` gives every entry the whole image: the ideal score
+machine. A row of ``W`` that is zero (an entry without variance, or ``ᾱ = 0``) gets an empty
+neighbourhood: uniform weights, the training mean.
+
+``relative_to="global"`` reproduces the authors' release instead: rows of ``W`` are divided by their
+diagonal entry (entries below 1e-6 by 1), the result is thresholded at ``θ`` times its *global*
+maximum, and output ``m`` reads the entries ``n`` whose normalised ``|W_nm/W_nn|`` passes (a column).
+
+**Exactness.** The release streams the training set in chunks and averages the per-chunk softmax
+means weighted equally per chunk (its ``WeightedStreamingSoftmax``), which is not the softmax over
+the whole set unless every chunk has the same normaliser. Here the softmax over all training images
+is exact: one :func:`ellsjax.kernel.streaming_softmax` pass merges chunks with their log-sum-exp
+statistics. Results therefore differ from the release whenever it used more than one chunk.
+
+Implementation: the masked distance is a GEMM with the mask,
+``−‖(x − aφ)_N‖² = 2a·N·(φ ⊙ (x − aφ/2)) − N·x² ``, so for each image of the batch (``lax.map``;
+memory ``D²`` for its mask) the queries are the mask rows, the keys ``φ_j ⊙ (x_b − a φ_j/2)`` with
+zero squared norm, and the values each output row's pixels. The mask needs ``W(t)`` at the image's
+``t``: ``O(D²·r)`` per image and call, on top of the ``O(N·D²)`` softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, ClassVar, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from ellsjax import _checks
+from ellsjax import kernel as _kernel
+from ellsjax import schedules as _schedules
+from ellsjax.machines.base import Machine, build, prepare_training_set, register
+from ellsjax.machines.wiener import gaussian_fit
+
+__all__ = ["PCALocality", "pca", "neighbourhoods"]
+
+
+def neighbourhoods(
+    basis: Float[Array, "d r"],
+    eigvals: Float[Array, " r"],
+    alpha_bar: Float[ArrayLike, ""],
+    *,
+    threshold: float,
+    relative_to: Literal["row", "global"] = "row",
+) -> Float[Array, "d d"]:
+    """The 0/1 neighbourhood matrix ``N[m, n]`` (output ``m`` reads input ``n``) at signal variance ``ᾱ``.
+
+    Args:
+        basis: ``[D, r]`` covariance eigenvectors.
+        eigvals: ``[r]`` eigenvalues.
+        alpha_bar: ``ᾱ(t)`` (scalar).
+        threshold: ``θ ∈ [0, 1]``.
+        relative_to: ``"row"`` (``|W_mn| ≥ θ·max_n'|W_mn'|``) or ``"global"`` (the authors' release).
+    """
+    ab = jnp.asarray(alpha_bar, jnp.float32)
+    pos = eigvals > 0
+    gain = jnp.where(pos, ab * eigvals / jnp.where(pos, ab * eigvals + (1.0 - ab), 1.0), 0.0)
+    wmat = jnp.matmul(basis * gain[None, :], basis.T, precision="highest")
+    if relative_to == "row":
+        mag = jnp.abs(wmat)
+        rowmax = jnp.max(mag, axis=1, keepdims=True)
+        keep = (mag >= threshold * rowmax) & (rowmax > 0)
+    else:
+        diag = jnp.diagonal(wmat)
+        diag = jnp.where(jnp.abs(diag) < 1e-6, 1.0, diag)
+        mag = jnp.abs(wmat / diag[:, None])
+        keep = (mag >= threshold * jnp.max(mag)).T
+    return keep.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PCALocality(Machine):
+    """The PCA-locality machine. Build with :func:`pca`. ``scale`` is accepted and ignored.
+
+    Attributes (beyond :class:`~ellsjax.machines.Machine`):
+        basis: ``[D, r]`` leading covariance eigenvectors of the whole training set.
+        eigvals: ``[r]`` their eigenvalues.
+        threshold: ``θ``.
+        relative_to: ``"row"`` or ``"global"``.
+        temperature: ``T``.
+    """
+
+    basis: Float[Array, "d r"] | None = None
+    eigvals: Float[Array, " r"] | None = None
+    threshold: float = 0.02
+    relative_to: Literal["row", "global"] = "row"
+    temperature: float = 1.0
+
+    _DATA_FIELDS: ClassVar[tuple[str, ...]] = Machine._DATA_FIELDS + ("basis", "eigvals")
+
+    def check_scale(self, scale: Any) -> None:
+        if scale is not None:
+            _checks.check_scale(scale)
+        return None
+
+    def _denoise(self, x_t, t, label, scale):
+        b, h, w, ch = x_t.shape
+        d, row = h * w * ch, w * ch
+
+        def one(args):
+            x, tb, lb = args
+            ab, var = self.schedule.variances(tb)
+            a = jnp.sqrt(ab)
+            mask = neighbourhoods(self.basis, self.eigvals, ab, threshold=self.threshold,
+                                  relative_to=self.relative_to)
+            queries = _kernel.Queries(
+                mask.reshape(h, row, d), jnp.full((h, row), a), jnp.full((h, row), 0.5 / (var * self.temperature))
+            )
+            members, valid, nchunks, c = self._chunking(None if lb is None else lb[None], 4 * (4 * d + 4))
+
+            def bank_fn(i):
+                imgs, ok = self._chunk(members, valid, c, i)  # [1, c, H, W, C], [1, c]
+                phi = imgs.reshape(c, d)
+                keys = phi * (x - 0.5 * a * phi)  # N·keys = N·(x φ − a φ²/2)
+                values = phi.reshape(c, h, row).transpose(1, 0, 2)  # [H, c, W·C]
+                log_count = jnp.where(ok[0], 0.0, -jnp.inf)
+                return _kernel.Bank(keys, values, log_count, jnp.zeros((c,), jnp.float32))
+
+            means, _ = _kernel.streaming_softmax(queries, bank_fn, nchunks)  # [H, W·C, W·C]
+            return jnp.diagonal(means, axis1=1, axis2=2).reshape(d)
+
+        xs = x_t.reshape(b, d)
+        if label is None:
+            out = jax.lax.map(lambda xt: one((xt[0], xt[1], None)), (xs, t))
+        else:
+            out = jax.lax.map(one, (xs, t, label))
+        return out.reshape(b, h, w, ch)
+
+
+register(PCALocality)
+
+
+def pca(
+    images: Float[ArrayLike, "n h w c"],
+    labels: Int[ArrayLike, " n"] | None = None,
+    *,
+    threshold: float = 0.02,
+    relative_to: Literal["row", "global"] = "row",
+    temperature: float = 1.0,
+    rank: int | None = None,
+    ddof: int = 1,
+    schedule: _schedules.Schedule | str = "cosine_legacy",
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+) -> PCALocality:
+    """The PCA-locality machine (Lukoianov et al., NeurIPS 2025): an LS-type softmax over whole
+    training images with each output entry's distance taken over its Wiener-matrix neighbourhood.
+
+    Args:
+        images: ``[N, H, W, C]`` float training images in ``[-1, 1]``.
+        labels: optional ``[N]`` int class ids; then ``denoise(..., label=y)`` searches class ``y``
+            only. The neighbourhoods always come from the whole training set's covariance.
+        threshold: ``θ ∈ [0, 1]`` (default 0.02, the release's ``mask_threshold``; 0 gives IS).
+        relative_to: ``"row"`` (θ times the row maximum, the paper's rule) or ``"global"`` (the
+            release's rule, see the module docstring; needs ``θ > 0``).
+        temperature: ``T > 0`` dividing the logits (1 in the paper).
+        rank: keep the top ``rank`` covariance components (``None``: all).
+        ddof: covariance normalisation ``N − ddof`` (1 as in the release).
+        schedule: noise schedule (object or name).
+        chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
+        memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
+
+    Example:
+        >>> import jax, ellsjax as ej
+        >>> imgs = jax.random.uniform(jax.random.key(0), (8, 6, 6, 1), minval=-1, maxval=1)
+        >>> m = ej.machines.pca(imgs, threshold=0.1)
+        >>> m.denoise(imgs[:2], 0.5).shape
+        (2, 6, 6, 1)
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold: expected a float in [0, 1], got {threshold!r}")
+    if relative_to not in ("row", "global"):
+        raise ValueError(f"relative_to: must be 'row' or 'global', got {relative_to!r}")
+    if relative_to == "global" and threshold <= 0:
+        raise ValueError("threshold: relative_to='global' needs threshold > 0 (the release then uses unthresholded weights)")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (0 < temperature < np.inf):
+        raise ValueError(f"temperature: expected a positive finite float, got {temperature!r}")
+    if rank is not None:
+        rank = _checks.check_positive_int(rank, "rank")
+    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
+        raise ValueError(f"ddof: expected an int >= 0, got {ddof!r}")
+    imgs, _, _ = prepare_training_set(images, labels)
+    _, basis, lam = gaussian_fit(np.asarray(imgs).reshape(imgs.shape[0], -1), ddof=int(ddof), rank=rank)
+    return build(
+        PCALocality, imgs, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget,
+        basis=jnp.asarray(basis, jnp.float32), eigvals=jnp.asarray(lam, jnp.float32),
+        threshold=float(threshold), relative_to=relative_to, temperature=float(temperature),
+    )
+
