@@ -14,9 +14,22 @@ Example:
     (1, 28, 28, 1)
 """
 
-from ellsjax import data, kernel, machines, plotting, samplers, schedules
+from ellsjax import data, edm, kernel, machines, plotting, samplers, schedules
 from ellsjax.machines import Denoiser
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "kernel", "machines", "plotting", "samplers", "schedules", "Denoiser", "__version__"]
+# Imported on first use: they pull in Flax NNX, optax and orbax (about a second), which the
+# analytic machines do not need.
+_LAZY = ("models", "nets", "training")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"ellsjax.{name}")
+    raise AttributeError(f"module 'ellsjax' has no attribute {name!r}")
+
+
+__all__ = ["data", "edm", "kernel", "machines", "plotting", "samplers", "schedules", "Denoiser", "__version__", *_LAZY]

@@ -8,6 +8,9 @@ import pytest
 MODULES = [
     "ellsjax", "ellsjax.schedules", "ellsjax.kernel", "ellsjax.machines", "ellsjax.machines.patch",
     "ellsjax.machines.ideal", "ellsjax.samplers", "ellsjax.samplers._ddim", "ellsjax.plotting", "ellsjax.data",
+    "ellsjax.edm", "ellsjax.machines.pspc", "ellsjax.machines.wiener", "ellsjax.machines.pca", "ellsjax.machines.cfdm",
+    "ellsjax.samplers._edm", "ellsjax.samplers._ddpm", "ellsjax.samplers._diffrax",
+    "ellsjax.nets", "ellsjax.training", "ellsjax.models",
 ]
 
 

@@ -65,6 +65,10 @@ def register(sub) -> None:
     s.add_argument("--schedule", default="cosine_legacy", help="noise schedule: cosine_legacy, cosine, linear, exponential")
     s.add_argument("--out", default="samples", help="output directory")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    s.add_argument("--model", default=None, metavar="DIR",
+                   help="sample from the trained network in DIR (`ellsjax train --out DIR`) instead of a machine, "
+                        "with the same noise, time grid (--steps, or the times of --scales) and outputs; the "
+                        "machine and data options are ignored")
     s.set_defaults(func=_cmd_sample)
 
 
@@ -74,6 +78,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import jax
 
     import ellsjax as ej
+
+    if args.model is not None:
+        return _cmd_sample_model(args)
 
     if args.machine == "bbels" and args.padding == "circular":
         _fail("--machine bbels is ELS with zero padding; use --machine els for plain (circular) ELS")
@@ -140,6 +147,45 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     (out / "config.json").write_text(json.dumps(config, indent=1))
     print(f"{args.num_samples} samples from {name} on {images.shape[0]} {args.dataset} "
           f"images in {elapsed:.1f}s -> {out / 'samples.png'}, {out / 'samples.npz'}")
+    return 0
+
+
+def _cmd_sample_model(args: argparse.Namespace) -> int:
+    """``--model DIR``: DDIM from a trained network, written like the machines' samples."""
+    import jax
+
+    import ellsjax as ej
+
+    for opt in ("num_samples", "steps"):
+        if getattr(args, opt) <= 0:
+            _fail(f"--{opt.replace('_', '-')} must be positive, got {getattr(args, opt)}")
+    t0 = time.perf_counter()
+    try:
+        model = ej.models.load(args.model)
+        if model.conditional and args.label is None:
+            _fail(f"--class: the network in {args.model} is class-conditional; pass --class K (0 <= K < {model.num_classes})")
+        ts = (ej.schedules.resolve_scales(args.scales, nsteps=args.steps)[0] if args.scales is not None
+              else ej.schedules.paper_times(args.steps))
+        x_start = jax.random.normal(jax.random.key(args.seed), (args.num_samples, *model.image_shape))
+        samples = np.asarray(ej.samplers.ddim(model, x_start, ts, label=args.label, progress=not args.no_progress))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        _fail(str(e))
+    elapsed = time.perf_counter() - t0
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ej.plotting.save_png(out / "samples.png", ej.plotting.image_grid(samples), scale=4)
+    config = {
+        "model": str(args.model), "weights": model.weights, "net": model.config.to_dict(),
+        "image_shape": list(model.image_shape), "label": args.label, "num_samples": args.num_samples,
+        "seed": args.seed, "scales": None, "ts": [float(t) for t in ts], "schedule": model.schedule.describe(),
+        "seconds_total": round(elapsed, 2), "backend": jax.default_backend(),
+    }
+    np.savez_compressed(out / "samples.npz", samples=samples, x_start=np.asarray(x_start), ts=np.asarray(ts),
+                        scales=np.zeros(0, np.int32))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    print(f"{args.num_samples} samples from the network in {args.model} in {elapsed:.1f}s -> "
+          f"{out / 'samples.png'}, {out / 'samples.npz'}")
     return 0
 
 
