@@ -322,13 +322,16 @@ def test_bank_deduplication_counts_are_exact():
     imgs, _ = _dup_data()
     m = ej.machines.els(imgs).prepare((3,))
     bank = m.banks["k3"]["all"]
-    lc = np.asarray(bank.log_count)[0, 0]
-    present = np.isfinite(lc)
-    counts = np.exp(lc[present])
-    np.testing.assert_allclose(counts, np.round(counts), atol=1e-4)
+    counts_all = np.asarray(bank.vv)[0, 0, :, 0]
+    present = counts_all > 0
+    counts = counts_all[present]
+    np.testing.assert_array_equal(counts, np.round(counts))
     assert round(counts.sum()) == 7 * 6 * 6  # every interior window of every image, counted once
     assert present.sum() < 7 * 6 * 6  # and duplicates were merged
-    keys = np.asarray(bank.keys)[0, 0][present]
+    keys_t = np.asarray(bank.keys_t)[0, 0]
+    keys = keys_t[:-1].T[present]
+    np.testing.assert_allclose(keys_t[-1][present], (keys**2).sum(1), rtol=1e-6)  # |k|^2 row
+    assert np.all(keys_t[-1][~present] == ej.kernel.PAD_SQ_NORM) and len(present) % 8 == 0  # padding
     assert len(np.unique(keys, axis=0)) == len(keys)
     # the background window (-1 everywhere) is among the most frequent
     bg = np.all(keys == -1.0, axis=1)
@@ -341,7 +344,7 @@ def test_prepare_is_memoized_and_pure():
     p1 = m.prepare((3, 5))
     p2 = m.prepare((5, 3))
     assert p1 is not m and not m.banks  # the original machine is unchanged
-    assert p1.banks["k3"]["interior"].keys is p2.banks["k3"]["interior"].keys  # built once
+    assert p1.banks["k3"]["interior"].keys_t is p2.banks["k3"]["interior"].keys_t  # built once
     assert p1.prepare((3,)) is p1  # nothing new to build
     np.testing.assert_allclose(p1.denoise(x, 0.5, scale=5), m.denoise(x, 0.5, scale=5), atol=1e-6)
 

@@ -37,7 +37,7 @@ SHARDED = textwrap.dedent(
             banks = next(iter(sm.prepare((3,), conditional=cond).banks.values()))
             out[f"{name}/{cond}"] = {
                 "diff": float(np.abs(np.asarray(one) - np.asarray(many)).max()),
-                "devices": min(len(gb.keys.sharding.device_set) for gb in banks.values()),
+                "devices": min(len(gb.keys_t.sharding.device_set) for gb in banks.values()),
             }
     print("RESULT" + json.dumps(out))
     """

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["GroupBank", "build_group_bank", "unique_rows", "bank_nbytes"]
+__all__ = ["GroupBank", "DeviceBank", "build_group_bank", "pack_group_bank", "pad_multiple", "unique_rows", "bank_nbytes"]
 
 class GroupBank(NamedTuple):
     """A materialized bank of one position group (numpy on the host, jax arrays in a machine).
@@ -138,3 +138,47 @@ def build_group_bank(
     if center is not None:
         values = np.ascontiguousarray(out_keys[..., center * c : (center + 1) * c])
     return GroupBank(out_keys, values, out_lc, np.einsum("...d,...d->...", out_keys, out_keys))
+
+
+class DeviceBank(NamedTuple):
+    """A prebuilt bank as a machine stores it: the kernel's packed layout (see
+    :class:`ellsjax.kernel.PackedBank`) over ``[Kb, G]`` banks, padded to a multiple of a power of two.
+
+    Attributes:
+        keys_t: ``[Kb, G, D+1, U]`` keys transposed, ``‖k‖²`` as the last row (1e30 for padding).
+        vv: ``[Kb, G, U, 1+V]`` ``[c, c·v]``; ``c = 0`` for padding.
+        values: ``[Kb, G, U, V]`` the values, or ``None`` where they are the keys themselves.
+    """
+
+    keys_t: np.ndarray
+    vv: np.ndarray
+    values: np.ndarray | None
+
+
+def pad_multiple(u: int, devices: int = 1, cap: int = 4096) -> int:
+    """The granularity banks are padded to: a power of two ``≥ min(u, cap)``, times ``devices``."""
+    p = 1
+    while p < min(u, cap):
+        p *= 2
+    return p * devices
+
+
+def pack_group_bank(gb: GroupBank, multiple: int) -> DeviceBank:
+    """Host-side conversion of a :class:`GroupBank` to the packed, padded :class:`DeviceBank`."""
+    kb, g, u, d = gb.keys.shape
+    up = -(-u // multiple) * multiple
+    keys_t = np.zeros((kb, g, d + 1, up), np.float32)
+    keys_t[:, :, :d, :u] = np.swapaxes(gb.keys, -1, -2)
+    present = np.isfinite(gb.log_count)
+    keys_t[:, :, d, :] = 1e30
+    keys_t[:, :, d, :u] = np.where(present, gb.sq_norm, 1e30)
+    counts = np.where(present, np.exp(np.where(present, gb.log_count, 0.0)), 0.0).astype(np.float32)
+    values = gb.keys if gb.values is None else gb.values
+    vv = np.zeros((kb, g, up, 1 + values.shape[-1]), np.float32)
+    vv[:, :, :u, 0] = counts
+    vv[:, :, :u, 1:] = counts[..., None] * values
+    vals = None
+    if gb.values is not None:
+        vals = np.zeros((kb, g, up, gb.values.shape[-1]), np.float32)
+        vals[:, :, :u] = gb.values
+    return DeviceBank(keys_t, vv, vals)

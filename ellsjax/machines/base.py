@@ -311,36 +311,40 @@ class Machine(Denoiser):
             raise ValueError("scale: the bank of this scale exceeds bank_budget; approximate search needs a prebuilt bank")
         return _jit_topk(ready, x_t, t, label, scale)
 
-    def _topk_bank(self, queries, bank: "_banks.GroupBank", label):
+    def _topk_bank(self, queries, bank: "_banks.DeviceBank", label):
         """:func:`ellsjax.kernel.topk_softmax` of one group's queries over its prebuilt bank."""
-        kb, ng, u, d = bank.keys.shape
+        kb, ng, d1, u = bank.keys_t.shape
+        d = d1 - 1
         mq = queries.q.shape[-2]
         lead = int(np.prod(queries.q.shape[:-2]))
         budget = self.memory_budget or default_memory_budget()
         c = int(min(max(budget // (4 * lead * (2 * mq + d + 2)), self.top_k, 1), u))
         nchunks = -(-u // c)
         pick = (lambda x: x[label]) if label is not None else (lambda x: x[0])
-        values = bank.keys if bank.values is None else bank.values
-        present = bank.log_count > -jnp.inf
-        totals = jnp.sum(jnp.where(present, jnp.exp(bank.log_count), 0.0), axis=-1)
-        kmax = jnp.sqrt(jnp.max(jnp.where(present, bank.sq_norm, 0.0), axis=-1))
+        counts = bank.vv[..., 0]
+        keys = jnp.swapaxes(bank.keys_t[..., :d, :], -1, -2)  # [Kb, G, U, D]
+        sq = bank.keys_t[..., d, :]
+        values = keys if bank.values is None else bank.values
+        log_count = jnp.log(counts)  # -inf for padding
+        present = counts > 0
+        kmax = jnp.sqrt(jnp.max(jnp.where(present, sq, 0.0), axis=-1))
         vmax = jnp.max(jnp.where(present[..., None], jnp.abs(values), 0.0), axis=(-1, -2))
 
         def bank_fn(i):
             start = jnp.minimum(i * c, u - c)
             sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start, c, axis=2)  # noqa: E731
             ids = start + jnp.arange(c, dtype=jnp.int32)
-            lc = jnp.where(ids >= i * c, sl(bank.log_count), -jnp.inf)
-            chunk = _kernel.Bank(pick(sl(bank.keys)), pick(sl(values)), pick(lc), pick(sl(bank.sq_norm)))
+            lc = jnp.where(ids >= i * c, sl(log_count), -jnp.inf)
+            chunk = _kernel.Bank(pick(sl(keys)), pick(sl(values)), pick(lc), pick(sl(sq)))
             return chunk, jnp.broadcast_to(ids, chunk.log_count.shape)
 
         def fetch_fn(ids):  # ids [*lead, m, K] -> entries of each query's own bank
             g = jnp.arange(ng).reshape((ng, 1, 1))
             b = 0 if label is None else label.reshape((-1, 1, 1, 1))
-            return _kernel.Bank(bank.keys[b, g, ids], values[b, g, ids], bank.log_count[b, g, ids], bank.sq_norm[b, g, ids])
+            return _kernel.Bank(keys[b, g, ids], values[b, g, ids], log_count[b, g, ids], sq[b, g, ids])
 
         return _kernel.topk_softmax(
-            queries, bank_fn, fetch_fn, nchunks, k=min(self.top_k, u), total_count=pick(totals),
+            queries, bank_fn, fetch_fn, nchunks, k=min(self.top_k, u), total_count=pick(jnp.sum(counts, axis=-1)),
             key_norm_max=pick(kmax), value_abs_max=pick(vmax), scoring=self.scoring,
         )
 
@@ -361,27 +365,23 @@ class Machine(Denoiser):
             out[name] = self._place(gb)
         return out
 
-    def _place(self, gb: "_banks.GroupBank") -> "_banks.GroupBank":
-        """Move a host bank to the device(s): whole, or split along its entry axis over the mesh."""
+    def _place(self, gb: "_banks.GroupBank") -> "_banks.DeviceBank":
+        """Pack a host bank for the kernel and move it to the device(s): whole, or split along its
+        entry axis over the mesh."""
+        ndev = 1 if self.mesh is None else self.mesh.shape[self.mesh_axis]
+        packed = _banks.pack_group_bank(gb, _banks.pad_multiple(gb.keys.shape[2], ndev))
         if self.mesh is None:
-            return _banks.GroupBank(*(None if v is None else jnp.asarray(v) for v in gb))
+            return _banks.DeviceBank(*(None if v is None else jnp.asarray(v) for v in packed))
         from jax.sharding import NamedSharding, PartitionSpec as P
 
-        n = self.mesh.shape[self.mesh_axis]
-        u = gb.keys.shape[2]
-        pad = -u % n  # padding entries have log_count -inf
-        gb = _banks.GroupBank(
-            *(None if v is None else np.pad(v, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 3),
-                                              constant_values=-np.inf if i == 2 else 0) for i, v in enumerate(gb))
-        )
+        def put(v, axis):
+            spec = [None] * v.ndim
+            spec[axis] = self.mesh_axis
+            return jax.make_array_from_callback(v.shape, NamedSharding(self.mesh, P(*spec)), lambda idx: v[idx])
 
-        def put(v):
-            sharding = NamedSharding(self.mesh, P(None, None, self.mesh_axis, *([None] * (v.ndim - 3))))
-            return jax.make_array_from_callback(v.shape, sharding, lambda idx: v[idx])
+        return _banks.DeviceBank(put(packed.keys_t, 3), put(packed.vv, 2), None if packed.values is None else put(packed.values, 2))
 
-        return _banks.GroupBank(*(None if v is None else put(v) for v in gb))
-
-    def _stream_bank(self, queries, bank: "_banks.GroupBank", label, positions_per_image: int):
+    def _stream_bank(self, queries, bank: "_banks.DeviceBank", label, positions_per_image: int):
         """Posterior means of one group's queries over its prebuilt bank.
 
         ``queries`` have leading dims ``[G]`` (one bank for the batch) or ``[B, G]`` (``label``:
@@ -399,30 +399,29 @@ class Machine(Denoiser):
         approx = self._topk_bank(queries, bank, label)
         return jax.lax.cond(jnp.all(approx.error_bound <= self.tolerance), lambda: approx.mean, exact)
 
-    def _bank_stats(self, queries, bank: "_banks.GroupBank", label, positions_per_image: int):
+    def _bank_stats(self, queries, bank: "_banks.DeviceBank", label, positions_per_image: int):
         """Streaming-softmax statistics of ``queries`` over (this device's part of) a prebuilt bank."""
-        kb, ng, u, d = bank.keys.shape
+        kb, ng, d1, u = bank.keys_t.shape
         mq = queries.q.shape[-2]
         lead = int(np.prod(queries.q.shape[:-2]))
-        vdim = d if bank.values is None else bank.values.shape[-1]
+        v1 = bank.vv.shape[-1]
         if self.chunk_size is not None:
             c = self.chunk_size * positions_per_image
         else:
             budget = self.memory_budget or default_memory_budget()
-            # per bank entry: logits and weights of every query, plus the entry itself, per group
-            c = budget // (4 * lead * (2 * mq + d + vdim + 2))
+            # per bank entry: logits and weights of every query, plus the entry itself, per group;
+            # a power of two divides the padded bank, so no chunk overlaps the previous one
+            c = 1 << max(0, int(budget // (4 * lead * (2 * mq + d1 + v1))).bit_length() - 1)
         c = int(min(max(c, 1), u))
         nchunks = -(-u // c)
+        pick = (lambda x: x[label]) if label is not None else (lambda x: x[0])
 
         def bank_fn(i):
-            # clamp the last chunk into range; entries already seen are masked out, not re-counted
             start = jnp.minimum(i * c, u - c)
-            sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start, c, axis=2)  # noqa: E731
-            keys, lc, sq = sl(bank.keys), sl(bank.log_count), sl(bank.sq_norm)
-            vals = keys if bank.values is None else sl(bank.values)
-            lc = jnp.where(start + jnp.arange(c) >= i * c, lc, -jnp.inf)
-            pick = (lambda x: x[label]) if label is not None else (lambda x: x[0])
-            return _kernel.Bank(pick(keys), pick(vals), pick(lc), pick(sq))
+            vv = jax.lax.dynamic_slice_in_dim(bank.vv, start, c, axis=2)
+            if u % c:  # the last chunk is clamped into range: entries seen already count zero
+                vv = vv * (start + jnp.arange(c) >= i * c)[:, None].astype(vv.dtype)
+            return _kernel.PackedBank(pick(jax.lax.dynamic_slice_in_dim(bank.keys_t, start, c, axis=3)), pick(vv))
 
         return _kernel.streaming_softmax(queries, bank_fn, nchunks)[1]
 
@@ -430,8 +429,8 @@ class Machine(Denoiser):
         from jax.sharding import PartitionSpec as P
 
         ax = self.mesh_axis
-        bspec = _banks.GroupBank(P(None, None, ax, None), None if bank.values is None else P(None, None, ax, None),
-                                 P(None, None, ax), P(None, None, ax))
+        bspec = _banks.DeviceBank(P(None, None, None, ax), P(None, None, ax, None),
+                                  None if bank.values is None else P(None, None, ax, None))
 
         def local(q, b, lab):
             stats = self._bank_stats(q, b, lab, positions_per_image)
