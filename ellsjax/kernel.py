@@ -196,7 +196,9 @@ def _scores(queries: Queries, bank: Bank | PackedBank) -> Float[Array, "*g m n"]
     q_aug = jnp.concatenate([queries.q * (2.0 * coef)[..., None], (-queries.a * coef)[..., None]], axis=-1)
     if isinstance(bank, PackedBank):
         return jnp.einsum("...md,...dn->...mn", q_aug, bank.keys_t, precision=_HIGHEST)
-    k_aug = jnp.concatenate([bank.keys, bank.sq_norm[..., None]], axis=-1)
+    sq = jnp.broadcast_to(bank.sq_norm, jnp.broadcast_shapes(bank.sq_norm.shape, bank.keys.shape[:-1]))
+    keys = jnp.broadcast_to(bank.keys, (*sq.shape, bank.keys.shape[-1]))
+    k_aug = jnp.concatenate([keys, sq[..., None]], axis=-1)
     z = jnp.einsum("...md,...nd->...mn", q_aug, k_aug, precision=_HIGHEST)
     return jnp.where(bank.log_count[..., None, :] > -jnp.inf, z, -jnp.inf)
 
@@ -209,7 +211,8 @@ def _weighted_sums(w: Float[Array, "*g m n"], bank: Bank | PackedBank) -> Float[
         vv = bank.vv
     else:
         c = jnp.exp(bank.log_count)[..., None]  # 0 for absent entries
-        vv = jnp.concatenate([c, c * bank.values], axis=-1)
+        cv = c * bank.values  # keys, counts and values may broadcast against each other
+        vv = jnp.concatenate([jnp.broadcast_to(c, (*cv.shape[:-1], 1)), cv], axis=-1)
     return jnp.einsum("...mn,...nv->...mv", w, vv, precision=_HIGHEST)
 
 

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 from typing import Any, ClassVar, Literal, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
@@ -144,10 +145,8 @@ class _PatchMachine(Machine):
         a, inv_temp = jnp.sqrt(ab), 0.5 / var  # inv_temp = +inf at s = 0: nearest-patch limit
         xz = _with_zero_slot(x_t)  # [B, HW+1, C]
         queries = {}
-        bytes_per_image = 0
         for name, g in layout.groups.items():
             ng, pq, kk = g.qidx.shape
-            pb = g.bpos.shape[1]
             d = kk * ch
             q = xz[:, g.qidx].reshape(b, ng, pq, d)
             if label is not None:  # every image its own bank: leading dims (B, G)
@@ -158,9 +157,7 @@ class _PatchMachine(Machine):
                 qa = jnp.broadcast_to(a[None, :, None], (ng, b, pq)).reshape(ng, b * pq)
                 qt = jnp.broadcast_to(inv_temp[None, :, None], (ng, b, pq)).reshape(ng, b * pq)
             queries[name] = _kernel.Queries(q, qa, qt)
-            # per training image: gathered windows + logits and weights (2 floats per query-entry)
-            bytes_per_image += 4 * ng * pb * (2 * d + ch + 2 * b * pq + 2)
-        return layout, queries, bytes_per_image
+        return layout, queries
 
     @staticmethod
     def _assemble(layout, per_group, b, h, w, conditional):
@@ -177,7 +174,7 @@ class _PatchMachine(Machine):
 
     def _denoise(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape
-        layout, queries, bytes_per_image = self._queries(x_t, t, label, scale)
+        layout, queries = self._queries(x_t, t, label, scale)
         prepared = self.banks.get(bank_key(scale, label is not None))
         if prepared is not None:
             means = {
@@ -185,41 +182,62 @@ class _PatchMachine(Machine):
                 for name, g in layout.groups.items()
             }
         else:
-            means = self._stream_images(queries, layout, label, bytes_per_image)
+            means = self._stream_images(queries, layout, label)
         return self._assemble(layout, means, b, h, w, label is not None)
 
     def _denoise_topk(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape
-        layout, queries, _ = self._queries(x_t, t, label, scale)
+        layout, queries = self._queries(x_t, t, label, scale)
         bank = self.banks[bank_key(scale, label is not None)]
         res = {name: self._topk_bank(queries[name], bank[name], label) for name in layout.groups}
         x0 = self._assemble(layout, {n: r.mean for n, r in res.items()}, b, h, w, label is not None)
         bound = self._assemble(layout, {n: r.error_bound[..., None] for n, r in res.items()}, b, h, w, label is not None)
         return x0, bound[..., 0]
 
-    def _stream_images(self, queries, layout, label, bytes_per_image):
-        """All groups in one pass over the training images, gathering windows chunk by chunk."""
-        h, w, ch = self.image_shape
+    def _stream_images(self, queries, layout, label):
+        """Each group in its own pass over the training images, gathering its windows chunk by chunk
+        (a pass per group lets small groups, like bbELS corners, take many images per chunk)."""
+        ch = self.image_shape[-1]
         cond = label is not None
-        members, valid, nchunks, c = self._chunking(label, bytes_per_image)
+        means = {}
+        for name, g in layout.groups.items():
+            ng, pb, kk = g.bidx.shape
+            d = kk * ch
+            mq = queries[name].q.shape[-2]
+            lead = int(np.prod(queries[name].q.shape[:-2]))
+            # per training image: gathered windows plus logits and weights of every query
+            members, valid, nchunks, c = self._chunking(label, 4 * lead * pb * (2 * d + ch + 2 * mq + 2))
+            means[name] = _kernel.streaming_softmax(
+                queries[name], functools.partial(self._image_chunk, g, members, valid, c, cond), nchunks
+            )[0]
+        return means
 
-        def bank_fn(i):
-            imgs, ok = self._chunk(members, valid, c, i)  # [Gb, c, H, W, C], [Gb, c]
-            gb = imgs.shape[0]
-            iz = _with_zero_slot(imgs.reshape(gb * c, h, w, ch)).reshape(gb, c, h * w + 1, ch)
-            banks = {}
-            for name, g in layout.groups.items():
-                ng, pb, kk = g.bidx.shape
-                keys = iz[:, :, g.bidx].reshape(gb, c, ng, pb, kk * ch)
-                keys = keys.transpose(0, 2, 1, 3, 4).reshape(gb, ng, c * pb, kk * ch)
-                vals = iz[:, :, g.bpos].transpose(0, 2, 1, 3, 4).reshape(gb, ng, c * pb, ch)
-                present = jnp.broadcast_to(ok[:, None, :, None], (gb, ng, c, pb)).reshape(gb, ng, c * pb)
-                if not cond:
-                    keys, vals, present = keys[0], vals[0], present[0]
-                banks[name] = _kernel.make_bank(keys, vals, present)
-            return banks
+    def _image_chunk(self, g, members, valid, c, cond, i):
+        h, w, ch = self.image_shape
+        imgs, ok = self._chunk(members, valid, c, i)  # [Gb, c, H, W, C], [Gb, c]
+        gb = imgs.shape[0]
+        iz = _with_zero_slot(imgs.reshape(gb * c, h, w, ch)).reshape(gb, c, h * w + 1, ch)
+        ng, pb, kk = g.bidx.shape
+        vals = iz[:, :, g.bpos].transpose(0, 2, 1, 3, 4).reshape(gb, ng, c * pb, ch)
+        present = jnp.broadcast_to(ok[:, None, :, None], (gb, ng, c, pb)).reshape(gb, ng, c * pb)
+        keys = iz[:, :, g.bidx].reshape(gb, c, ng, pb, kk * ch)
+        if pb < _PACK_MIN_POSITIONS:
+            # small groups (bbELS edges and corners, LS pixels): the transpose costs more than the
+            # packed GEMM saves
+            bank = _kernel.make_bank(keys.transpose(0, 2, 1, 3, 4).reshape(gb, ng, c * pb, kk * ch), vals, present)
+        else:  # gathered into the kernel's packed layout: keys transposed [.., D, n]
+            keys_t = keys.transpose(0, 2, 4, 1, 3).reshape(gb, ng, kk * ch, c * pb)
+            sq = jnp.where(present, jnp.sum(keys_t * keys_t, axis=-2), _kernel.PAD_SQ_NORM)
+            cnt = present.astype(vals.dtype)[..., None]
+            bank = _kernel.PackedBank(
+                jnp.concatenate([keys_t, sq[..., None, :]], axis=-2), jnp.concatenate([cnt, cnt * vals], axis=-1)
+            )
+        return bank if cond else jax.tree.map(lambda x: x[0], bank)
 
-        return _kernel.streaming_softmax(queries, bank_fn, nchunks)[0]
+
+# Bank positions per image from which a streamed group is gathered into the packed layout
+# (measured on 32x32 MNIST: faster for ELS/interior groups, slower for bbELS edges and corners).
+_PACK_MIN_POSITIONS = 64
 
 
 def _with_zero_slot(x: Float[Array, "b h w c"]) -> Float[Array, "b hw1 c"]:
