@@ -22,7 +22,7 @@ import dataclasses
 import numbers
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,7 @@ class NetworkDenoiser(Denoiser):
     config: _nets.NetConfig
     schedule: _schedules.Schedule = _schedules.cosine_legacy()
     weights: str = "params"
+    min_signal_var: ClassVar[float] = _MIN_SIGNAL_VAR
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -108,7 +109,7 @@ class NetworkDenoiser(Denoiser):
         """
         x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
         # ᾱ ≤ 1e-12 (a ≤ 1e-6, e.g. float32's cos²(π/2) ≈ 2e-15) would amplify ε̂'s error a millionfold
-        if _checks.is_concrete(t) and bool(jnp.any(self.schedule.variances(t)[0] <= _MIN_SIGNAL_VAR)):
+        if _checks.is_concrete(t) and bool(jnp.any(self.schedule.variances(t)[0] <= self.min_signal_var)):
             raise ValueError(
                 "t: x̂0 = (x_t − s·ε̂)/a is undefined where the signal level a(t) is 0 (t = 1 for this "
                 "schedule); use eps() or score() there"

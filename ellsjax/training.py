@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
 from ellsjax import nets as _nets
 from ellsjax import schedules as _schedules
 

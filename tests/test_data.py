@@ -102,9 +102,9 @@ def test_bundled_size_and_info():
     assert sum(f.stat().st_size for f in files) < 2_000_000
     info = data.bundled_info()
     assert set(info) == {"mnist", "fashion_mnist"}
-    for name, splits in info.items():
+    for splits in info.values():
         assert set(splits) == {"train", "test"}
-        for split, entry in splits.items():
+        for entry in splits.values():
             sha = hashlib.sha256((BUNDLED_DIR / entry["file"]).read_bytes()).hexdigest()
             assert entry["sha256"] == sha
             assert 0 < entry["num_images"] < entry["total_images"]

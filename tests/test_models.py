@@ -62,6 +62,8 @@ def test_ddim_samples_a_network_like_a_machine(run):
     out = ej.samplers.ddim(d, x, ts)
     # scales are accepted and ignored, so calibration code can pass a machine's schedule
     np.testing.assert_array_equal(ej.samplers.ddim(d, x, ts, scales=[7, 5, 3]), out)
+    # placeholder scales for a network are no scales: the same compiled program
+    assert ej.samplers.check_scales([None] * 3, d, 3) is None
     # the same DDIM steps written out with the network's ε̂
     y = np.asarray(x)
     for t0, t1 in zip(ts[:-1], ts[1:]):
@@ -93,6 +95,13 @@ def test_zero_signal_makes_x0_undefined():
     d = models.from_module(nets.build(NET), schedule="cosine")
     with pytest.raises(ValueError, match=r"t: x̂0 .* undefined where the signal level a\(t\) is 0"):
         d.denoise(noisy(1), jnp.array([1.0]))
+    # a sampler starting there is refused up front, not after a compile that returns inf
+    with pytest.raises(ValueError, match=r"ts: this denoiser's x̂0 is undefined .* t = \[1.0\]"):
+        ej.samplers.ddim(d, noisy(1), [1.0, 0.5, 0.0])
+    # a machine's softmax is defined at a = 0: the same grid is fine for it
+    imgs = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, 12, 12, 1)), jnp.float32)
+    m = ej.machines.ideal(imgs, schedule="cosine")
+    assert np.all(np.isfinite(ej.samplers.ddim(m, noisy(1), [1.0, 0.5, 0.0])))
 
 
 def test_missing_or_corrupt_runs_are_clear_errors(run, tmp_path):

@@ -292,7 +292,7 @@ def _bundled_resource(filename: str):
     return importlib.resources.files("ellsjax.data") / "_bundled" / filename
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bundled_arrays(name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{split: (images uint8 NHWC, labels)}`` of a bundled file, read-only, cached."""
     resource = _bundled_resource(_BUNDLED_FILES[name])
@@ -437,7 +437,7 @@ def _select(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keeps ``classes`` then the first ``limit`` images, reading batches lazily."""
     xs, ys, kept, seen, reached_end = [], [], 0, set(), False
-    for x, y, reached_end in batches:
+    for x, y, reached_end in batches:  # noqa: B007 (read after the loop)
         seen.update(np.unique(y).tolist())
         if classes is not None:
             keep = np.isin(y, classes)

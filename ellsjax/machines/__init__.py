@@ -13,9 +13,9 @@ Example:
 """
 
 from ellsjax.machines.base import DEFAULT_MEMORY_BUDGET, Denoiser, Machine, default_memory_budget
+from ellsjax.machines.cfdm import SmoothedClosedForm, cfdm, cfdm_time, from_cfdm_time
 from ellsjax.machines.ideal import IdealScore, ideal
 from ellsjax.machines.patch import EquivariantLocalScore, LocalScore, bbels, els, local
-from ellsjax.machines.cfdm import SmoothedClosedForm, cfdm, cfdm_time, from_cfdm_time
 from ellsjax.machines.pca import PCALocality, pca
 from ellsjax.machines.pca import neighbourhoods as pca_neighbourhoods
 from ellsjax.machines.pspc import PSPC_CIFAR10_SCALES, PatchSetPosteriorComposite, pspc

@@ -54,6 +54,9 @@ class Denoiser:
     schedule: _schedules.Schedule
     #: Whether ``scale`` (a patch size) is required.
     needs_scale: ClassVar[bool] = False
+    #: ``x̂0`` is defined only where ``ᾱ(t)`` exceeds this (a network divides by ``a``; the machines'
+    #: softmax is defined everywhere, hence ``-1``). Samplers check their grids against it.
+    min_signal_var: ClassVar[float] = -1.0
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -372,7 +375,8 @@ class Machine(Denoiser):
         packed = _banks.pack_group_bank(gb, _banks.pad_multiple(gb.keys.shape[2], ndev))
         if self.mesh is None:
             return _banks.DeviceBank(*(None if v is None else jnp.asarray(v) for v in packed))
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
 
         def put(v, axis):
             spec = [None] * v.ndim

@@ -66,9 +66,15 @@ def check_times(ts: Any, denoiser: Denoiser, name: str = "ts") -> jax.Array:
             raise ValueError(f"{name}: times must lie in [0, 1], got [{v.min()}, {v.max()}]")
         if not np.all(np.diff(v) < 0):
             raise ValueError(f"{name}: times must be strictly decreasing (ts[0] is the start time), got {v}")
-        var = np.asarray(denoiser.schedule.variances(arr[:-1])[1])
+        signal, var = (np.asarray(v) for v in denoiser.schedule.variances(arr[:-1]))
         if np.any(var <= 0):
             raise ValueError(f"{name}: a step starts where the noise level is 0; only the last time may be noise-free")
+        if np.any(signal <= denoiser.min_signal_var):
+            bad = v[:-1][signal <= denoiser.min_signal_var]
+            raise ValueError(
+                f"{name}: this denoiser's x̂0 is undefined where the signal level a(t) is 0, but steps start "
+                f"at t = {bad.tolist()}; start the grid below it (e.g. ts[0] = 0.999)"
+            )
     return arr
 
 
@@ -89,7 +95,8 @@ def check_scales(scales: Any, denoiser: Denoiser, nsteps: int, name: str = "scal
             out.append(denoiser.check_scale(s))
         except (TypeError, ValueError) as e:
             raise type(e)(f"{name}[{i}]: {e}") from None
-    return tuple(out)
+    # all-None (a network given placeholder scales) is the same program as no scales: one compile
+    return None if all(k is None for k in out) else tuple(out)
 
 
 class _Progress:
