@@ -64,8 +64,7 @@ def test_shard_argument_checks():
     assert sm.mesh is mesh and sm.tolerance is None
 
 
-@pytest.mark.parametrize("kind", ["els", "bbels", "is"])
-@pytest.mark.parametrize("prebuilt", [True, False])
+@pytest.mark.parametrize("kind,prebuilt", [("els", True), ("els", False), ("bbels", True), ("is", False)])
 def test_step_temporaries_do_not_grow_with_the_training_set(kind, prebuilt):
     rng = np.random.default_rng(0)
     temps = []
