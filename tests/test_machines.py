@@ -319,6 +319,20 @@ def test_prebuilt_deduplicated_banks_equal_streamed_images(kind, conditional):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,conditional", [("els", False), ("bbels", True)])
+def test_streamed_packed_groups_match_reference(kind, conditional):
+    # 12x12, k=3: 100 bank positions per image, enough for the streamed path's packed layout (one
+    # gather of windows and window norms); chunks of 2 of 5 images leave a padded last chunk
+    imgs, x = data((12, 12, 2), n=5, b=2)
+    labels = np.array([0, 1, 1, 0, 1]) if conditional else None
+    label = np.array([1, 0]) if conditional else None
+    m = BUILD[kind](imgs, labels, bank_budget=1, chunk_size=2)
+    assert not m.prepare((3,), conditional=conditional).banks
+    t = np.array([0.3, 0.7], np.float32)
+    got = np.asarray(m.denoise(x, t, scale=3, label=label))
+    np.testing.assert_allclose(got, run_ref(kind, imgs, x, t, 3, labels, label), atol=1e-5)
+
+
 def test_bank_deduplication_counts_are_exact():
     imgs, _ = _dup_data()
     m = ej.machines.els(imgs).prepare((3,))
