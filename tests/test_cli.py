@@ -4,10 +4,12 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import ellsjax as ej
 from ellsjax import cli
 
 
@@ -66,9 +68,23 @@ def test_tiny_conditional_ideal_run(tmp_path):
         (["--machine-option", "chunk_size=0"], "chunk_size: expected a positive int"),
         (["--class", "42"], "label: no training images of class"),
         (["--machine", "els", "--image-size", "8", "--scales", "MNIST_ResNet_circular"], "exceed the 8px images"),
+        (["--machine", "pspc"], "PSPC's published scale schedule is for 32x32 CIFAR-10 only"),
     ],
 )
 def test_errors_are_clear(argv, msg, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli.main(["sample", "--n-train", "8", "--out", str(tmp_path), *argv])
     assert msg in str(e.value.code)
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10_subset.npz").exists(), reason="needs ../shared/data")
+def test_pspc_uses_its_published_cifar10_schedule(tmp_path):
+    code = cli.main(["sample", "--machine", "pspc", "--dataset", "cifar10", "--source", "npz", "--path", str(SHARED),
+                     "--n-train", "4", "--num-samples", "1", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["scales"] == list(ej.machines.PSPC_CIFAR10_SCALES)
+    np.testing.assert_allclose(cfg["ts"], ej.edm.karras_times(18, "cosine_legacy"), atol=1e-6)

@@ -109,11 +109,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             spec = None
         else:
             spec = args.scales
-            if spec is None:
-                spec = DEFAULT_PRESETS.get((args.dataset, padding))
+            if spec is None and name == "pspc":
+                # PSPC's published schedule: 18 steps on the EDM grid for 32x32 CIFAR-10; DDIM over the
+                # same noise levels is Euler's method for that ODE
+                if args.dataset != "cifar10" or machine.image_shape[:2] != (32, 32):
+                    _fail("PSPC's published scale schedule is for 32x32 CIFAR-10 only; pass --scales")
+                spec = "PSPC_CIFAR10 (Niedoba et al. 2025, EDM grid of 18 steps)"
+                ts = ej.edm.karras_times(len(ej.machines.PSPC_CIFAR10_SCALES), machine.schedule)
+                scales = ej.machines.PSPC_CIFAR10_SCALES
+            else:
                 if spec is None:
-                    _fail(f"no published scale schedule for {args.dataset} with {padding} padding; pass --scales")
-            ts, scales = ej.schedules.resolve_scales(spec, nsteps=args.steps)
+                    spec = DEFAULT_PRESETS.get((args.dataset, padding))
+                    if spec is None:
+                        _fail(f"no published scale schedule for {args.dataset} with {padding} padding; pass --scales")
+                ts, scales = ej.schedules.resolve_scales(spec, nsteps=args.steps)
         x_start = jax.random.normal(jax.random.key(args.seed), (args.num_samples, *machine.image_shape))
         if scales is not None and name == "els":
             # ELS needs k <= image size; a preset made for larger images cannot run here
@@ -134,6 +143,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     ej.plotting.save_png(out / "samples.png", ej.plotting.image_grid(samples), scale=4)
     config = {
         "machine": name, "machine_options": options, "padding": padding, "dataset": args.dataset, "source": args.source,
+        "path": args.path, "data_dir": args.data_dir, "image_size": image_size, "schedule_name": args.schedule,
         "split": args.split, "n_train": int(images.shape[0]), "image_shape": list(machine.image_shape),
         "label": args.label, "num_samples": args.num_samples, "seed": args.seed,
         "scales_spec": spec, "scales": None if scales is None else list(scales), "ts": [float(t) for t in ts],
