@@ -1,20 +1,23 @@
-"""Every public module's docstring examples run (Google-style 'Example:' sections)."""
+"""Every module's docstring examples run (Google-style 'Example:' sections)."""
 
 import doctest
 import importlib
+import pkgutil
 
 import pytest
 
-MODULES = [
-    "ellsjax", "ellsjax.schedules", "ellsjax.kernel", "ellsjax.machines", "ellsjax.machines.patch",
-    "ellsjax.machines.ideal", "ellsjax.samplers", "ellsjax.samplers._ddim", "ellsjax.plotting", "ellsjax.data",
-    "ellsjax.edm", "ellsjax.machines.pspc", "ellsjax.machines.wiener", "ellsjax.machines.pca", "ellsjax.machines.cfdm",
-    "ellsjax.samplers._edm", "ellsjax.samplers._ddpm", "ellsjax.samplers._diffrax",
-    "ellsjax.nets", "ellsjax.training", "ellsjax.models",
-]
+import ellsjax
+
+# Every module of the package, found rather than listed, so a new module's examples are run too
+# (``__main__`` would run the command line on import).
+MODULES = sorted(m.name for m in pkgutil.walk_packages(ellsjax.__path__, "ellsjax.") if m.name != "ellsjax.__main__")
 
 
-@pytest.mark.parametrize("name", MODULES)
+def test_the_package_is_discovered():
+    assert {"ellsjax.kernel", "ellsjax.machines.patch", "ellsjax.samplers._ddim", "ellsjax.cli._sample"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("name", ["ellsjax", *MODULES])
 def test_docstring_examples_run(name):
     mod = importlib.import_module(name)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)

@@ -48,9 +48,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             number, truncated or oversized data); the message names the file.
 
     Example:
-        >>> labels = read_idx("t10k-labels-idx1-ubyte.gz")  # doctest: +SKIP
-        >>> labels.shape, labels.dtype
-        ((10000,), dtype('uint8'))
+        >>> import os, struct, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte")  # MNIST's first labels
+        >>> with open(path, "wb") as f:
+        ...     _ = f.write(struct.pack(">I", 0x00000801) + struct.pack(">I", 3) + bytes([5, 0, 4]))
+        >>> read_idx(path)
+        array([5, 0, 4], dtype=uint8)
     """
     path = Path(path)
     if not path.is_file():
