@@ -14,7 +14,7 @@ Example:
     (1, 28, 28, 1)
 """
 
-from ellsjax import data, edm, kernel, machines, plotting, samplers, schedules
+from ellsjax import data, edm, explain, kernel, machines, plotting, samplers, schedules
 from ellsjax.machines import Denoiser
 
 __version__ = "0.1.0"
@@ -32,4 +32,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'ellsjax' has no attribute {name!r}")
 
 
-__all__ = ["data", "edm", "kernel", "machines", "plotting", "samplers", "schedules", "Denoiser", "__version__", *_LAZY]
+__all__ = ["data", "edm", "explain", "kernel", "machines", "plotting", "samplers", "schedules", "Denoiser", "__version__", *_LAZY]

@@ -26,6 +26,12 @@ evaluation of ``‖q − a k‖²`` has the same limit).
 At ``s = 0`` (``inv_temp = +inf``) the softmax becomes its limit: the uniform, multiplicity-weighted
 average over the entries that attain the maximal raw score (the nearest keys).
 
+Provenance (optional, ``streaming_softmax(..., provenance=True)``): the same pass can also carry,
+per query, the id of the entry with the largest score and an entropy accumulator
+(:class:`ProvenanceStats`, merged exactly like the sums), from which :func:`summarize_provenance`
+gives the heaviest entry, its weight and the entropy of the weights. Without it the computation is
+unchanged.
+
 Example:
     >>> import jax.numpy as jnp
     >>> from ellsjax import kernel
@@ -50,6 +56,8 @@ __all__ = [
     "PackedBank",
     "PAD_SQ_NORM",
     "SoftmaxStats",
+    "ProvenanceStats",
+    "ProvenanceSummary",
     "make_bank",
     "pack_bank",
     "empty_stats",
@@ -57,6 +65,7 @@ __all__ = [
     "merge_stats",
     "merge_across",
     "finalize",
+    "summarize_provenance",
     "softmax_mean",
     "streaming_softmax",
     "topk_softmax",
@@ -113,6 +122,27 @@ class PackedBank(NamedTuple):
 PAD_SQ_NORM = 1e30
 
 
+class ProvenanceStats(NamedTuple):
+    r"""Optional running statistics of *which* entries carry the softmax weight (see
+    :func:`streaming_softmax` ``provenance=True``), merged alongside :class:`SoftmaxStats`.
+
+    With ``m`` the running max of :class:`SoftmaxStats` and ``δ_j = z_j − m`` (``_tempered``: at
+    ``τ = inf`` ``δ_j`` is 0 for the maximal entries and ``-inf`` for the rest):
+
+    Attributes:
+        best_id: ``[*g, m]`` int32 id (from the bank's id array) of the first entry with the largest
+            score ``z_j`` among entries with a positive multiplicity; ``-1`` if none.
+        best: ``[*g, m]`` that entry's score ``z_j`` (``-inf`` if none).
+        plogp: ``[*g, m]`` ``T = Σ_j c_j e^{δ_j} δ_j`` (terms with ``e^{δ_j} = 0`` count 0), the
+            entropy accumulator. When the max moves from ``m`` to ``m' ≥ m``,
+            ``T' = e^{m−m'}·(T + (m − m')·total)``, since ``e^{z−m'}(z−m') = e^{m−m'} e^{z−m}((z−m) + (m−m'))``.
+    """
+
+    best_id: Int[Array, "*g m"]
+    best: Float[Array, "*g m"]
+    plogp: Float[Array, "*g m"]
+
+
 class SoftmaxStats(NamedTuple):
     """Running statistics of the streaming softmax, mergeable exactly in any order.
 
@@ -121,11 +151,41 @@ class SoftmaxStats(NamedTuple):
             ``z_j = l_j`` itself where ``τ = inf``), ``-inf`` if none.
         total: ``[*g, m]`` ``Σ_j c_j exp(z_j − max)`` (at ``τ = inf``: ``Σ_j c_j [z_j = max]``).
         weighted: ``[*g, m, v]`` ``Σ_j c_j exp(z_j − max) v_j``.
+        provenance: ``None``, or :class:`ProvenanceStats` when streamed with ``provenance=True``.
     """
 
     max: Float[Array, "*g m"]
     total: Float[Array, "*g m"]
     weighted: Float[Array, "*g m v"]
+    provenance: ProvenanceStats | None = None
+
+
+class ProvenanceSummary(NamedTuple):
+    r"""Per query: the entry carrying the most weight, that weight and the entropy of the weights.
+
+    The distribution is over the *original* (un-deduplicated) bank: an entry of multiplicity
+    ``c_j`` stands for ``c_j`` identical patches, each of weight ``p_j = e^{z_j}/Z``,
+    ``Z = Σ_j c_j e^{z_j}``. So
+
+    .. math::
+
+        H = -\sum_j c_j\, p_j \log p_j = \log S - T/S, \qquad
+        S = \sum_j c_j e^{z_j - m},\; T = \sum_j c_j e^{z_j - m}(z_j - m),
+
+    (``m`` any reference, here the running max) and the largest weight of one original patch is
+    ``e^{z_* − m}/S`` (``= 1/S`` for the argmax ``z_* = m``). At ``s = 0`` the weights are uniform
+    over the ``S`` nearest copies: ``weight = 1/S``, ``H = log S``.
+
+    Attributes:
+        ids: ``[*g, m]`` int32 id of the entry with the most weight (first among ties).
+        weight: ``[*g, m]`` the weight of one original patch equal to that entry, in ``(0, 1]``.
+        entropy: ``[*g, m]`` entropy (nats) of the weights over the original patches, in
+            ``[log S, log(total count)]``.
+    """
+
+    ids: Int[Array, "*g m"]
+    weight: Float[Array, "*g m"]
+    entropy: Float[Array, "*g m"]
 
 
 def make_bank(
@@ -160,13 +220,19 @@ def pack_bank(bank: Bank) -> PackedBank:
     return PackedBank(keys_t, jnp.concatenate([c, c * bank.values], axis=-1))
 
 
-def empty_stats(queries: Queries, value_dim: int) -> SoftmaxStats:
-    """Statistics of an empty bank: max ``-inf``, zero sums."""
+def empty_stats(queries: Queries, value_dim: int, *, provenance: bool = False) -> SoftmaxStats:
+    """Statistics of an empty bank: max ``-inf``, zero sums (and no best entry: id ``-1``)."""
     shape = jnp.broadcast_shapes(queries.a.shape, queries.q.shape[:-1])
+    prov = None
+    if provenance:
+        prov = ProvenanceStats(
+            jnp.full(shape, -1, jnp.int32), jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32)
+        )
     return SoftmaxStats(
         jnp.full(shape, -jnp.inf, jnp.float32),
         jnp.zeros(shape, jnp.float32),
         jnp.zeros((*shape, value_dim), jnp.float32),
+        prov,
     )
 
 
@@ -216,29 +282,72 @@ def _weighted_sums(w: Float[Array, "*g m n"], bank: Bank | PackedBank) -> Float[
     return jnp.einsum("...mn,...nv->...mv", w, vv, precision=_HIGHEST)
 
 
-def chunk_stats(queries: Queries, bank: Bank | PackedBank) -> SoftmaxStats:
+def _counts(bank: Bank | PackedBank) -> Float[Array, "*g n"]:
+    """Multiplicities ``c_j`` (0 for absent or padding entries)."""
+    if isinstance(bank, PackedBank):
+        return bank.vv[..., 0]
+    return jnp.exp(bank.log_count)
+
+
+def chunk_stats(queries: Queries, bank: Bank | PackedBank, ids: Int[Array, "*g n"] | None = None) -> SoftmaxStats:
     """Softmax statistics of one bank chunk: one augmented GEMM, one ``exp`` per query–entry pair
-    and one GEMM for the sums."""
+    and one GEMM for the sums.
+
+    With ``ids`` (``[*g, n]`` int32 id of each entry, e.g. image and position), the statistics also
+    carry :class:`ProvenanceStats`, from the same scores and exponentials: the chunk's best entry
+    (``argmax_j z_j`` over entries with ``c_j > 0``) and ``T = Σ_j c_j e^{δ_j} δ_j``.
+    """
     z = _scores(queries, bank)
     # The maximum only stabilises the exponentials; the result does not depend on it.
     m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(_tempered(z - m_safe[..., None], _kappa(queries.inv_temp)[..., None]))
+    delta = _tempered(z - m_safe[..., None], _kappa(queries.inv_temp)[..., None])
+    w = jnp.exp(delta)
     acc = _weighted_sums(w, bank)
-    return SoftmaxStats(m, acc[..., 0], acc[..., 1:])
+    prov = None
+    if ids is not None:
+        prov = _chunk_provenance(z, delta, w, bank, ids)
+    return SoftmaxStats(m, acc[..., 0], acc[..., 1:], prov)
+
+
+def _chunk_provenance(z, delta, w, bank, ids) -> ProvenanceStats:
+    c = jnp.broadcast_to(_counts(bank)[..., None, :], z.shape)
+    zc = jnp.where(c > 0, z, -jnp.inf)  # padding of a packed bank can tie with real entries (a = 0)
+    pos = jnp.argmax(zc, axis=-1)
+    best = jnp.take_along_axis(zc, pos[..., None], axis=-1)[..., 0]
+    ids = jnp.broadcast_to(jnp.asarray(ids, jnp.int32)[..., None, :], z.shape)
+    best_id = jnp.where(best > -jnp.inf, jnp.take_along_axis(ids, pos[..., None], axis=-1)[..., 0], -1)
+    plogp = jnp.sum(jnp.where(w > 0, c * w * delta, 0.0), axis=-1)
+    return jax.lax.stop_gradient(ProvenanceStats(best_id, best, plogp))
 
 
 def merge_stats(s1: SoftmaxStats, s2: SoftmaxStats, inv_temp: Float[Array, "*g m"]) -> SoftmaxStats:
-    """Exactly merge the statistics of two disjoint parts of a bank (associative and commutative)."""
+    """Exactly merge the statistics of two disjoint parts of a bank (associative and commutative;
+    the provenance's best id, if present, prefers ``s1`` on exact ties)."""
     m = jnp.maximum(s1.max, s2.max)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     kappa = _kappa(inv_temp)
-    c1 = jnp.exp(_tempered(s1.max - m_safe, kappa))
-    c2 = jnp.exp(_tempered(s2.max - m_safe, kappa))
+    d1 = _tempered(s1.max - m_safe, kappa)
+    d2 = _tempered(s2.max - m_safe, kappa)
+    c1 = jnp.exp(d1)
+    c2 = jnp.exp(d2)
+    prov = None
+    if s1.provenance is not None and s2.provenance is not None:
+        p1, p2 = s1.provenance, s2.provenance
+        take2 = p2.best > p1.best
+        # T' = e^{m−m'}(T + (m − m')·S) per side; a side with e^{m−m'} = 0 contributes nothing
+        t1 = jnp.where(c1 > 0, c1 * (p1.plogp + d1 * s1.total), 0.0)
+        t2 = jnp.where(c2 > 0, c2 * (p2.plogp + d2 * s2.total), 0.0)
+        prov = ProvenanceStats(
+            jnp.where(take2, p2.best_id, p1.best_id), jnp.where(take2, p2.best, p1.best), t1 + t2
+        )
+    elif (s1.provenance is None) != (s2.provenance is None):
+        raise ValueError("merge_stats: cannot merge statistics with and without provenance")
     return SoftmaxStats(
         m,
         s1.total * c1 + s2.total * c2,
         s1.weighted * c1[..., None] + s2.weighted * c2[..., None],
+        prov,
     )
 
 
@@ -250,17 +359,54 @@ def merge_across(stats: SoftmaxStats, inv_temp: Float[Array, "*g m"], axis_name:
     """
     m = jax.lax.pmax(stats.max, axis_name)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    c = jnp.exp(_tempered(stats.max - m_safe, _kappa(inv_temp)))
+    d = _tempered(stats.max - m_safe, _kappa(inv_temp))
+    c = jnp.exp(d)
+    prov = None
+    if stats.provenance is not None:  # best: the largest score, lowest id among exact ties
+        p = stats.provenance
+        best = jax.lax.pmax(p.best, axis_name)
+        mine = (p.best == best) & (p.best_id >= 0)
+        big = jnp.iinfo(jnp.int32).max
+        best_id = jax.lax.pmin(jnp.where(mine, p.best_id, big), axis_name)
+        plogp = jax.lax.psum(jnp.where(c > 0, c * (p.plogp + d * stats.total), 0.0), axis_name)
+        prov = ProvenanceStats(jnp.where(best_id == big, -1, best_id), best, plogp)
     return SoftmaxStats(
         m,
         jax.lax.psum(stats.total * c, axis_name),
         jax.lax.psum(stats.weighted * c[..., None], axis_name),
+        prov,
     )
 
 
 def finalize(stats: SoftmaxStats) -> Float[Array, "*g m v"]:
     """The posterior mean ``weighted / total``."""
     return stats.weighted / stats.total[..., None]
+
+
+def summarize_provenance(stats: SoftmaxStats, inv_temp: Float[Array, "*g m"]) -> ProvenanceSummary:
+    """Best entry, its weight and the weights' entropy from statistics streamed with provenance.
+
+    ``weight = e^{z_* − max}/S`` and ``H = log S − T/S`` (see :class:`ProvenanceSummary`), kept
+    ``≥ log S`` (``T ≤ 0``) against float32 rounding.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from ellsjax import kernel
+        >>> q = kernel.Queries(jnp.zeros((1, 3)), jnp.ones(1), jnp.ones(1))
+        >>> bank = kernel.make_bank(jnp.zeros((4, 3)), jnp.zeros((4, 1)))   # 4 equal keys
+        >>> _, st = kernel.streaming_softmax(q, lambda i: (bank, jnp.arange(4)), 1, provenance=True)
+        >>> p = kernel.summarize_provenance(st, q.inv_temp)
+        >>> int(p.ids[0]), float(p.weight[0]), round(float(p.entropy[0]), 4)   # log 4 = 1.3863
+        (0, 0.25, 1.3863)
+    """
+    if stats.provenance is None:
+        raise ValueError("stats: no provenance statistics; stream with provenance=True")
+    p = stats.provenance
+    m_safe = jnp.where(jnp.isfinite(stats.max), stats.max, 0.0)
+    weight = jnp.exp(_tempered(p.best - m_safe, _kappa(inv_temp))) / stats.total
+    log_s = jnp.log(stats.total)
+    entropy = jnp.maximum(log_s - p.plogp / stats.total, jnp.maximum(log_s, 0.0))  # H ≥ −log max p = log S
+    return ProvenanceSummary(p.best_id, weight, entropy)
 
 
 def softmax_mean(queries: Queries, bank: Bank) -> Float[Array, "*g m v"]:
@@ -275,6 +421,7 @@ def streaming_softmax(
     *,
     query_tile: int | None = None,
     remat: bool = True,
+    provenance: bool = False,
 ) -> tuple[Array | dict[str, Array], SoftmaxStats | dict[str, SoftmaxStats]]:
     """Posterior means of ``queries`` against a bank produced chunk by chunk.
 
@@ -293,6 +440,10 @@ def streaming_softmax(
             (tile, chunk) pair stays small (cache-sized on CPUs). ``bank_fn`` runs once per tile.
         remat: recompute each chunk in the backward pass (``jax.checkpoint``) so reverse-mode
             memory stays bounded by one chunk; free in the forward pass.
+        provenance: also track which entry carries the most weight and the entropy of the weights
+            (:class:`ProvenanceStats`, read with :func:`summarize_provenance`). ``bank_fn`` then
+            returns ``(bank, ids)`` pairs, ``ids [*g, n]`` int32 naming each entry. Same pass, same
+            exponentials: a few extra elementwise operations per logit.
 
     Returns:
         ``(means, stats)``, each with the structure of ``queries``.
@@ -308,6 +459,11 @@ def streaming_softmax(
             b = {"_": b}
         if set(b) != set(qs):
             raise ValueError(f"bank_fn: returned groups {sorted(b)}, queries have {sorted(qs)}")
+        if provenance:
+            if not all(isinstance(v, tuple) and len(v) == 2 and not isinstance(v, (Bank, PackedBank)) for v in b.values()):
+                raise ValueError("bank_fn: with provenance=True it must return (bank, ids) pairs")
+        else:
+            b = {k: (v, None) for k, v in b.items()}
         return b
 
     if query_tile is not None:
@@ -323,10 +479,10 @@ def streaming_softmax(
 def _stream(qs, banks, num_chunks, remat):
     def fold(stats, i):
         bs = banks(i)
-        return {k: merge_stats(stats[k], chunk_stats(qs[k], bs[k]), qs[k].inv_temp) for k in qs}
+        return {k: merge_stats(stats[k], chunk_stats(qs[k], *bs[k]), qs[k].inv_temp) for k in qs}
 
     first = banks(jnp.int32(0))
-    stats = {k: chunk_stats(qs[k], first[k]) for k in qs}
+    stats = {k: chunk_stats(qs[k], *first[k]) for k in qs}
     if num_chunks > 1:
         step = jax.checkpoint(fold) if remat else fold
         stats, _ = jax.lax.scan(lambda c, i: (step(c, i), None), stats, jnp.arange(1, num_chunks, dtype=jnp.int32))
@@ -364,13 +520,14 @@ def _tiled(qs, banks, num_chunks, tile, remat):
 
     out = {}
     for k, st in stats.items():
-        def merge_tiles(x, extra):  # [T, *g, mt(, v)] -> [*g, m(, v)]
+        def merge_tiles(x, extra, m=sizes[k]):  # [T, *g, mt(, v)] -> [*g, m(, v)]
             x = jnp.moveaxis(x, 0, -2 - extra)
             shp = x.shape
             x = x.reshape(*shp[: -2 - extra], shp[-2 - extra] * shp[-1 - extra], *shp[len(shp) - extra :])
-            return jax.lax.slice_in_dim(x, 0, sizes[k], axis=x.ndim - 1 - extra)
+            return jax.lax.slice_in_dim(x, 0, m, axis=x.ndim - 1 - extra)
 
-        out[k] = SoftmaxStats(merge_tiles(st.max, 0), merge_tiles(st.total, 0), merge_tiles(st.weighted, 1))
+        prov = None if st.provenance is None else ProvenanceStats(*(merge_tiles(x, 0) for x in st.provenance))
+        out[k] = SoftmaxStats(merge_tiles(st.max, 0), merge_tiles(st.total, 0), merge_tiles(st.weighted, 1), prov)
     return out
 
 

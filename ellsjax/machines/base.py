@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,10 @@ from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
 from ellsjax.machines import _banks
 
-__all__ = ["Denoiser", "Machine", "DEFAULT_MEMORY_BUDGET", "DEFAULT_BANK_BUDGET", "default_memory_budget", "bank_key"]
+__all__ = [
+    "Denoiser", "Machine", "PixelProvenance", "DEFAULT_MEMORY_BUDGET", "DEFAULT_BANK_BUDGET", "default_memory_budget",
+    "bank_key",
+]
 
 #: Default bytes of temporaries per streamed chunk (logits, gathered patches), per backend. On CPU
 #: a chunk whose logits stay in cache is about twice as fast as a large one; accelerators want
@@ -41,6 +44,28 @@ DEFAULT_BANK_BUDGET = {"cpu": 2**30, "gpu": 4 * 2**30, "tpu": 4 * 2**30}
 def default_memory_budget() -> int:
     """The chunk memory budget used when a machine's ``memory_budget`` is ``None``."""
     return DEFAULT_MEMORY_BUDGET.get(jax.default_backend(), 256 * 2**20)
+
+
+class PixelProvenance(NamedTuple):
+    """Where each output pixel of one denoising call comes from (see
+    :meth:`Machine._denoise_provenance` and :func:`ellsjax.explain.provenance`).
+
+    Attributes:
+        image: ``[B, H, W]`` int32 index (into the machine's training images) of the training patch
+            with the largest softmax weight (first in image-then-position order among exact ties).
+        row: ``[B, H, W]`` int32 row of that patch's center in its training image (for IS, whose
+            "patch" is the whole image: the pixel's own row).
+        col: ``[B, H, W]`` int32 column, likewise.
+        weight: ``[B, H, W]`` that patch's softmax weight, in ``(0, 1]``.
+        entropy: ``[B, H, W]`` entropy (nats) of the pixel's softmax weights over all training
+            patches of its bank (``log N`` for ``N`` equal weights).
+    """
+
+    image: Int[Array, "b h w"]
+    row: Int[Array, "b h w"]
+    col: Int[Array, "b h w"]
+    weight: Float[Array, "b h w"]
+    entropy: Float[Array, "b h w"]
 
 
 class Denoiser:
@@ -211,6 +236,16 @@ class Machine(Denoiser):
     mesh_axis: str = "bank"
 
     _DATA_FIELDS: ClassVar[tuple[str, ...]] = ("images", "class_members", "banks")
+    #: Whether :meth:`_denoise_provenance` is implemented (softmax machines over training patches).
+    supports_provenance: ClassVar[bool] = False
+
+    def _denoise_provenance(self, x_t, t, label, scale) -> tuple[Array, PixelProvenance]:
+        """``(x̂0, provenance)``: :meth:`_denoise` that also reports, per output pixel, the training
+        patch with the largest weight and the weights' entropy. Streams the training images (no
+        prebuilt, deduplicated bank: every patch keeps its image and position) through the same
+        kernel pass (:func:`ellsjax.kernel.streaming_softmax` with ``provenance=True``). Pure and
+        unchecked, like :meth:`_denoise`."""
+        raise NotImplementedError(f"{type(self).__name__} does not report provenance")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

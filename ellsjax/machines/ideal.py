@@ -11,8 +11,9 @@ only reproduces training images: it memorizes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float, Int
@@ -20,7 +21,7 @@ from jaxtyping import ArrayLike, Float, Int
 from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
-from ellsjax.machines.base import Machine, bank_key, build, register
+from ellsjax.machines.base import Machine, PixelProvenance, bank_key, build, register
 
 __all__ = ["IdealScore", "ideal"]
 
@@ -28,6 +29,8 @@ __all__ = ["IdealScore", "ideal"]
 @dataclasses.dataclass(frozen=True, eq=False)
 class IdealScore(Machine):
     """The ideal score machine. Build with :func:`ideal`. ``scale`` is accepted and ignored."""
+
+    supports_provenance: ClassVar[bool] = True
 
     def check_scale(self, scale: Any) -> None:
         if scale is not None:
@@ -72,6 +75,30 @@ class IdealScore(Machine):
 
         mean, _ = _kernel.streaming_softmax(queries, bank_fn, nchunks)
         return mean.reshape(b, h, w, ch)
+
+    def _denoise_provenance(self, x_t, t, label, scale):
+        # The images streamed one chunk at a time (no deduplicated bank), each entry named by its
+        # image index; every pixel of x̂0 comes from the same pixel of the weighted images.
+        b, h, w, ch = x_t.shape
+        d = h * w * ch
+        queries = self._queries(x_t, t, label, self.schedule)
+        members, valid, nchunks, c = self._chunking(label, 4 * (3 * d + 4 * b + 2))
+
+        def bank_fn(i):
+            imgs, ok = self._chunk(members, valid, c, i)
+            ids = jax.lax.dynamic_slice_in_dim(members, i * c, c, axis=1)
+            flat = imgs.reshape(imgs.shape[0], c, d)
+            if label is not None:
+                flat, ok, ids = flat[:, None], ok[:, None], ids[:, None]
+            return _kernel.make_bank(flat, flat, ok), ids
+
+        mean, stats = _kernel.streaming_softmax(queries, bank_fn, nchunks, provenance=True)
+        p = _kernel.summarize_provenance(stats, queries.inv_temp)
+        per_pixel = lambda v: jnp.broadcast_to(v.reshape(b, 1, 1), (b, h, w))  # noqa: E731
+        rows = jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32)[None, :, None], (b, h, w))
+        cols = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32)[None, None, :], (b, h, w))
+        prov = PixelProvenance(per_pixel(p.ids), rows, cols, per_pixel(p.weight), per_pixel(p.entropy))
+        return mean.reshape(b, h, w, ch), prov
 
 
 register(IdealScore)

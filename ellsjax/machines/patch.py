@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
@@ -37,7 +38,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
-from ellsjax.machines.base import Machine, bank_key, build, register
+from ellsjax.machines.base import Machine, PixelProvenance, bank_key, build, register
 
 __all__ = ["LocalScore", "EquivariantLocalScore", "local", "els", "bbels"]
 
@@ -129,6 +130,7 @@ class _PatchMachine(Machine):
     """Common code of the patch machines (see module docstring)."""
 
     needs_scale: ClassVar[bool] = True
+    supports_provenance: ClassVar[bool] = True
 
     def _kind(self) -> str:
         raise NotImplementedError
@@ -194,9 +196,12 @@ class _PatchMachine(Machine):
         bound = self._assemble(layout, {n: r.error_bound[..., None] for n, r in res.items()}, b, h, w, label is not None)
         return x0, bound[..., 0]
 
-    def _stream_images(self, queries, layout, label):
+    def _stream_images(self, queries, layout, label, provenance=False):
         """Each group in its own pass over the training images, gathering its windows chunk by chunk
-        (a pass per group lets small groups, like bbELS corners, take many images per chunk)."""
+        (a pass per group lets small groups, like bbELS corners, take many images per chunk).
+
+        With ``provenance``, each group's result is ``(means, ProvenanceSummary)`` with entry ids
+        ``image·H·W + center`` (flat center position of the window in its training image)."""
         ch = self.image_shape[-1]
         cond = label is not None
         means = {}
@@ -206,11 +211,43 @@ class _PatchMachine(Machine):
             mq = queries[name].q.shape[-2]
             lead = int(np.prod(queries[name].q.shape[:-2]))
             # per training image: gathered windows plus logits and weights of every query
-            members, valid, nchunks, c = self._chunking(label, 4 * lead * pb * (2 * d + ch + 2 * mq + 2))
-            means[name] = _kernel.streaming_softmax(
-                queries[name], functools.partial(self._image_chunk, g, members, valid, c, cond), nchunks
-            )[0]
+            # (provenance: two more logits-sized temporaries)
+            members, valid, nchunks, c = self._chunking(
+                label, 4 * lead * pb * (2 * d + ch + (4 if provenance else 2) * mq + 2)
+            )
+            chunk = functools.partial(self._image_chunk, g, members, valid, c, cond)
+            if not provenance:
+                means[name] = _kernel.streaming_softmax(queries[name], chunk, nchunks)[0]
+                continue
+            ids = functools.partial(self._image_chunk_ids, g, members, c, cond)
+            mean, stats = _kernel.streaming_softmax(queries[name], lambda i, f=chunk, e=ids: (f(i), e(i)), nchunks,
+                                                    provenance=True)
+            means[name] = (mean, _kernel.summarize_provenance(stats, queries[name].inv_temp))
         return means
+
+    def _image_chunk_ids(self, g, members, c, cond, i):
+        """Ids ``image·H·W + center`` of the entries of :meth:`_image_chunk` ``i``, in its order."""
+        h, w, _ = self.image_shape
+        idx = jax.lax.dynamic_slice_in_dim(members, i * c, c, axis=1)  # [Gb, c]
+        ng, pb = g.bpos.shape
+        ids = idx[:, None, :, None] * (h * w) + jnp.asarray(g.bpos, jnp.int32)[None, :, None, :]
+        ids = ids.reshape(idx.shape[0], ng, c * pb)
+        return ids if cond else ids[0]
+
+    def _denoise_provenance(self, x_t, t, label, scale):
+        b, h, w, ch = x_t.shape
+        layout, queries = self._queries(x_t, t, label, scale)
+        res = self._stream_images(queries, layout, label, provenance=True)
+        cond = label is not None
+        x0 = self._assemble(layout, {n: r[0] for n, r in res.items()}, b, h, w, cond)
+
+        def field(get):
+            return self._assemble(layout, {n: get(r[1])[..., None] for n, r in res.items()}, b, h, w, cond)[..., 0]
+
+        ids = field(lambda p: p.ids)
+        pos = ids % (h * w)
+        return x0, PixelProvenance(ids // (h * w), pos // w, pos % w, field(lambda p: p.weight),
+                                   field(lambda p: p.entropy))
 
     def _image_chunk(self, g, members, valid, c, cond, i):
         h, w, ch = self.image_shape
@@ -220,24 +257,59 @@ class _PatchMachine(Machine):
         ng, pb, kk = g.bidx.shape
         vals = iz[:, :, g.bpos].transpose(0, 2, 1, 3, 4).reshape(gb, ng, c * pb, ch)
         present = jnp.broadcast_to(ok[:, None, :, None], (gb, ng, c, pb)).reshape(gb, ng, c * pb)
-        keys = iz[:, :, g.bidx].reshape(gb, c, ng, pb, kk * ch)
         if pb < _PACK_MIN_POSITIONS:
-            # small groups (bbELS edges and corners, LS pixels): the transpose costs more than the
-            # packed GEMM saves
-            bank = _kernel.make_bank(keys.transpose(0, 2, 1, 3, 4).reshape(gb, ng, c * pb, kk * ch), vals, present)
-        else:  # gathered into the kernel's packed layout: keys transposed [.., D, n]
-            keys_t = keys.transpose(0, 2, 4, 1, 3).reshape(gb, ng, kk * ch, c * pb)
-            sq = jnp.where(present, jnp.sum(keys_t * keys_t, axis=-2), _kernel.PAD_SQ_NORM)
+            # small groups (bbELS edges and corners, LS pixels): the packed layout costs more than
+            # its GEMM saves
+            keys = iz.reshape(gb, -1)[:, _window_index_rows(g, c, h * w, ch)].reshape(gb, ng, c * pb, kk * ch)
+            bank = _kernel.make_bank(keys, vals, present)
+        else:
+            # One gather writes the kernel's packed keys [Gb, G, D+1, c·pb] directly (no transpose or
+            # concatenation pass: at small k those passes cost as much as the GEMM): rows are the window's
+            # pixels, the last row its ‖k‖², read from a per-image table of window norms.
+            k = math.isqrt(kk)
+            sq = _window_sq_norms(imgs.reshape(gb * c, h, w, ch), k).reshape(gb, c, h * w)
+            sq = jnp.where(ok[..., None], sq, _kernel.PAD_SQ_NORM)
+            src = jnp.concatenate([iz.reshape(gb, -1), sq.reshape(gb, -1)], axis=-1)
+            keys_t = src[:, _packed_index(g, c, h * w, ch)].reshape(gb, ng, kk * ch + 1, c * pb)
             cnt = present.astype(vals.dtype)[..., None]
-            bank = _kernel.PackedBank(
-                jnp.concatenate([keys_t, sq[..., None, :]], axis=-2), jnp.concatenate([cnt, cnt * vals], axis=-1)
-            )
+            bank = _kernel.PackedBank(keys_t, jnp.concatenate([cnt, cnt * vals], axis=-1))
         return bank if cond else jax.tree.map(lambda x: x[0], bank)
 
 
 # Bank positions per image from which a streamed group is gathered into the packed layout
 # (measured on 32x32 MNIST: faster for ELS/interior groups, slower for bbELS edges and corners).
 _PACK_MIN_POSITIONS = 64
+
+
+def _window_index_rows(g: _Group, c: int, hw: int, ch: int) -> np.ndarray:
+    """``[G, c, Pb, kk·C]`` index into a chunk's ``c·(HW+1)·C`` pixels that gathers group ``g``'s
+    windows as rows ``[G, c·Pb, D]`` (image-major), with no transpose pass."""
+    ng, pb, kk = g.bidx.shape
+    j = np.arange(c)[None, :, None, None]
+    pix = (j * (hw + 1) + g.bidx[:, None])[..., None] * ch + np.arange(ch)  # [G, c, Pb, kk, C]
+    return pix.reshape(ng, c, pb, kk * ch).astype(np.int32)
+
+
+def _packed_index(g: _Group, c: int, hw: int, ch: int) -> np.ndarray:
+    """``[G, D+1, c, Pb]`` index into a chunk's ``[c·(HW+1)·C pixels | c·HW window norms]`` that
+    gathers the packed keys of group ``g``: window pixel ``e``, channel ``m`` of image ``j`` at row
+    ``e·C + m``; the window's norm in the last row."""
+    ng, pb, kk = g.bidx.shape
+    j = np.arange(c)[None, None, :, None]
+    pix = (j * (hw + 1) + g.bidx.transpose(0, 2, 1)[:, :, None, :])[:, :, None] * ch  # [G, kk, 1, c, Pb]
+    pix = (pix + np.arange(ch)[None, None, :, None, None]).reshape(ng, kk * ch, c, pb)
+    norms = c * (hw + 1) * ch + j * hw + g.bpos[:, None, None, :]  # [G, 1, c, Pb]
+    return np.concatenate([pix, np.broadcast_to(norms, (ng, 1, c, pb))], axis=1).astype(np.int32)
+
+
+def _window_sq_norms(x: Float[Array, "b h w c"], k: int) -> Float[Array, "b h w"]:
+    """``Σ`` of ``x²`` over the zero-padded ``k×k`` window centered at each pixel (two separable
+    box sums)."""
+    x2 = jnp.sum(x * x, axis=-1)
+    hk = k // 2
+    pad = ((0, 0), (hk, hk), (0, 0))
+    x2 = jax.lax.reduce_window(x2, 0.0, jax.lax.add, (1, k, 1), (1, 1, 1), pad)
+    return jax.lax.reduce_window(x2, 0.0, jax.lax.add, (1, 1, k), (1, 1, 1), (pad[0], pad[2], pad[1]))
 
 
 def _with_zero_slot(x: Float[Array, "b h w c"]) -> Float[Array, "b hw1 c"]:

@@ -1,0 +1,146 @@
+"""``ellsjax explain``: provenance maps and creativity measures of samples written by ``ellsjax sample``.
+
+The samples file (``OUT/samples.npz``) holds the starting noise, the time grid and the scales; its
+``config.json`` the machine and training set. ``explain`` rebuilds the machine, replays the same
+DDIM trajectory with provenance (:func:`ellsjax.explain.provenance`), and writes
+``provenance.png`` (sample, source map, max-weight and entropy maps, top source patches),
+``provenance.npz`` (the maps of every step) and ``creativity.json`` (per-sample measures), and
+prints a summary; ``--compare is,bbels`` also samples other machines from the same noise and
+prints a creativity table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ellsjax.cli._common import fail as _fail
+
+__all__ = ["register"]
+
+
+def register(sub) -> None:
+    """Add the ``explain`` subcommand to an ``argparse`` subparsers object."""
+    s = sub.add_parser(
+        "explain",
+        help="provenance maps and creativity measures of samples from `ellsjax sample`",
+        description=(
+            "Replay the DDIM trajectory of samples written by `ellsjax sample` (their samples.npz holds the "
+            "starting noise, times and scales; config.json beside it the machine and training set) and record, "
+            "per pixel and step, the training image and position of the patch with the most weight, that weight "
+            "and the entropy of the weights. Writes OUT/provenance.png, OUT/provenance.npz and "
+            "OUT/creativity.json and prints the creativity measures (nearest-image distance and near-copy test, "
+            "patch-space distance, Theorem 4.1 consistency, mosaic statistics)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    s.add_argument("--samples", required=True, metavar="FILE", help="samples.npz written by `ellsjax sample`")
+    s.add_argument("--config", default=None, metavar="FILE", help="its config.json (default: next to FILE)")
+    s.add_argument("--out", default=None, help="output directory (default: the samples' directory)")
+    s.add_argument("--step", type=int, default=-1,
+                   help="the step whose provenance is drawn and measured (-1: the last, least noisy)")
+    s.add_argument("--max-samples", type=int, default=4, help="samples drawn in the figure")
+    s.add_argument("--top", type=int, default=4, help="source patches shown per sample")
+    s.add_argument("--patch-size", type=int, default=3,
+                   help="patch size of the patch-space distance and the consistency condition")
+    s.add_argument("--compare", default=None, metavar="M1,M2",
+                   help="also sample these machines (e.g. is,bbels) from the same noise and print a creativity table")
+    s.set_defaults(func=_cmd_explain)
+
+
+def _load(args):
+    path = Path(args.samples)
+    if not path.is_file():
+        _fail(f"--samples: no such file {path}")
+    cfg_path = Path(args.config) if args.config else path.parent / "config.json"
+    if not cfg_path.is_file():
+        _fail(f"--config: no config.json at {cfg_path} (written by `ellsjax sample` next to samples.npz)")
+    with np.load(path) as z:
+        missing = {"samples", "x_start", "ts", "scales"} - set(z.files)
+        if missing:
+            _fail(f"--samples: {path} lacks {sorted(missing)}; write it with `ellsjax sample`")
+        data = {k: np.asarray(z[k]) for k in z.files}
+    cfg = json.loads(cfg_path.read_text())
+    if "model" in cfg:
+        _fail("--samples: these samples come from a trained network; provenance needs an analytic machine")
+    return data, cfg
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import ellsjax as ej
+
+    data, cfg = _load(args)
+    for opt in ("max_samples", "top", "patch_size"):
+        if getattr(args, opt) <= 0:
+            _fail(f"--{opt.replace('_', '-')} must be positive, got {getattr(args, opt)}")
+    t0 = time.perf_counter()
+    try:
+        images, labels = ej.data.load(
+            cfg["dataset"], split=cfg.get("split", "train"), source=cfg.get("source", "bundled"),
+            path=cfg.get("path"), data_dir=cfg.get("data_dir"),
+            image_size=cfg.get("image_size", cfg["image_shape"][0]), limit=cfg["n_train"],
+        )
+        label = cfg.get("label")
+        schedule = cfg.get("schedule_name", "cosine_legacy")
+
+        def build(name, options):
+            m = ej.machines.build(name, images, labels if label is not None else None, schedule=schedule, **options)
+            if not m.supports_provenance:
+                _fail(f"machine {name!r} has no provenance; use els, bbels, ls or is")
+            return m
+
+        machine = build(cfg["machine"], cfg.get("machine_options", {}))
+        scales = [int(k) for k in data["scales"]] if machine.needs_scale else None
+        prov = ej.explain.provenance(machine, data["x_start"], data["ts"], scales=scales, label=label)
+        nsteps = prov.image.shape[0]
+        if not -nsteps <= args.step < nsteps:
+            _fail(f"--step: must index one of the {nsteps} steps, got {args.step}")
+        samples = np.asarray(prov.samples)
+        drift = float(np.max(np.abs(samples - data["samples"])))
+        measures = ej.explain.creativity(samples, images, patch_size=args.patch_size, provenance=prov, step=args.step)
+        table = None
+        if args.compare:
+            names = [n.strip() for n in args.compare.split(",") if n.strip()]
+            unknown = [n for n in names if n not in ej.machines.MACHINES]
+            if unknown:
+                _fail(f"--compare: unknown machines {unknown}; known: {', '.join(sorted(ej.machines.MACHINES))}")
+            # the explained machine's row is the replay above; the others sample from the same noise
+            ms = {n: build(n, {}) for n in names if n != cfg["machine"]}
+            if scales is None and any(m.needs_scale for m in ms.values()):
+                _fail("--compare: the samples carry no scales (an IS run); compare from samples of a patch machine")
+            rows = ej.explain.compare(ms, data["x_start"], data["ts"], scales=scales, images=images, label=label,
+                                      patch_size=args.patch_size) if ms else {}
+            own = {c: float(np.mean(measures[c])) for c in ej.explain.TABLE_COLUMNS}
+            table = {n: own if n == cfg["machine"] else rows[n] for n in names}
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        _fail(str(e))
+
+    out = Path(args.out) if args.out else Path(args.samples).parent
+    out.mkdir(parents=True, exist_ok=True)
+    ej.explain.plot_provenance(prov, images, out / "provenance.png", step=args.step, max_samples=args.max_samples,
+                               top=args.top)
+    np.savez_compressed(
+        out / "provenance.npz", samples=samples, ts=np.asarray(prov.ts), image=np.asarray(prov.image),
+        row=np.asarray(prov.row), col=np.asarray(prov.col), weight=np.asarray(prov.weight),
+        entropy=np.asarray(prov.entropy),
+    )
+    report = {
+        "machine": cfg["machine"], "step": args.step, "t": float(prov.ts[args.step % nsteps]),
+        "patch_size": args.patch_size, "copy_ratio": ej.explain.COPY_RATIO,
+        "consistency_tolerance": ej.explain.CONSISTENCY_TOLERANCE, "replay_max_abs_diff": drift,
+        "per_sample": {k: np.asarray(v).tolist() for k, v in measures.items()},
+        "mean": {k: float(np.mean(v)) for k, v in measures.items() if k != "nearest"},
+        "compare": table, "seconds": round(time.perf_counter() - t0, 2),
+    }
+    (out / "creativity.json").write_text(json.dumps(report, indent=1))
+    print(f"replayed {samples.shape[0]} samples of {cfg['machine']} (max |diff| to the saved samples {drift:.2g})")
+    print(ej.explain.format_table({cfg["machine"]: report["mean"]}))
+    if table is not None:
+        print(f"\nsame noise ({samples.shape[0]} seeds), {len(images)} training images:")
+        print(ej.explain.format_table(table))
+    print(f"-> {out / 'provenance.png'}, {out / 'provenance.npz'}, {out / 'creativity.json'}")
+    return 0
