@@ -43,7 +43,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from ellsjax import _checks
 from ellsjax.machines.base import Denoiser
-from ellsjax.samplers._ddim import _segments, check_scales, check_times
+from ellsjax.samplers._ddim import _ddim, check_scales, check_times
 
 __all__ = [
     "Provenance",
@@ -103,29 +103,6 @@ class Provenance(NamedTuple):
     entropy: Float[Array, "s b h w"]
 
 
-@partial(jax.jit, static_argnames=("scales",))
-def _replay(denoiser, x, ts, label, *, scales):
-    # the DDIM step of ellsjax.samplers.ddim, with _denoise_provenance in place of _denoise
-    ab, var = denoiser.schedule.variances(ts)
-    a, s = jnp.sqrt(ab), jnp.sqrt(var)
-    b = x.shape[0]
-
-    def step(x, i, k):
-        x0, prov = denoiser._denoise_provenance(x, jnp.full((b,), ts[i]), label, k)
-        eps = (x - a[i] * x0) / s[i]
-        return a[i + 1] * x0 + s[i + 1] * eps, (x0, prov)
-
-    outs = []
-    for start, n, k in _segments(scales, ts.shape[0] - 1):
-        if n == 1:
-            x, out = step(x, start, k)
-            out = jax.tree.map(lambda v: v[None], out)
-        else:
-            x, out = jax.lax.scan(lambda c, i, k=k: step(c, i, k), x, jnp.arange(start, start + n))
-        outs.append(out)
-    return x, jax.tree.map(lambda *v: jnp.concatenate(v), *outs)
-
-
 def provenance(
     denoiser: Denoiser,
     x_start: Float[ArrayLike, "b h w c"],
@@ -170,7 +147,9 @@ def provenance(
     label = _checks.as_labels(label, x.shape[0])
     if label is None or _checks.is_concrete(label):
         denoiser.check_label(label)
-    x, (x0s, prov) = _replay(denoiser, x, ts, label, scales=scales)
+    # the DDIM trajectory of ellsjax.samplers.ddim, each step's x̂0 from _denoise_provenance
+    x, (_, x0s), prov = _ddim(denoiser, x, ts, label, scales=scales, progress=False, keep=True,
+                              method="_denoise_provenance")
     return Provenance(x, x0s, ts, scales if scales is not None else (None,) * (ts.shape[0] - 1), *prov)
 
 

@@ -120,19 +120,24 @@ def _segments(scales: tuple | None, nsteps: int):
         start += n
 
 
-@partial(jax.jit, static_argnames=("scales", "progress", "keep"))
-def _ddim(denoiser, x, ts, label, *, scales, progress, keep):
+@partial(jax.jit, static_argnames=("scales", "progress", "keep", "method"))
+def _ddim(denoiser, x, ts, label, *, scales, progress, keep, method="_denoise"):
+    """The DDIM trajectory. ``method`` names the denoiser's pure x̂0 method; one that returns
+    ``(x̂0, aux)`` (e.g. ``_denoise_provenance``) has its ``aux`` stacked over the steps.
+
+    Returns ``(x, (xs, x0s) | None, aux | None)``."""
     ab, var = denoiser.schedule.variances(ts)
     a, s = jnp.sqrt(ab), jnp.sqrt(var)
     b = x.shape[0]
 
     def step(x, i, k):
-        x0 = denoiser._denoise(x, jnp.full((b,), ts[i]), label, k)
+        x0 = getattr(denoiser, method)(x, jnp.full((b,), ts[i]), label, k)
+        x0, aux = x0 if isinstance(x0, tuple) else (x0, None)
         eps = (x - a[i] * x0) / s[i]
         x_next = a[i + 1] * x0 + s[i + 1] * eps
         if progress:
             jax.debug.callback(_Progress.tick, i, ordered=True)
-        return x_next, ((x_next, x0) if keep else None)
+        return x_next, ((x_next, x0) if keep else None, aux)
 
     outs = []
     for start, n, k in _segments(scales, ts.shape[0] - 1):
@@ -142,11 +147,8 @@ def _ddim(denoiser, x, ts, label, *, scales, progress, keep):
         else:
             x, out = jax.lax.scan(lambda c, i, k=k: step(c, i, k), x, jnp.arange(start, start + n))
         outs.append(out)
-    if not keep:
-        return x, None
-    xs = jnp.concatenate([o[0] for o in outs])
-    x0s = jnp.concatenate([o[1] for o in outs])
-    return x, (xs, x0s)
+    traj, aux = jax.tree.map(lambda *v: jnp.concatenate(v), *outs)
+    return x, traj, aux
 
 
 def ddim(
@@ -188,7 +190,7 @@ def ddim(
     if all(_checks.is_concrete(v) for v in jax.tree.leaves(denoiser)):
         denoiser = denoiser.prepare(scales if scales is not None else (None,), conditional=label is not None)
     with _progress_target(progress, nsteps) as has_progress:
-        x, traj = _ddim(denoiser, x, ts, label, scales=scales, progress=has_progress, keep=bool(return_trajectory))
+        x, traj, _ = _ddim(denoiser, x, ts, label, scales=scales, progress=has_progress, keep=bool(return_trajectory))
         x = jax.block_until_ready(x)
         if has_progress:
             jax.effects_barrier()
