@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -141,11 +142,14 @@ def bench_sample(machine_name, images, preset, batch, seed):
     m = ej.machines.build(machine_name, images)
     ts, scales = ej.schedules.resolve_scales(preset)
     x = jax.random.normal(jax.random.key(seed), (batch, *m.image_shape))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = ej.samplers.ddim(m, x, ts, scales=scales)
     jax.block_until_ready(out)
+    # process CPU time (all threads) next to wall time: on a shared machine wall time also counts
+    # other processes' turns, CPU time does not
     return {"machine": machine_name, "preset": preset, "N": int(images.shape[0]), "batch": batch,
-            "sample_s_total": time.perf_counter() - t0, "note": "includes bank builds and compilation"}
+            "sample_s_total": time.perf_counter() - t0, "sample_cpu_s": time.process_time() - c0,
+            "load_avg_after": os.getloadavg(), "note": "includes bank builds and compilation"}
 
 
 def main():
@@ -162,6 +166,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--check-pixels", type=int, default=8, help="pixels compared with float64 numpy (0: skip)")
     p.add_argument("--sample", default=None, help="also time a whole DDIM sample with this scale preset")
+    p.add_argument("--sample-only", action="store_true", help="skip the per-step table (with --sample)")
     p.add_argument("--out", default="bench_machines.json")
     args = p.parse_args()
 
@@ -175,7 +180,7 @@ def main():
     images, _ = ej.data.load(args.dataset, source=source, path=path, limit=args.n, image_size=args.image_size)
     rng = np.random.default_rng(0)
     rows = []
-    for name in args.machines.split(","):
+    for name in args.machines.split(",") if not args.sample_only else []:
         for k in [int(v) for v in args.scales.split(",")]:
             rows.append(bench_step(name, images, k, args.batch, args.t, args.repeats, args.check_pixels, rng))
             r = rows[-1]
@@ -187,7 +192,8 @@ def main():
     sample = None
     if args.sample:
         sample = bench_sample(args.machines.split(",")[-1], images, args.sample, args.batch, 0)
-        print(f"whole sample ({sample['preset']}, {sample['machine']}, N={sample['N']}): {sample['sample_s_total']:.1f}s")
+        print(f"whole sample ({sample['preset']}, {sample['machine']}, N={sample['N']}): {sample['sample_s_total']:.1f}s "
+              f"wall, {sample['sample_cpu_s']:.1f}s CPU; load average after {sample['load_avg_after']}")
     result = {
         "host": {"platform": platform.platform(), "processor": platform.processor(), "cpus": jax.local_device_count(),
                  "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
