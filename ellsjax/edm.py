@@ -116,7 +116,7 @@ def signal_noise(sigma: Float[ArrayLike, "*s"]) -> tuple[Float[Array, "*s"], Flo
     return a, s
 
 
-def to_edm(x_t: Float[ArrayLike, "b *d"], sigma: Float[ArrayLike, "*s"]) -> Float[Array, "b *d"]:
+def to_edm(x_t: Float[ArrayLike, "b *d"], sigma: Float[ArrayLike, "*s"]) -> Float[Array, "b *d"]:  # noqa: F821 (jaxtyping shape)
     """The EDM state ``x̃ = x_t/a = x_t·√(1+σ²)`` of a VP state at noise level ``σ`` (scalar or ``[B]``)."""
     x = jnp.asarray(x_t, jnp.float32)
     sig = jnp.asarray(sigma, jnp.float32)
@@ -124,7 +124,7 @@ def to_edm(x_t: Float[ArrayLike, "b *d"], sigma: Float[ArrayLike, "*s"]) -> Floa
     return x * scale.reshape(scale.shape + (1,) * (x.ndim - scale.ndim))
 
 
-def from_edm(x_edm: Float[ArrayLike, "b *d"], sigma: Float[ArrayLike, "*s"]) -> Float[Array, "b *d"]:
+def from_edm(x_edm: Float[ArrayLike, "b *d"], sigma: Float[ArrayLike, "*s"]) -> Float[Array, "b *d"]:  # noqa: F821 (jaxtyping shape)
     """The VP state ``x_t = a·x̃ = x̃/√(1+σ²)`` of an EDM state at noise level ``σ`` (scalar or ``[B]``)."""
     x = jnp.asarray(x_edm, jnp.float32)
     a, _ = signal_noise(sigma)

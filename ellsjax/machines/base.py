@@ -28,6 +28,7 @@ from ellsjax.machines import _banks
 
 __all__ = [
     "Denoiser", "Machine", "PixelProvenance", "DEFAULT_MEMORY_BUDGET", "DEFAULT_BANK_BUDGET", "default_memory_budget",
+    "MIN_CHUNK_ENTRIES", "MIN_QUERY_TILE", "query_tile",
     "bank_key",
 ]
 
@@ -39,6 +40,23 @@ DEFAULT_MEMORY_BUDGET = {"cpu": 4 * 2**20, "gpu": 1024 * 2**20, "tpu": 1024 * 2*
 
 #: Default bytes one scale's materialized bank may take, per backend.
 DEFAULT_BANK_BUDGET = {"cpu": 2**30, "gpu": 4 * 2**30, "tpu": 4 * 2**30}
+
+
+#: A batch's queries are streamed together while the memory budget still leaves chunks of at least
+#: :data:`MIN_CHUNK_ENTRIES` bank entries; beyond that (large unconditional batches) they are cut into
+#: tiles of at least :data:`MIN_QUERY_TILE` queries, each streaming the whole bank, so the GEMMs stay
+#: large instead of shrinking to a few bank entries per chunk.
+MIN_CHUNK_ENTRIES = 512
+MIN_QUERY_TILE = 1024
+
+
+def query_tile(budget: int, lead: int, mq: int, per_entry: int, per_query: int) -> int | None:
+    """Queries per tile for ``mq`` queries (``lead`` leading groups) under ``budget`` bytes, where a
+    chunk costs ``4·lead·(per_entry + per_query·mq)`` bytes per bank entry; ``None``: no tiling."""
+    if mq <= MIN_QUERY_TILE or budget // (4 * lead * (per_entry + per_query * mq)) >= MIN_CHUNK_ENTRIES:
+        return None
+    fit = (budget // (4 * lead * MIN_CHUNK_ENTRIES) - per_entry) // per_query
+    return int(min(mq, max(MIN_QUERY_TILE, fit)))
 
 
 def default_memory_budget() -> int:
@@ -444,13 +462,15 @@ class Machine(Denoiser):
         mq = queries.q.shape[-2]
         lead = int(np.prod(queries.q.shape[:-2]))
         v1 = bank.vv.shape[-1]
+        tile = None
         if self.chunk_size is not None:
             c = self.chunk_size * positions_per_image
         else:
             budget = self.memory_budget or default_memory_budget()
             # per bank entry: logits and weights of every query, plus the entry itself, per group;
             # a power of two divides the padded bank, so no chunk overlaps the previous one
-            c = 1 << max(0, int(budget // (4 * lead * (2 * mq + d1 + v1))).bit_length() - 1)
+            tile = query_tile(budget, lead, mq, d1 + v1, 2) if label is None else None
+            c = 1 << max(0, int(budget // (4 * lead * (2 * (tile or mq) + d1 + v1))).bit_length() - 1)
         c = int(min(max(c, 1), u))
         nchunks = -(-u // c)
         pick = (lambda x: x[label]) if label is not None else (lambda x: x[0])
@@ -462,7 +482,7 @@ class Machine(Denoiser):
                 vv = vv * (start + jnp.arange(c) >= i * c)[:, None].astype(vv.dtype)
             return _kernel.PackedBank(pick(jax.lax.dynamic_slice_in_dim(bank.keys_t, start, c, axis=3)), pick(vv))
 
-        return _kernel.streaming_softmax(queries, bank_fn, nchunks)[1]
+        return _kernel.streaming_softmax(queries, bank_fn, nchunks, query_tile=tile)[1]
 
     def _stream_sharded(self, queries, bank, label, positions_per_image):
         from jax.sharding import PartitionSpec as P

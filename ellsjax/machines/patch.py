@@ -38,7 +38,15 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
-from ellsjax.machines.base import Machine, PixelProvenance, bank_key, build, register
+from ellsjax.machines.base import (
+    Machine,
+    PixelProvenance,
+    bank_key,
+    build,
+    default_memory_budget,
+    query_tile,
+    register,
+)
 
 __all__ = ["LocalScore", "EquivariantLocalScore", "local", "els", "bbels"]
 
@@ -196,9 +204,10 @@ class _PatchMachine(Machine):
         bound = self._assemble(layout, {n: r.error_bound[..., None] for n, r in res.items()}, b, h, w, label is not None)
         return x0, bound[..., 0]
 
-    def _stream_images(self, queries, layout, label, provenance=False):
+    def _stream_images(self, queries, layout, label, provenance=False, bank_map=None):
         """Each group in its own pass over the training images, gathering its windows chunk by chunk
         (a pass per group lets small groups, like bbELS corners, take many images per chunk).
+        ``bank_map`` (optional) transforms each gathered chunk (e.g. the soft machines' window weights).
 
         With ``provenance``, each group's result is ``(means, ProvenanceSummary)`` with entry ids
         ``image·H·W + center`` (flat center position of the window in its training image)."""
@@ -211,17 +220,24 @@ class _PatchMachine(Machine):
             mq = queries[name].q.shape[-2]
             lead = int(np.prod(queries[name].q.shape[:-2]))
             # per training image: gathered windows plus logits and weights of every query
-            # (provenance: two more logits-sized temporaries)
+            # (provenance: two more logits-sized temporaries); large batches in query tiles
+            per_query = 4 if provenance else 2
+            budget = self.memory_budget or default_memory_budget()
+            tile = None
+            if not cond and self.chunk_size is None:
+                tile = query_tile(budget, lead, mq, 2 * d + ch + 2, per_query)
             members, valid, nchunks, c = self._chunking(
-                label, 4 * lead * pb * (2 * d + ch + (4 if provenance else 2) * mq + 2)
+                label, 4 * lead * pb * (2 * d + ch + per_query * (tile or mq) + 2)
             )
             chunk = functools.partial(self._image_chunk, g, members, valid, c, cond)
+            if bank_map is not None:
+                chunk = lambda i, f=chunk: bank_map(f(i))  # noqa: E731
             if not provenance:
-                means[name] = _kernel.streaming_softmax(queries[name], chunk, nchunks)[0]
+                means[name] = _kernel.streaming_softmax(queries[name], chunk, nchunks, query_tile=tile)[0]
                 continue
             ids = functools.partial(self._image_chunk_ids, g, members, c, cond)
             mean, stats = _kernel.streaming_softmax(queries[name], lambda i, f=chunk, e=ids: (f(i), e(i)), nchunks,
-                                                    provenance=True)
+                                                    query_tile=tile, provenance=True)
             means[name] = (mean, _kernel.summarize_provenance(stats, queries[name].inv_temp))
         return means
 
