@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 # Imported on first use: they pull in Flax NNX, optax and orbax (about a second), which the
 # analytic machines do not need.
-_LAZY = ("models", "nets", "training")
+_LAZY = ("models", "nets", "training", "calibration", "evaluation", "reproduce")
 
 
 def __getattr__(name):

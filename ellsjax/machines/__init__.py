@@ -19,6 +19,7 @@ from ellsjax.machines.patch import EquivariantLocalScore, LocalScore, bbels, els
 from ellsjax.machines.pca import PCALocality, pca
 from ellsjax.machines.pca import neighbourhoods as pca_neighbourhoods
 from ellsjax.machines.pspc import PSPC_CIFAR10_SCALES, PatchSetPosteriorComposite, pspc
+from ellsjax.machines.soft import SoftEquivariantLocalScore, soft_bbels, soft_els
 from ellsjax.machines.wiener import Wiener, wiener
 
 #: Machines by name, for the command line and the evaluation tools: ``name → builder(images,
@@ -32,6 +33,8 @@ MACHINES = {
     "wiener": wiener,
     "pca": pca,
     "cfdm": cfdm,
+    "soft-els": soft_els,
+    "soft-bbels": soft_bbels,
 }
 
 
@@ -72,6 +75,9 @@ __all__ = [
     "PSPC_CIFAR10_SCALES",
     "MACHINES",
     "build",
+    "SoftEquivariantLocalScore",
+    "soft_els",
+    "soft_bbels",
     "DEFAULT_MEMORY_BUDGET",
     "default_memory_budget",
 ]

@@ -1,0 +1,510 @@
+r"""Calibrating a machine's locality schedule against a network (or any denoiser).
+
+Two methods, both along the *network's* DDIM trajectories (``x_{t_i}`` from the same noise):
+
+**Grid calibration** (Kamb & Ganguli, arXiv 2412.20292, §5): at each step ``i`` and for each seed
+``b``, compare the network's score with each candidate scale's machine score on the same
+``x_{t_i}`` and keep the best candidate,
+
+.. math::
+
+    k^\star_{i,b} = \arg\max_k \cos\big(\nabla\log p^{\mathrm{net}}_{t_i}(x_{i,b}),
+    \nabla\log p^{k}_{t_i}(x_{i,b})\big)
+    \quad(\text{or } \arg\min_k \|\cdot - \cdot\|_2),
+
+and the schedule is the per-step median over seeds, ``k_i = \mathrm{median}_b\,k^\star_{i,b}`` (the
+lower median, so that it is always one of the candidates).
+
+**Differentiable calibration**: for a soft-window machine (:mod:`ellsjax.machines.soft`), whose
+``x̂0`` is smooth in the window width ``ℓ``, minimise with Adam (optax)
+
+.. math::
+
+    L(\ell) = \sum_i \frac{\mathrm{mean}_b\,\|\hat x_0^{\ell_i}(x_{i,b}, t_i) - \hat x_0^{\mathrm{net}}(x_{i,b}, t_i)\|^2}
+                         {\mathrm{mean}_b\,\|\hat x_0^{\mathrm{net}}(x_{i,b}, t_i)\|^2}
+
+over ``log ℓ_i`` per step (``curve="per_step"``) or over a smooth curve
+``log ℓ(t) = c_0 + c_1 t + c_2 t²`` (``curve="quadratic"``), differentiating through the streaming
+kernel. (Each step's term is normalised by the target's size, so that the steps near ``t = 1``,
+where the network's ``x̂0`` is large and noisy, do not dominate the smooth curve; per step the
+normalisation does not move the minimum.)
+
+The "network" is any :class:`~ellsjax.machines.Denoiser` — a trained network
+(:func:`ellsjax.models.load`) or a machine with a known schedule (which is how the tests check that
+calibration recovers it).
+
+Example:
+    >>> import jax, numpy as np, ellsjax as ej
+    >>> imgs = jax.random.uniform(jax.random.key(0), (8, 8, 8, 1), minval=-1, maxval=1)
+    >>> target = ej.machines.els(imgs)
+    >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    >>> ts = [0.8, 0.6, 0.4, 0.2, 0.0]
+    >>> cal = grid_calibrate(target, ej.machines.els(imgs), x, ts, candidates=(1, 3, 5),
+    ...                      network_scales=(5, 5, 3, 3))
+    >>> cal.scales
+    (5, 5, 3, 3)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import ArrayLike, Float
+
+from ellsjax import _checks
+from ellsjax import samplers as _samplers
+from ellsjax import schedules as _schedules
+from ellsjax.machines.base import Denoiser
+from ellsjax.machines.soft import SoftEquivariantLocalScore
+
+__all__ = [
+    "calibration_times",
+    "network_trajectory",
+    "GridCalibration",
+    "grid_calibrate",
+    "SoftCalibration",
+    "differentiable_calibrate",
+    "trajectory_loss",
+    "save_soft_schedule",
+    "load_schedule",
+]
+
+
+def calibration_times(nsteps: int = 20) -> np.ndarray:
+    """The paper's calibration grid: ``t = i/nsteps`` for ``i = nsteps … 0`` (``nsteps`` DDIM steps).
+
+    Example:
+        >>> calibration_times(4).tolist()
+        [1.0, 0.75, 0.5, 0.25, 0.0]
+    """
+    if isinstance(nsteps, bool) or not isinstance(nsteps, (int, np.integer)) or nsteps < 1:
+        raise ValueError(f"nsteps: need a positive int, got {nsteps!r}")
+    return (np.arange(nsteps, -1, -1) / nsteps).astype(np.float32)
+
+
+def network_trajectory(
+    network: Denoiser, x_start: Float[ArrayLike, "b h w c"], ts: Any, *, label: Any = None, scales: Any = None
+) -> _samplers.Trajectory:
+    """The network's DDIM trajectory from ``x_start`` over ``ts`` (``x_{t_i}`` and its ``x̂0`` per step)."""
+    if not isinstance(network, Denoiser):
+        raise TypeError(f"network: expected an ellsjax Denoiser (model or machine), got {type(network).__name__}")
+    _, traj = _samplers.ddim(network, x_start, ts, scales=scales, label=label, return_trajectory=True)
+    return traj
+
+
+def _check_pair(network, machine):
+    if not isinstance(network, Denoiser):
+        raise TypeError(f"network: expected an ellsjax Denoiser (model or machine), got {type(network).__name__}")
+    if not isinstance(machine, Denoiser):
+        raise TypeError(f"machine: expected an ellsjax Denoiser, got {type(machine).__name__}")
+    if tuple(network.image_shape) != tuple(machine.image_shape):
+        raise ValueError(f"machine: image shape {machine.image_shape} differs from the network's {network.image_shape}")
+    if network.schedule != machine.schedule:
+        raise ValueError(f"machine: noise schedule {machine.schedule} differs from the network's {network.schedule}")
+
+
+def _trajectory(network, x_start, ts, label, network_scales, trajectory):
+    if trajectory is not None:
+        if not isinstance(trajectory, _samplers.Trajectory):
+            raise TypeError("trajectory: expected an ellsjax.samplers.Trajectory")
+        return trajectory
+    if x_start is None:
+        raise ValueError("x_start: pass the starting noise (or a precomputed trajectory=)")
+    return network_trajectory(network, x_start, ts, label=label, scales=network_scales)
+
+
+def _stack_steps(traj, label):
+    """``(x [S·B,...], t [S·B], label [S·B] | None, x0_net [S, B, ...])`` for the steps' start times."""
+    s, b = traj.x0s.shape[:2]
+    x = traj.xs[:s].reshape(s * b, *traj.xs.shape[2:])
+    t = jnp.repeat(jnp.asarray(traj.ts[:s], jnp.float32), b)
+    lab = None if label is None else jnp.tile(label, s)
+    return x, t, lab
+
+
+def _chunked(fn, x, t, label, size):
+    """``fn(x, t, label)`` over batches of ``size`` images (the last one padded: one compile)."""
+    n = x.shape[0]
+    size = min(size, n)
+    outs = []
+    for start in range(0, n, size):
+        idx = jnp.minimum(jnp.arange(start, start + size), n - 1)
+        out = fn(x[idx], t[idx], None if label is None else label[idx])
+        outs.append(out[: min(size, n - start)])
+    return jnp.concatenate(outs)
+
+
+@partial(jax.jit, static_argnums=(4,))
+def _machine_x0(machine, x, t, label, scale):
+    return machine._denoise(x, t, label, scale)
+
+
+class GridCalibration(NamedTuple):
+    """Result of :func:`grid_calibrate`.
+
+    Attributes:
+        ts: ``[S+1]`` the time grid; step ``i`` starts at ``ts[i]``.
+        scales: ``S`` calibrated scales (per-step lower median over seeds of the best candidate).
+        candidates: the candidate scales compared.
+        best: ``[S, B]`` the best candidate per step and seed.
+        similarity: ``[S, K, B]`` the comparison per step, candidate and seed (cosine similarity of
+            the scores, or minus their L2 distance: larger is better either way).
+        metric: ``"cosine"`` or ``"l2"``.
+    """
+
+    ts: np.ndarray
+    scales: tuple
+    candidates: tuple
+    best: np.ndarray
+    similarity: np.ndarray
+    metric: str
+
+    def save(self, path: str | os.PathLike, **meta: Any) -> None:
+        """Write the schedule as JSON (``{"ts", "scales", ...}``; :func:`ellsjax.schedules.resolve_scales` reads it)."""
+        _schedules.save_scales(path, self.ts, self.scales, method="grid", metric=self.metric,
+                               candidates=[int(k) for k in self.candidates], **meta)
+
+
+def grid_calibrate(
+    network: Denoiser,
+    machine: Denoiser,
+    x_start: Float[ArrayLike, "b h w c"] | None,
+    ts: Any = None,
+    *,
+    candidates: Sequence[int],
+    metric: Literal["cosine", "l2"] = "cosine",
+    label: Any = None,
+    network_scales: Any = None,
+    trajectory: _samplers.Trajectory | None = None,
+    batch_size: int = 8,
+) -> GridCalibration:
+    """Calibrate a machine's per-step scale on the network's DDIM trajectories (the paper's method).
+
+    Args:
+        network: the reference denoiser (a trained network, or a machine: then pass its
+            ``network_scales``).
+        machine: the machine to calibrate (any denoiser taking the ``candidates`` as scales).
+        x_start: ``[B, H, W, C]`` starting noise, one trajectory per seed.
+        ts: the time grid (default :func:`calibration_times` ``(20)``: 20 steps from ``t = 1``).
+        candidates: the scales to compare (e.g. odd patch sizes ``1, 3, …, 15``).
+        metric: ``"cosine"`` (cosine similarity of the scores, the paper's) or ``"l2"`` (distance).
+        label: ``None`` or class ids, for conditional denoisers.
+        network_scales: scales passed to ``network`` when it is itself a machine.
+        trajectory: a precomputed network trajectory (then ``x_start`` may be ``None``).
+        batch_size: images per machine call (the steps of all trajectories are stacked and cut
+            into batches of this size; small batches keep the kernel's chunks GEMM-friendly).
+
+    Returns:
+        A :class:`GridCalibration`; ``.save(path)`` writes the JSON schedule.
+    """
+    _check_pair(network, machine)
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"metric: must be 'cosine' or 'l2', got {metric!r}")
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence) or len(candidates) == 0:
+        raise ValueError(f"candidates: expected a non-empty sequence of scales, got {candidates!r}")
+    cands = tuple(machine.check_scale(k) for k in candidates)
+    if len(set(cands)) != len(cands):
+        raise ValueError(f"candidates: contains duplicates: {candidates!r}")
+    ts = calibration_times(20) if ts is None else ts
+    traj = _trajectory(network, x_start, ts, label, network_scales, trajectory)
+    labels = _checks.as_labels(label, traj.x0s.shape[1])
+    if labels is None or _checks.is_concrete(labels):
+        machine.check_label(labels)
+    x, t, lab = _stack_steps(traj, labels)
+    s, b = traj.x0s.shape[:2]
+    a, var = (v[:, None, None, None] for v in machine.schedule.variances(t))
+    net_score = ((a * traj.x0s.reshape(x.shape) - x) / var).reshape(s, b, -1)
+    ready = machine.prepare(cands, conditional=lab is not None)
+    batch_size = _checks.check_positive_int(batch_size, "batch_size")
+    sims = []
+    for k in cands:
+        x0 = _chunked(lambda xc, tc, lc, k=k: _machine_x0(ready, xc, tc, lc, k), x, t, lab, batch_size)
+        m_score = ((a * x0 - x) / var).reshape(s, b, -1)
+        if metric == "cosine":
+            num = jnp.sum(m_score * net_score, -1)
+            den = jnp.linalg.norm(m_score, axis=-1) * jnp.linalg.norm(net_score, axis=-1)
+            sims.append(np.asarray(num / jnp.maximum(den, 1e-30)))
+        else:
+            sims.append(-np.asarray(jnp.linalg.norm(m_score - net_score, axis=-1)))
+    sim = np.stack(sims, axis=1)  # [S, K, B]
+    if not np.all(np.isfinite(sim)):
+        raise ValueError("network: the comparison produced NaN/inf (a denoiser returned non-finite values)")
+    best = np.asarray(cands)[np.argmax(sim, axis=1)]  # [S, B]
+    lower_median = np.sort(best, axis=1)[:, (b - 1) // 2]  # always one of the candidates
+    scales = tuple(type(cands[0])(v) for v in lower_median)
+    return GridCalibration(np.asarray(traj.ts), scales, cands, best, sim, metric)
+
+
+def trajectory_loss(
+    machine: Denoiser, trajectory: _samplers.Trajectory, scales: Any, *, label: Any = None, batch_size: int = 8,
+) -> np.ndarray:
+    """Per step, ``mean_b ‖x̂0_machine − x̂0_network‖² / mean_b ‖x̂0_network‖²`` on a network trajectory.
+
+    The objective of :func:`differentiable_calibrate`, for any machine and per-step scales (e.g. a
+    grid-calibrated hard machine), so that schedules of different machines can be compared on it.
+
+    Returns:
+        ``[S]`` the normalised losses.
+    """
+    if not isinstance(trajectory, _samplers.Trajectory):
+        raise TypeError("trajectory: expected an ellsjax.samplers.Trajectory")
+    s, b = trajectory.x0s.shape[:2]
+    scales = _samplers.check_scales(scales, machine, s)
+    labels = _checks.as_labels(label, b)
+    batch_size = _checks.check_positive_int(batch_size, "batch_size")
+    ready = machine.prepare(scales if scales is not None else (None,), conditional=labels is not None)
+    out = np.zeros(s)
+    for i in range(s):
+        k = None if scales is None else scales[i]
+        t = jnp.full((b,), trajectory.ts[i], jnp.float32)
+        x0 = _chunked(lambda xc, tc, lc, k=k: _machine_x0(ready, xc, tc, lc, k), trajectory.xs[i], t, labels,
+                      batch_size)
+        target = trajectory.x0s[i]
+        out[i] = float(jnp.mean((x0 - target) ** 2) / jnp.mean(target**2))
+    return out
+
+
+class SoftCalibration(NamedTuple):
+    """Result of :func:`differentiable_calibrate`.
+
+    Attributes:
+        ts: ``[S+1]`` the time grid.
+        ells: ``S`` window widths ``ℓ_i`` (floats), the soft machine's per-step scales.
+        support: the machine's support ``K``.
+        padding: the machine's padding (``"circular"``: soft ELS, ``"zeros"``: soft bbELS).
+        window: the machine's window shape (``"gaussian"`` or ``"box"``).
+        edge: the box window's edge width.
+        losses: ``[iters]`` the (minibatch) loss at every optimizer step.
+        step_loss: ``[S]`` each step's normalised loss at the final ``ℓ`` on all seeds.
+        curve: ``"per_step"`` or ``"quadratic"``.
+    """
+
+    ts: np.ndarray
+    ells: tuple
+    support: int
+    padding: str
+    window: str
+    edge: float
+    losses: np.ndarray
+    step_loss: np.ndarray
+    curve: str
+
+    def save(self, path: str | os.PathLike, **meta: Any) -> None:
+        """Write ``{"ts", "ells", "support", "padding", "window", "edge", ...}`` as JSON (read by
+        :func:`load_schedule`)."""
+        save_soft_schedule(path, self.ts, self.ells, support=self.support, padding=self.padding,
+                           window=self.window, edge=self.edge, method="differentiable", curve=self.curve, **meta)
+
+
+def _ells_from(params, curve, ts):
+    if curve == "per_step":
+        return jnp.exp(params)
+    return jnp.exp(params[0] + params[1] * ts + params[2] * ts * ts)
+
+
+def differentiable_calibrate(
+    network: Denoiser,
+    machine: SoftEquivariantLocalScore,
+    x_start: Float[ArrayLike, "b h w c"] | None,
+    ts: Any = None,
+    *,
+    init: float | Sequence[float] = 2.0,
+    iterations: int = 40,
+    learning_rate: float = 0.1,
+    batch: int | None = None,
+    curve: Literal["per_step", "quadratic"] = "per_step",
+    key: int = 0,
+    label: Any = None,
+    network_scales: Any = None,
+    trajectory: _samplers.Trajectory | None = None,
+) -> SoftCalibration:
+    """Learn the soft window width ``ℓ`` per step (or a smooth ``ℓ(t)``) by gradient descent.
+
+    Minimises the normalised ``‖x̂0_machine − x̂0_network‖²`` along the network's trajectories (see
+    the module docstring) with ``optax.adam`` over ``log ℓ``, differentiating through the streaming
+    kernel (rematerialised per chunk, so memory stays bounded by one chunk per step). Each step runs
+    at the window side of its current ``ℓ`` (:meth:`~ellsjax.machines.SoftEquivariantLocalScore.window_size`,
+    static: the update recompiles when a step's side changes).
+
+    Args:
+        network: the reference denoiser (network or machine; pass ``network_scales`` for a machine).
+        machine: a soft-window machine (:func:`ellsjax.machines.soft_els` / ``soft_bbels``).
+        x_start: ``[B, H, W, C]`` starting noise.
+        ts: time grid (default :func:`calibration_times` ``(20)``).
+        init: starting ``ℓ``: one float, or one per step.
+        iterations: Adam steps.
+        learning_rate: Adam learning rate (on ``log ℓ``).
+        batch: seeds per optimizer step (a random subset, fixed ``key``); ``None``: all.
+        curve: ``"per_step"`` (an independent ``ℓ_i`` per step) or ``"quadratic"``
+            (``log ℓ(t) = c_0 + c_1 t + c_2 t²``).
+        key: seed of the minibatch draws.
+        label: ``None`` or class ids.
+        network_scales: scales passed to ``network`` when it is itself a machine.
+        trajectory: a precomputed network trajectory (then ``x_start`` may be ``None``).
+
+    Returns:
+        A :class:`SoftCalibration`; ``.ells`` are the soft machine's per-step scales for the sampler.
+
+    Example:
+        >>> import jax, ellsjax as ej
+        >>> imgs = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1)
+        >>> m = ej.machines.soft_els(imgs, support=3)
+        >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+        >>> cal = differentiable_calibrate(m, m, x, [0.8, 0.4, 0.0], init=1.0, iterations=2,
+        ...                                network_scales=(1.0, 1.0))
+        >>> len(cal.ells), cal.losses.shape
+        (2, (2,))
+    """
+    import optax
+
+    _check_pair(network, machine)
+    if not isinstance(machine, SoftEquivariantLocalScore):
+        raise TypeError(f"machine: expected a soft-window machine (ej.machines.soft_els), got {type(machine).__name__}")
+    if curve not in ("per_step", "quadratic"):
+        raise ValueError(f"curve: must be 'per_step' or 'quadratic', got {curve!r}")
+    iterations = _checks.check_positive_int(iterations, "iterations")
+    if not (float(learning_rate) > 0):
+        raise ValueError(f"learning_rate: must be positive, got {learning_rate!r}")
+    ts = calibration_times(20) if ts is None else ts
+    traj = _trajectory(network, x_start, ts, label, network_scales, trajectory)
+    s, b = traj.x0s.shape[:2]
+    labels = _checks.as_labels(label, b)
+    if labels is None or _checks.is_concrete(labels):
+        machine.check_label(labels)
+    batch = b if batch is None else _checks.check_positive_int(batch, "batch")
+    if batch > b:
+        raise ValueError(f"batch: {batch} is more than the {b} seeds")
+    init_arr = np.broadcast_to(np.asarray(init, np.float64), (s,)) if np.ndim(init) == 0 else np.asarray(init, np.float64)
+    if init_arr.shape != (s,) or not np.all(np.isfinite(init_arr)) or np.any(init_arr <= 0):
+        raise ValueError(f"init: expected one positive ℓ or {s} of them, got {init!r}")
+    tstep = jnp.asarray(traj.ts[:s], jnp.float32)
+    if curve == "per_step":
+        params = jnp.log(jnp.asarray(init_arr, jnp.float32))
+    else:  # least-squares fit of the quadratic to log(init)
+        coef = np.polynomial.polynomial.polyfit(np.asarray(tstep, np.float64), np.log(init_arr), 2)
+        params = jnp.asarray(coef, jnp.float32)
+    xs = traj.xs[:s]
+    targets = traj.x0s
+    norms = jnp.mean(targets.reshape(s, b, -1) ** 2, axis=(1, 2))
+    opt = optax.adam(float(learning_rate))
+    opt_state = opt.init(params)
+    step_fn = _make_step(opt, curve)
+    rng = np.random.default_rng(key)
+    losses = []
+
+    def groups_of(p):  # steps grouped by their (static) window side at the current ℓ
+        sides = [machine.window_size(v) for v in np.asarray(_ells_from(p, curve, tstep))]
+        return tuple((k, tuple(i for i in range(s) if sides[i] == k)) for k in sorted(set(sides)))
+
+    def ready(groups):  # banks of the sides in use (memoized on `machine`)
+        return machine.prepare(sides=[k for k, _ in groups], conditional=labels is not None)
+
+    for _ in range(iterations):
+        sel = jnp.asarray(np.sort(rng.choice(b, batch, replace=False)) if batch < b else np.arange(b))
+        lab = None if labels is None else labels[sel]
+        groups = groups_of(params)
+        params, opt_state, loss = step_fn(ready(groups), params, opt_state, xs[:, sel], targets[:, sel], tstep, norms,
+                                          lab, groups=groups)
+        losses.append(float(loss))
+        if not (np.isfinite(losses[-1]) and bool(jnp.all(jnp.isfinite(params)))):
+            raise ValueError(f"network: the loss or ℓ became NaN/inf at iteration {len(losses)}; check the "
+                             "network's x̂0 (and learning_rate)")
+    losses = np.asarray(losses)
+    ells = _ells_from(params, curve, tstep)
+    groups = groups_of(params)
+    step_loss = np.asarray(_step_losses(ready(groups), ells, xs, targets, tstep, norms, labels, groups=groups))
+    return SoftCalibration(np.asarray(traj.ts), tuple(float(v) for v in np.asarray(ells)), machine.support,
+                           machine.padding, machine.window, machine.edge, losses, step_loss, curve)
+
+
+def _per_step_losses(machine, ells, xs, targets, ts, norms, label, *, groups):
+    """``[S]`` normalised losses; ``groups``: ``((side, step indices), …)``, one ``lax.map`` per side."""
+    b = xs.shape[1]
+    out = jnp.zeros(ts.shape, jnp.float32)
+    for side, idx in groups:
+        idx = jnp.asarray(idx)
+
+        def one(args, side=side):
+            x, target, t, ell = args
+            x0 = machine.denoise_ell(x, jnp.full((b,), t), label, ell, side=side)
+            return jnp.mean((x0 - target) ** 2)
+
+        out = out.at[idx].set(jax.lax.map(one, (xs[idx], targets[idx], ts[idx], ells[idx])))
+    return out / norms
+
+
+_step_losses = jax.jit(_per_step_losses, static_argnames=("groups",))
+
+
+def _make_step(opt, curve):
+    @partial(jax.jit, static_argnames=("groups",))
+    def step(machine, params, opt_state, xs, targets, ts, norms, label, *, groups):
+        def loss_fn(p):
+            return jnp.sum(_per_step_losses(machine, _ells_from(p, curve, ts), xs, targets, ts, norms, label,
+                                            groups=groups))
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return params + updates, opt_state, loss
+
+    return step
+
+
+def save_soft_schedule(
+    path: str | os.PathLike, ts: Any, ells: Any, *, support: int, padding: str = "circular",
+    window: str = "gaussian", edge: float = 0.15, **meta: Any
+) -> None:
+    """Write a soft-window schedule ``{"ts", "ells", "support", "padding", "window", "edge", ...}`` as JSON.
+
+    ``len(ells) == len(ts) − 1``; read it back with :func:`load_schedule`.
+    """
+    ts = [float(t) for t in np.asarray(ts).ravel()]
+    ells = [float(v) for v in np.asarray(ells).ravel()]
+    if len(ells) != len(ts) - 1:
+        raise ValueError(f"ells: expected len(ts) - 1 = {len(ts) - 1} values, got {len(ells)}")
+    if not all(np.isfinite(v) and v > 0 for v in ells):
+        raise ValueError(f"ells: window widths must be finite and positive, got {ells}")
+    with open(path, "w") as f:
+        json.dump({"ts": ts, "ells": ells, "support": int(support), "padding": padding, "window": window,
+                   "edge": float(edge), **meta}, f, indent=1)
+
+
+def load_schedule(spec: Any, *, nsteps: int = 20) -> tuple[np.ndarray, tuple, dict]:
+    """Read a scale schedule of either kind: ``(ts, scales, info)``.
+
+    A JSON file with ``"ells"`` (a soft-window schedule) gives float ``ℓ`` scales and ``info`` with
+    its ``support``, ``padding``, ``window`` and ``edge`` (the soft machine's options); anything else goes through
+    :func:`ellsjax.schedules.resolve_scales` (presets, JSON ``{"ts", "scales"}``, ints) and gives
+    ``info = {}``.
+
+    Example:
+        >>> ts, sc, info = load_schedule("MNIST_ResNet_zeros")
+        >>> len(ts), len(sc), info
+        (20, 19, {})
+    """
+    if isinstance(spec, (str, os.PathLike)) and os.path.isfile(spec):
+        try:
+            with open(spec) as f:
+                obj = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"spec: cannot read a scale schedule from {os.fspath(spec)!r}: {e}") from None
+        if isinstance(obj, dict) and "ells" in obj:
+            try:
+                ts = np.asarray(obj["ts"], np.float32)
+                ells = tuple(float(v) for v in obj["ells"])
+                info = {"support": int(obj["support"]), "padding": str(obj.get("padding", "circular")),
+                        "window": str(obj.get("window", "gaussian")), "edge": float(obj.get("edge", 0.15))}
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"spec: malformed soft schedule {os.fspath(spec)!r}: {e}") from None
+            if ts.ndim != 1 or len(ells) != len(ts) - 1:
+                raise ValueError(f"spec: {os.fspath(spec)!r} needs len(ells) == len(ts) - 1")
+            return ts, ells, info
+    ts, scales = _schedules.resolve_scales(spec, nsteps=nsteps)
+    return np.asarray(ts), tuple(scales), {}

@@ -1,0 +1,254 @@
+r"""Soft-window ELS machines: a continuous locality scale ``ℓ`` instead of a hard patch size.
+
+The ELS/bbELS machines compare a query window with bank patches through the squared distance over a
+``k×k`` window. The soft-window machines weight each offset ``δ`` of a ``K×K`` window (``K`` the
+maximum *support*, odd) by a Gaussian
+
+.. math::
+
+    w_\ell(\delta) = \exp\!\big(-\|\delta\|^2 / 2\ell^2\big), \qquad
+    \hat x_0(p) = \sum_j \mathrm{softmax}_j\Big(-\frac{\sum_\delta w_\ell(\delta)\,(x_t[p+\delta] - a\,\phi_j(\delta))^2}{2 s^2}\Big)\, \phi_j(0).
+
+Since ``Σ_δ w_δ (q_δ − a k_δ)² = ‖√w⊙q − a·√w⊙k‖²``, this *is* the ELS (``padding="circular"``) or
+bbELS (``padding="zeros"``) machine at patch size ``K`` with queries and keys multiplied by ``√w``
+per offset; the value is still the center pixel. So ``x̂0`` is a smooth function of ``ℓ`` and can be
+differentiated through the streaming kernel (see :func:`ellsjax.calibration.differentiable_calibrate`).
+As ``ℓ → ∞`` the machine becomes the hard ELS/bbELS machine at ``k = K``; small ``ℓ`` concentrates
+the weight on the center pixel.
+
+Design: the per-call ``scale`` of these machines is ``ℓ`` (a positive float), static per step like
+the integer patch size of the hard machines, so the samplers and ``denoise``/``score``/``eps`` take
+``scales=[ℓ_0, ℓ_1, …]`` unchanged. The window is truncated where the weight is negligible: at a
+given ``ℓ`` the machine works at the odd side ``K(ℓ) = min(support, 2⌈truncate·ℓ⌉ + 1)``
+(:meth:`SoftEquivariantLocalScore.window_size`; ``truncate = 3``: dropped offsets weigh
+``< e^{−4.5} ≈ 0.011``). This matters for ELS: its bank holds the ``K×K`` patches lying *inside* a
+training image, so a needlessly large ``K`` would leave out the patch centers near the borders.
+Each ``K`` has its own prebuilt bank. For gradients in ``ℓ`` call
+:meth:`SoftEquivariantLocalScore.denoise_ell` (``ℓ`` a traced scalar, the window side static),
+which is what the differentiable calibration uses.
+
+Example:
+    >>> import jax, ellsjax as ej
+    >>> imgs = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1)
+    >>> m = ej.machines.soft_els(imgs, support=5)
+    >>> m.denoise(imgs[:2], 0.5, scale=1.5).shape
+    (2, 8, 8, 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from ellsjax import kernel as _kernel
+from ellsjax import schedules as _schedules
+from ellsjax.machines import _banks
+from ellsjax.machines.base import Machine, bank_key, build, register
+from ellsjax.machines.patch import EquivariantLocalScore
+
+__all__ = ["SoftEquivariantLocalScore", "soft_els", "soft_bbels", "window_weights"]
+
+
+def window_weights(
+    ell: Float[ArrayLike, ""], support: int, window: str = "gaussian", edge: float = 0.15
+) -> Float[Array, " kk"]:
+    """The soft window over the ``support×support`` offsets ``δ``, row-major.
+
+    ``window="gaussian"``: ``w_ℓ(δ) = exp(−‖δ‖²/2ℓ²)``. ``window="box"``: a square with logistic
+    edges, ``w_ℓ(δ) = σ((ℓ + ½ − ‖δ‖_∞)/edge)`` — for integer ``ℓ`` and small ``edge`` nearly the hard
+    ``(2ℓ+1)×(2ℓ+1)`` patch of the ELS machine, and smooth in ``ℓ`` in between.
+
+    Example:
+        >>> import numpy as np
+        >>> w = window_weights(1.0, 3)
+        >>> bool(np.isclose(float(w[4]), 1.0)), bool(np.isclose(float(w[0]), np.exp(-1.0)))
+        (True, True)
+    """
+    return _sqrt_window(ell, support, window, edge) ** 2
+
+
+def _sqrt_window(ell, support: int, window: str = "gaussian", edge: float = 0.15) -> Array:
+    # √w computed directly (sqrt(w) has an infinite derivative where w underflows to 0)
+    r = jnp.arange(support, dtype=jnp.float32) - support // 2
+    ell = jnp.asarray(ell, jnp.float32)
+    if window == "box":
+        cheb = jnp.maximum(jnp.abs(r)[:, None], jnp.abs(r)[None, :]).reshape(-1)
+        return jnp.exp(-0.5 * jax.nn.softplus((cheb - ell - 0.5) / edge))  # √σ(z) = exp(−softplus(−z)/2)
+    d2 = (r[:, None] ** 2 + r[None, :] ** 2).reshape(-1)
+    return jnp.exp(-d2 / (4.0 * ell * ell))
+
+
+def _weight_bank(bank, sw: Float[Array, " d"]):
+    """A bank chunk with every key multiplied by ``√w`` (``sw``) per coordinate; padding unchanged."""
+    if isinstance(bank, _kernel.Bank):
+        keys = bank.keys * sw
+        return _kernel.Bank(keys, bank.values, bank.log_count, jnp.sum(keys * keys, axis=-1))
+    keys_t = bank.keys_t
+    d = keys_t.shape[-2] - 1
+    k = keys_t[..., :d, :] * sw[:, None]
+    pad = keys_t[..., d, :] >= 0.5 * _kernel.PAD_SQ_NORM
+    sq = jnp.where(pad, _kernel.PAD_SQ_NORM, jnp.sum(k * k, axis=-2))
+    return type(bank)(jnp.concatenate([k, sq[..., None, :]], axis=-2), *bank[1:])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SoftEquivariantLocalScore(EquivariantLocalScore):
+    """ELS/bbELS with a Gaussian soft window of width ``ℓ`` (the ``scale``) over a ``K×K`` support.
+
+    Build with :func:`soft_els` / :func:`soft_bbels`. ``scale`` is ``ℓ > 0`` in pixels (a float).
+
+    Attributes:
+        support: the largest window side (odd; for ELS ``≤ min(H, W)``, for bbELS ``< min(H, W)``).
+        truncate: the Gaussian window at ``ℓ`` reaches ``truncate·ℓ`` pixels from its center (see
+            :meth:`window_size`).
+        window: ``"gaussian"`` or ``"box"`` (see :func:`window_weights`).
+        edge: the box window's edge width.
+    """
+
+    support: int = 7
+    truncate: float = 3.0
+    window: str = "gaussian"
+    edge: float = 0.15
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.support, bool) or not isinstance(self.support, numbers.Integral) or self.support < 1 \
+                or self.support % 2 == 0:
+            raise ValueError(f"support: must be an odd positive int, got {self.support!r}")
+        h, w, _ = self.image_shape
+        if self.padding == "circular" and self.support > min(h, w):
+            raise ValueError(f"support: {self.support} is larger than the {h}x{w} image; soft ELS needs K <= {min(h, w)}")
+        if self.padding == "zeros" and self.support >= min(h, w):
+            raise ValueError(f"support: soft bbELS needs K < min(H, W) = {min(h, w)} (an interior), got {self.support}")
+        if not (isinstance(self.truncate, (int, float)) and math.isfinite(self.truncate) and self.truncate > 0):
+            raise ValueError(f"truncate: must be a finite positive number, got {self.truncate!r}")
+        if self.window not in ("gaussian", "box"):
+            raise ValueError(f"window: must be 'gaussian' or 'box', got {self.window!r}")
+        if not (isinstance(self.edge, (int, float)) and math.isfinite(self.edge) and self.edge > 0):
+            raise ValueError(f"edge: must be a finite positive number, got {self.edge!r}")
+
+    def window_size(self, ell: float) -> int:
+        """The odd window side used at ``ℓ``: Gaussian ``min(support, 2⌈truncate·ℓ⌉ + 1)``; box
+        ``min(support, 2⌊ℓ + ½ + 5·edge⌋ + 1)`` (dropped offsets weigh ``< σ(−5) ≈ 0.007``)."""
+        if self.window == "box":
+            return int(min(self.support, 2 * math.floor(float(ell) + 0.5 + 5 * self.edge) + 1))
+        return int(min(self.support, 2 * math.ceil(self.truncate * float(ell)) + 1))
+
+    def check_scale(self, scale: Any) -> float:
+        """``ℓ``: a finite positive float (pixels; ints are refused as likely patch sizes); returned as a
+        Python float."""
+        if scale is None:
+            raise ValueError("scale: the soft-window machine needs a window width ℓ > 0 (a float, in pixels)")
+        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale: expected a positive float window width ℓ, got {scale!r}")
+        if isinstance(scale, numbers.Integral):  # most likely a patch-size schedule meant for els/bbels
+            raise TypeError(f"scale: the soft-window machine's scale is a window width ℓ (a float, e.g. "
+                            f"{float(scale)}), not a patch size; got the int {scale!r}")
+        ell = float(scale)
+        if not (math.isfinite(ell) and ell > 0):
+            raise ValueError(f"scale: the window width ℓ must be finite and positive, got {scale!r}")
+        return ell
+
+    # banks are keyed by the window side K (an int); the scales given to prepare are ℓ (floats)
+    def prepare(self, scales: Any = (None,), *, conditional: bool = False, sides: Any = None) -> Machine:
+        """Build the banks of the window sides that the widths ``scales`` use (or of ``sides``)."""
+        if sides is None:
+            sides = {self.window_size(s) for s in scales if s is not None} or {self.support}
+        return super().prepare(tuple(sorted(sides)), conditional=conditional)
+
+    def _denoise(self, x_t, t, label, scale):
+        return self.denoise_ell(x_t, t, label, scale, side=self.window_size(scale))
+
+    def denoise_ell(
+        self, x_t: Float[Array, "b h w c"], t: Float[Array, " b"], label: Int[Array, " b"] | None,
+        ell: Float[ArrayLike, ""], *, side: int | None = None,
+    ) -> Float[Array, "b h w c"]:
+        """Pure ``x̂0`` at window width ``ell`` (a Python float or a traced scalar: differentiable).
+
+        ``t`` and ``label`` are per-example arrays as in :meth:`Denoiser._denoise`; no checks.
+        ``side`` is the (static, odd) window side; default ``support``.
+        """
+        b, h, w, ch = x_t.shape
+        k = self.support if side is None else int(side)
+        # √w = exp(−‖δ‖²/4ℓ²) directly: sqrt(w) would have an infinite derivative where w underflows
+        sw = jnp.repeat(_sqrt_window(ell, k, self.window, self.edge), ch)  # [K·K·C], offset-major like the windows
+        layout, queries = self._queries(x_t, t, label, k)
+        queries = {n: q._replace(q=q.q * sw) for n, q in queries.items()}
+        prepared = self.banks.get(bank_key(k, label is not None))
+        if prepared is not None:
+            means = {
+                name: self._stream_bank(
+                    queries[name], _banks.DeviceBank(*_weight_bank(_kernel.PackedBank(p.keys_t, p.vv), sw), p.values),
+                    label, g.bpos.shape[1],
+                )
+                for (name, g), p in ((item, prepared[item[0]]) for item in layout.groups.items())
+            }
+        else:
+            means = self._stream_images(queries, layout, label, bank_map=functools.partial(_weight_bank, sw=sw))
+        return self._assemble(layout, means, b, h, w, label is not None)
+
+
+register(SoftEquivariantLocalScore)
+
+
+def soft_els(
+    images: Float[ArrayLike, "n h w c"],
+    labels: Int[ArrayLike, " n"] | None = None,
+    padding: Literal["circular", "zeros"] = "circular",
+    *,
+    support: int = 7,
+    truncate: float = 3.0,
+    window: str = "gaussian",
+    edge: float = 0.15,
+    schedule: _schedules.Schedule | str = "cosine_legacy",
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    bank_budget: int | None = None,
+) -> SoftEquivariantLocalScore:
+    """Soft-window ELS (``padding="circular"``) or bbELS (``"zeros"``) with support ``K = support``.
+
+    ``x̂0(p) = Σ_j softmax_j(−‖√w_ℓ⊙(x_t[Ω_p] − a·P_j)‖²/2s²)·P_j^center`` over the ``K×K`` patches
+    ``P_j`` of the ELS (bbELS) bank, ``w_ℓ(δ) = exp(−‖δ‖²/2ℓ²)``; ``scale`` is ``ℓ``.
+
+    Args:
+        images: ``[N, H, W, C]`` training images in ``[-1, 1]``.
+        labels: optional ``[N]`` class ids for conditional denoising.
+        padding: ``"circular"`` (soft ELS) or ``"zeros"`` (soft bbELS).
+        support: the largest (odd) window side ``K``.
+        truncate: the Gaussian window at ``ℓ`` has side ``min(K, 2⌈truncate·ℓ⌉ + 1)``.
+        window: ``"gaussian"`` (``w = exp(−‖δ‖²/2ℓ²)``) or ``"box"`` (a square of half-side ``ℓ``
+            with logistic edges of width ``edge``; see :func:`window_weights`).
+        edge: the box window's edge width.
+        schedule: noise schedule (object or name).
+        chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
+        memory_budget: bytes of temporaries per chunk.
+        bank_budget: bytes the prebuilt bank of the support may take.
+
+    Example:
+        >>> import jax, ellsjax as ej
+        >>> imgs = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1)
+        >>> soft, hard = ej.machines.soft_els(imgs, support=3), ej.machines.els(imgs)
+        >>> x = imgs[:1] * 0.5
+        >>> float(abs(soft.denoise(x, 0.5, scale=1e4) - hard.denoise(x, 0.5, scale=3)).max()) < 1e-5
+        True
+    """
+    if padding not in ("circular", "zeros"):
+        raise ValueError(f"padding: must be 'circular' (soft ELS) or 'zeros' (soft bbELS), got {padding!r}")
+    return build(
+        SoftEquivariantLocalScore, images, labels, schedule=schedule, chunk_size=chunk_size,
+        memory_budget=memory_budget, bank_budget=bank_budget, padding=padding, support=support,
+        truncate=float(truncate), window=window, edge=float(edge),
+    )
+
+
+def soft_bbels(images, labels=None, **kwargs) -> SoftEquivariantLocalScore:
+    """Soft-window boundary-broken ELS: ``soft_els(images, labels, padding="zeros", ...)``."""
+    return soft_els(images, labels, padding="zeros", **kwargs)

@@ -1,0 +1,218 @@
+"""Soft-window machines and calibration: recovering known schedules from machine "networks"."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ellsjax as ej
+from ellsjax import calibration as cal
+
+
+@pytest.fixture(scope="module")
+def imgs():
+    return jax.random.uniform(jax.random.key(0), (10, 8, 8, 1), minval=-1, maxval=1)
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+
+
+# -- soft-window machines -------------------------------------------------------------------------
+
+def test_window_weights_hand_values():
+    w = np.asarray(ej.machines.soft.window_weights(2.0, 3)).reshape(3, 3)
+    assert w[1, 1] == pytest.approx(1.0)
+    assert w[0, 1] == pytest.approx(np.exp(-1 / 8))
+    assert w[0, 0] == pytest.approx(np.exp(-2 / 8))
+
+
+def test_box_window_hand_values():
+    w = np.asarray(ej.machines.soft.window_weights(1.0, 5, "box", 0.25)).reshape(5, 5)
+    s = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    assert w[2, 2] == pytest.approx(s(1.5 / 0.25), rel=1e-5)  # center: Chebyshev distance 0
+    assert w[1, 3] == pytest.approx(s(0.5 / 0.25), rel=1e-5)  # distance 1: inside the 3x3 box
+    assert w[0, 2] == pytest.approx(s(-0.5 / 0.25), rel=1e-5)  # distance 2: outside
+    m = ej.machines.soft_els(jnp.zeros((2, 8, 8, 1)), support=7, window="box", edge=0.15)
+    assert [m.window_size(v) for v in (0.0, 1.0, 1.3, 5.0)] == [3, 5, 5, 7]
+    with pytest.raises(ValueError, match="window"):
+        ej.machines.soft_els(jnp.zeros((2, 8, 8, 1)), window="disk")
+
+
+def test_box_window_recovers_known_half_side(imgs, noise):
+    ts = [0.7, 0.4, 0.0]
+    truth = (1.6, 0.8)
+    m = ej.machines.soft_els(imgs, support=5, window="box", edge=0.3)
+    res = cal.differentiable_calibrate(m, m, noise, ts, init=1.2, iterations=50, learning_rate=0.08,
+                                       network_scales=truth)
+    np.testing.assert_allclose(res.ells, truth, rtol=0.1)
+    assert res.window == "box"
+
+
+@pytest.mark.parametrize("padding", ["circular", "zeros"])
+def test_soft_matches_explicit_weighted_distance(imgs, padding):
+    """x̂0 equals a direct numpy evaluation of the Gaussian-weighted patch posterior (ELS bank)."""
+    m = ej.machines.soft_els(imgs, padding=padding, support=3)
+    x = np.asarray(jax.random.normal(jax.random.key(5), (1, 8, 8, 1)))
+    ell, t = 0.9, 0.4
+    got = np.asarray(m.denoise(x, t, scale=ell))[0, :, :, 0]
+    a, s = (float(v) for v in m.schedule(t))
+    w = np.asarray(ej.machines.soft.window_weights(ell, 3), np.float64)
+    tr = np.asarray(imgs, np.float64)[..., 0]
+    # bank: every 3x3 patch fully inside a training image (interior pixels of both ELS and bbELS)
+    patches = np.stack([tr[:, i:i + 3, j:j + 3].reshape(len(tr), 9) for i in range(6) for j in range(6)], 1).reshape(-1, 9)
+    xpad = np.pad(x[0, :, :, 0].astype(np.float64), 1, mode="wrap" if padding == "circular" else "constant")
+    for p, q in [(3, 4), (1, 6), (6, 2)]:  # interior pixels
+        qw = xpad[p:p + 3, q:q + 3].reshape(9)
+        logits = -np.sum(w * (qw - a * patches) ** 2, axis=1) / (2 * s * s)
+        wt = np.exp(logits - logits.max())
+        assert got[p, q] == pytest.approx(float(np.sum(wt * patches[:, 4]) / wt.sum()), abs=2e-5)
+
+
+@pytest.mark.parametrize("padding", ["circular", "zeros"])
+def test_soft_large_ell_is_hard_machine_and_paths_agree(imgs, noise, padding):
+    hard = ej.machines.els(imgs, padding=padding)
+    soft = ej.machines.soft_els(imgs, padding=padding, support=5)
+    streamed = ej.machines.soft_els(imgs, padding=padding, support=5, bank_budget=1)  # no prebuilt bank
+    a = soft.denoise(noise, 0.5, scale=1e5)
+    np.testing.assert_allclose(a, hard.denoise(noise, 0.5, scale=5), atol=2e-5)
+    np.testing.assert_allclose(soft.denoise(noise, 0.3, scale=1.2), streamed.denoise(noise, 0.3, scale=1.2), atol=2e-5)
+
+
+def test_soft_conditional_matches_hard(imgs, noise):
+    labels = np.arange(10) % 3
+    soft = ej.machines.soft_els(imgs, labels, support=3)
+    hard = ej.machines.els(imgs, labels)
+    np.testing.assert_allclose(soft.denoise(noise, 0.5, scale=1e5, label=[0, 2, 1]),
+                               hard.denoise(noise, 0.5, scale=3, label=[0, 2, 1]), atol=2e-5)
+
+
+def test_soft_window_truncates_at_small_ell(imgs, noise):
+    wide = ej.machines.soft_els(imgs, support=7)
+    assert [wide.window_size(v) for v in (0.3, 0.5, 1.0, 100.0)] == [3, 5, 7, 7]
+    np.testing.assert_allclose(wide.denoise(noise, 0.3, scale=0.3),
+                               ej.machines.soft_els(imgs, support=3).denoise(noise, 0.3, scale=0.3), atol=1e-6)
+    assert set(wide.prepare((0.3, 0.5)).banks) == {"k3", "k5"}
+
+
+def test_soft_gradient_matches_finite_difference(imgs, noise):
+    m = ej.machines.soft_els(imgs, support=5).prepare()
+    t = jnp.full((3,), 0.4)
+
+    @jax.jit
+    def f(ell):
+        return jnp.sum(m.denoise_ell(noise, t, None, ell) ** 2)
+
+    g = float(jax.jit(jax.grad(f))(1.1))
+    fd = float((f(1.1 + 1e-2) - f(1.1 - 1e-2)) / 2e-2)
+    assert g == pytest.approx(fd, rel=2e-2)
+    assert abs(g) > 1e-3
+
+
+def test_soft_machine_samples_and_registry(imgs, noise):
+    m = ej.machines.build("soft-bbels", imgs, support=3)
+    assert m.padding == "zeros" and "soft-els" in ej.machines.MACHINES
+    x = ej.samplers.ddim(m, noise, [0.8, 0.4, 0.0], scales=[2.0, 0.7])
+    assert x.shape == noise.shape and bool(jnp.all(jnp.isfinite(x)))
+
+
+def test_soft_machine_errors(imgs):
+    m = ej.machines.soft_els(imgs, support=3)
+    with pytest.raises(ValueError, match="scale"):
+        m.denoise(imgs[:1], 0.5, scale=-1.0)
+    with pytest.raises(ValueError, match="scale"):
+        m.denoise(imgs[:1], 0.5, scale=float("nan"))
+    with pytest.raises(ValueError, match="scale"):
+        m.denoise(imgs[:1], 0.5)
+    with pytest.raises(TypeError, match="patch size"):
+        ej.samplers.ddim(m, imgs[:1], [0.5, 0.0], scales=[3])
+    with pytest.raises(ValueError, match="support"):
+        ej.machines.soft_els(imgs, support=4)
+    with pytest.raises(ValueError, match="support"):
+        ej.machines.soft_els(imgs, support=9)
+    with pytest.raises(ValueError, match="support"):
+        ej.machines.soft_bbels(imgs, support=9)
+
+
+# -- grid calibration -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_grid_recovers_true_schedule(imgs, noise, metric, tmp_path):
+    ts = [0.8, 0.6, 0.4, 0.2, 0.0]
+    truth = (7, 5, 3, 3)
+    target = ej.machines.els(imgs)
+    res = cal.grid_calibrate(target, ej.machines.els(imgs), noise, ts, candidates=(1, 3, 5, 7),
+                             metric=metric, network_scales=truth)
+    assert res.scales == truth
+    assert res.best.shape == (4, 3) and res.similarity.shape == (4, 4, 3)
+    assert np.all(res.best == np.asarray(truth)[:, None])
+    res.save(tmp_path / "s.json")
+    ts2, sc2 = ej.schedules.resolve_scales(str(tmp_path / "s.json"))
+    assert sc2 == truth and np.allclose(ts2, ts)
+
+
+def test_trajectory_loss_zero_for_the_target_itself(imgs, noise):
+    target = ej.machines.els(imgs)
+    traj = cal.network_trajectory(target, noise, [0.8, 0.5, 0.0], scales=(5, 3))
+    own = cal.trajectory_loss(ej.machines.els(imgs), traj, (5, 3), batch_size=2)
+    other = cal.trajectory_loss(ej.machines.els(imgs), traj, (1, 7))
+    assert own.shape == (2,) and np.all(own < 1e-8) and np.all(other > 1e-4)
+    with pytest.raises(ValueError, match="scales"):
+        cal.trajectory_loss(target, traj, (5,))
+
+
+def test_grid_errors(imgs, noise):
+    m = ej.machines.els(imgs)
+    with pytest.raises(ValueError, match="metric"):
+        cal.grid_calibrate(m, m, noise, [0.5, 0.0], candidates=(3,), metric="dot", network_scales=(3,))
+    with pytest.raises(ValueError, match="candidates"):
+        cal.grid_calibrate(m, m, noise, [0.5, 0.0], candidates=(), network_scales=(3,))
+    with pytest.raises(ValueError, match="scale"):
+        cal.grid_calibrate(m, m, noise, [0.5, 0.0], candidates=(4,), network_scales=(3,))
+    other = ej.machines.els(jnp.zeros((3, 6, 6, 1)))
+    with pytest.raises(ValueError, match="image shape"):
+        cal.grid_calibrate(m, other, noise, [0.5, 0.0], candidates=(3,), network_scales=(3,))
+
+
+# -- differentiable calibration -------------------------------------------------------------------
+
+@pytest.mark.parametrize("curve", ["per_step", "quadratic"])
+def test_differentiable_recovers_known_ell(imgs, noise, curve, tmp_path):
+    ts = [0.7, 0.5, 0.3, 0.0]
+    truth = (1.6, 1.6, 1.6) if curve == "quadratic" else (1.8, 1.2, 0.7)
+    target = ej.machines.soft_els(imgs, support=5)
+    res = cal.differentiable_calibrate(target, ej.machines.soft_els(imgs, support=5), noise, ts, init=1.0,
+                                       iterations=60, learning_rate=0.08, curve=curve, network_scales=truth)
+    np.testing.assert_allclose(res.ells, truth, rtol=0.1)
+    assert res.losses[-1] < 0.05 * res.losses[0]
+    res.save(tmp_path / "soft.json")
+    ts2, ells, info = cal.load_schedule(tmp_path / "soft.json")
+    assert info == {"support": 5, "padding": "circular", "window": "gaussian", "edge": 0.15} and np.allclose(ells, res.ells) and np.allclose(ts2, ts)
+
+
+def test_differentiable_errors(imgs, noise):
+    soft = ej.machines.soft_els(imgs, support=3)
+    hard = ej.machines.els(imgs)
+    with pytest.raises(TypeError, match="soft-window"):
+        cal.differentiable_calibrate(hard, hard, noise, [0.5, 0.0], network_scales=(3,))
+    with pytest.raises(ValueError, match="init"):
+        cal.differentiable_calibrate(soft, soft, noise, [0.5, 0.0], init=-1.0, network_scales=(1.0,))
+    with pytest.raises(ValueError, match="batch"):
+        cal.differentiable_calibrate(soft, soft, noise, [0.5, 0.0], batch=9, network_scales=(1.0,))
+    with pytest.raises(ValueError, match="curve"):
+        cal.differentiable_calibrate(soft, soft, noise, [0.5, 0.0], curve="cubic", network_scales=(1.0,))
+
+
+def test_load_schedule_errors(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps({"ts": [0.5, 0.0], "ells": [1.0, 2.0], "support": 3}))
+    with pytest.raises(ValueError, match="len"):
+        cal.load_schedule(p)
+    with pytest.raises(ValueError, match="ells"):
+        cal.save_soft_schedule(tmp_path / "x.json", [0.5, 0.0], [-1.0], support=3)
+    assert cal.calibration_times(2).tolist() == [1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="nsteps"):
+        cal.calibration_times(0)

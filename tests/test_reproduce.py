@@ -1,0 +1,77 @@
+"""`ellsjax reproduce --preset smoke` end to end, and `ellsjax evaluate` on the network it trained."""
+
+import json
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+import matplotlib.image  # noqa: E402
+
+import ellsjax as ej  # noqa: E402
+from ellsjax import cli  # noqa: E402
+
+
+def _valid_png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 10 and img.shape[1] > 10
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    assert cli.main(["reproduce", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_reproduce_smoke_outputs(smoke):
+    res = json.loads((smoke / "results.json").read_text())
+    assert res["preset"] == "smoke"
+    evals = res["evaluations"]
+    assert set(evals) == {"els-grid", "soft-els-box"}
+    for row in evals.values():
+        sm = row["summary"]
+        assert sm["n"] == ej.reproduce.preset("smoke").eval_seeds
+        assert -1.0 <= sm["machine"]["pearson_r"]["median"] <= 1.0
+        assert 0.0 <= sm["frac_beats_baseline"] <= 1.0
+    for figs in res["figures"].values():
+        for rel in figs.values():
+            _valid_png(smoke / rel)
+    report = (smoke / "report.md").read_text()
+    assert "| els | grid |" in report and "| soft-els | box |" in report
+    ts, scales = ej.schedules.resolve_scales(str(smoke / "scales_grid.json"))
+    assert len(scales) == len(ts) - 1 == ej.reproduce.preset("smoke").nsteps
+    ts, ells, info = ej.calibration.load_schedule(smoke / "scales_soft_box.json")
+    assert len(ells) == len(ts) - 1 and info["support"] == ej.reproduce.preset("smoke").soft_support
+    assert info["window"] == "box"
+
+
+def test_cli_evaluate_on_trained_network(smoke, tmp_path):
+    out = tmp_path / "ev"
+    code = cli.main(["evaluate", "--model", str(smoke / "net"), "--machine", "els", "--scales",
+                     str(smoke / "scales_grid.json"), "--n", "3", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["machine"] == "els" and len(res["per_seed"]["machine"]["pearson_r"]) == 3
+    assert len(res["per_seed"]["baseline"]["pearson_r"]) == 3
+    _valid_png(out / "scatter.png")
+    _valid_png(out / "grid.png")
+    soft = tmp_path / "evs"
+    assert cli.main(["evaluate", "--model", str(smoke / "net"), "--machine", "soft-els", "--scales",
+                     str(smoke / "scales_soft_box.json"), "--n", "2", "--out", str(soft)]) == 0
+    assert len(json.loads((soft / "results.json").read_text())["scales"]) == ej.reproduce.preset("smoke").nsteps
+
+
+def test_cli_errors(smoke, tmp_path):
+    net = str(smoke / "net")
+    with pytest.raises(SystemExit, match="soft-window"):
+        cli.main(["evaluate", "--model", net, "--machine", "els", "--scales", str(smoke / "scales_soft_box.json")])
+    with pytest.raises(SystemExit, match="soft"):
+        cli.main(["evaluate", "--model", net, "--machine", "soft-els", "--scales", str(smoke / "scales_grid.json")])
+    with pytest.raises(SystemExit, match="--scales"):
+        cli.main(["evaluate", "--model", net, "--machine", "bbels"])
+    with pytest.raises(SystemExit, match="--model"):
+        cli.main(["evaluate", "--model", str(tmp_path / "nothing"), "--machine", "is"])
+    with pytest.raises(SystemExit, match="--preset"):
+        cli.main(["reproduce", "--preset", "nope", "--out", str(tmp_path / "x")])
