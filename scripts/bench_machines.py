@@ -85,8 +85,8 @@ def reference_pixel(images, x, r, c, k, a, s, padding):
     return wts @ vals / wts.sum()
 
 
-def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng):
-    m = ej.machines.build(machine_name, images)
+def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng, memory_budget=None):
+    m = ej.machines.build(machine_name, images, memory_budget=memory_budget)
     h, w, ch = m.image_shape
     n = images.shape[0]
     x = jax.random.normal(jax.random.key(1), (batch, h, w, ch))
@@ -167,8 +167,11 @@ def main():
     p.add_argument("--check-pixels", type=int, default=8, help="pixels compared with float64 numpy (0: skip)")
     p.add_argument("--sample", default=None, help="also time a whole DDIM sample with this scale preset")
     p.add_argument("--sample-only", action="store_true", help="skip the per-step table (with --sample)")
+    p.add_argument("--memory-budget", type=float, default=None,
+                   help="chunk memory budget in MiB (default: the backend's, ellsjax.machines.base.DEFAULT_MEMORY_BUDGET)")
     p.add_argument("--out", default="bench_machines.json")
     args = p.parse_args()
+    budget = None if args.memory_budget is None else int(args.memory_budget * 2**20)
 
     source, path = args.source, args.path
     if source == "auto":
@@ -182,7 +185,7 @@ def main():
     rows = []
     for name in args.machines.split(",") if not args.sample_only else []:
         for k in [int(v) for v in args.scales.split(",")]:
-            rows.append(bench_step(name, images, k, args.batch, args.t, args.repeats, args.check_pixels, rng))
+            rows.append(bench_step(name, images, k, args.batch, args.t, args.repeats, args.check_pixels, rng, budget))
             r = rows[-1]
             print(f"{name:6s} k={k:2d} N={r['N']} B={r['batch']}  step {r['step_s_median']:.3f}s  "
                   f"({r['gflops_achieved']:.1f} GFLOP/s; same-shape GEMM {r['gemm_gflops_same_shape']:.1f})  "
@@ -210,7 +213,8 @@ def main():
     for r in rows:
         print(f"| {r['machine']} | {r['k']} | {r['N']} | {r['batch']} | {r['step_s_median']:.3f} | {r['gflops_achieved']:.1f} | "
               f"{r['gemm_gflops_same_shape']:.1f} | {100 * r['gflops_achieved'] / r['gemm_gflops_same_shape']:.0f}% | "
-              f"{r['compile_s']:.1f} | {r['bank_build_s']:.1f} | {r['bank_entries']} | {r['max_err_vs_float64']:.1e} |")
+              f"{r['compile_s']:.1f} | {r['bank_build_s']:.1f} | {r['bank_entries']} | "
+              f"{'-' if r['max_err_vs_float64'] is None else format(r['max_err_vs_float64'], '.1e')} |")
 
 
 if __name__ == "__main__":

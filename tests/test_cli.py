@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -88,3 +89,52 @@ def test_pspc_uses_its_published_cifar10_schedule(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["scales"] == list(ej.machines.PSPC_CIFAR10_SCALES)
     np.testing.assert_allclose(cfg["ts"], ej.edm.karras_times(18, "cosine_legacy"), atol=1e-6)
+
+
+def test_soft_machine_samples_from_a_learned_schedule_file(tmp_path):
+    from ellsjax import calibration
+
+    ts = ej.schedules.paper_times(3)
+    calibration.save_soft_schedule(tmp_path / "soft.json", ts, [2.0, 1.0], support=5, padding="zeros",
+                                   window="box", edge=0.15)
+    out = tmp_path / "run"
+    code = cli.main(["sample", "--machine", "soft-bbels", "--n-train", "10", "--image-size", "12", "--num-samples", "2",
+                     "--scales", str(tmp_path / "soft.json"), "--out", str(out), "--no-progress"])
+    assert code == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["scales"] == [2.0, 1.0] and cfg["machine_options"] == {"support": 5, "window": "box", "edge": 0.15}
+    with np.load(out / "samples.npz") as z:
+        assert z["samples"].shape == (2, 12, 12, 1) and np.all(np.isfinite(z["samples"]))
+        np.testing.assert_allclose(z["scales"], [2.0, 1.0])
+    # the same run through the library: the CLI adds nothing to the machine
+    imgs, _ = ej.data.load("mnist", image_size=12, limit=10)
+    m = ej.machines.soft_els(imgs, padding="zeros", support=5, window="box", edge=0.15)
+    ref = ej.samplers.ddim(m, jax.random.normal(jax.random.key(0), (2, 12, 12, 1)), ts, scales=[2.0, 1.0])
+    with np.load(out / "samples.npz") as z:
+        np.testing.assert_allclose(z["samples"], np.asarray(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--machine", "soft-els"], "needs a soft-window schedule"),
+        (["--machine", "soft-els", "--scales", "MNIST_ResNet_zeros"], "comma-separated widths"),
+        (["--machine", "soft-els", "--scales", "1.5,0"], "must be positive"),
+        (["--machine", "soft-els", "--scales", "1.5,2"], "expected 19 widths"),
+    ],
+)
+def test_soft_machine_errors_are_clear(argv, msg, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sample", "--n-train", "8", "--image-size", "12", "--out", str(tmp_path), *argv])
+    assert msg in str(e.value.code)
+
+
+def test_soft_schedule_padding_must_match_the_machine(tmp_path):
+    from ellsjax import calibration
+
+    calibration.save_soft_schedule(tmp_path / "soft.json", ej.schedules.paper_times(3), [2.0, 1.0], support=5,
+                                   padding="circular")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sample", "--machine", "soft-bbels", "--n-train", "8", "--image-size", "12", "--out",
+                  str(tmp_path / "o"), "--scales", str(tmp_path / "soft.json")])
+    assert "use --machine soft-els" in str(e.value.code)

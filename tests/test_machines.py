@@ -336,11 +336,11 @@ def test_streamed_packed_groups_match_reference(kind, conditional):
 @pytest.mark.parametrize("kind,prebuilt", [("els", True), ("bbels", False)])
 def test_large_batches_stream_in_query_tiles(kind, prebuilt):
     # 12 images of 12x12: 1200-1728 queries per group, too many for chunks of >= 512 bank entries in
-    # the default budget, so the queries are streamed in tiles; same result
+    # a 4 MiB budget, so the queries are streamed in tiles; same result
     imgs, x = data((12, 12, 1), n=5, b=12)
     mq = 12 * (100 if kind == "bbels" else 144)
-    assert ej.machines.base.query_tile(ej.machines.default_memory_budget(), 1, mq, 12, 2) is not None
-    m = BUILD[kind](imgs, **({} if prebuilt else {"bank_budget": 1}))
+    assert ej.machines.base.query_tile(4 * 2**20, 1, mq, 12, 2) is not None
+    m = BUILD[kind](imgs, memory_budget=4 * 2**20, **({} if prebuilt else {"bank_budget": 1}))
     t = np.linspace(0.2, 1.0, 12).astype(np.float32)
     np.testing.assert_allclose(m.denoise(x, t, scale=3), run_ref(kind, imgs, x, t, 3), atol=1e-5)
 

@@ -40,7 +40,8 @@ def register(sub) -> None:
     )
     s.add_argument("--machine", default="bbels",
                    help="a machine of ellsjax.machines.MACHINES: bbels = ELS with zero padding; els = ELS with "
-                        "circular padding; ls = local score; is = ideal score")
+                        "circular padding; ls = local score; is = ideal score; soft-els, soft-bbels = soft-window ELS "
+                        "(--scales: a schedule from the differentiable calibration, or widths ℓ)")
     s.add_argument("--padding", choices=("zeros", "circular"), default=None,
                    help="padding of the ELS machine: --machine els --padding zeros is bbels")
     s.add_argument("--machine-option", action="append", default=[], metavar="KEY=VALUE",
@@ -87,7 +88,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     name = "bbels" if (args.machine == "els" and args.padding == "zeros") else args.machine
     if name not in ej.machines.MACHINES:
         _fail(f"--machine: unknown machine {args.machine!r}; known: {', '.join(sorted(ej.machines.MACHINES))}")
-    padding = "circular" if name == "els" else "zeros"  # the network padding whose scale preset applies
+    padding = "circular" if name in ("els", "soft-els") else "zeros"  # the network padding whose scale preset applies
     options = dict(_parse_option(o) for o in args.machine_option)
     image_size = args.image_size
     if image_size is None and args.dataset in ("mnist", "fashion_mnist"):
@@ -103,8 +104,26 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             image_size=image_size, limit=args.n_train,
         )
         conditional = args.label is not None
+        soft = name.startswith("soft-")
+        if soft:
+            # a soft-window machine's per-step scale is a float width ℓ; its schedule file also names the
+            # window (support, shape, padding) it was learned with, which the builder takes unless overridden
+            if args.scales is None:
+                _fail(f"--scales: --machine {name} needs a soft-window schedule (a JSON with 'ells' from the "
+                      "differentiable calibration) or widths ℓ (one float, or comma-separated floats, one per step)")
+            spec = args.scales
+            ts, scales, info = _soft_schedule(spec, nsteps=args.steps)
+            want = "circular" if name == "soft-els" else "zeros"
+            if info.get("padding", want) != want:
+                _fail(f"--scales: the schedule was learned for padding {info['padding']!r}; use --machine "
+                      f"{'soft-els' if info['padding'] == 'circular' else 'soft-bbels'}")
+            for key in ("support", "window", "edge"):
+                if key in info:
+                    options.setdefault(key, info[key])
         machine = ej.machines.build(name, images, labels if conditional else None, schedule=args.schedule, **options)
-        if not machine.needs_scale:
+        if soft:
+            pass  # ts, scales from the soft schedule above
+        elif not machine.needs_scale:
             ts, scales = ej.schedules.paper_times(args.steps), None
             spec = None
         else:
@@ -152,12 +171,36 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     }
     np.savez_compressed(
         out / "samples.npz", samples=samples, x_start=np.asarray(x_start), ts=np.asarray(ts),
-        scales=np.asarray(scales if scales is not None else [], np.int32),
+        scales=np.asarray(scales if scales is not None else [], np.float32 if soft else np.int32),
     )
     (out / "config.json").write_text(json.dumps(config, indent=1))
     print(f"{args.num_samples} samples from {name} on {images.shape[0]} {args.dataset} "
           f"images in {elapsed:.1f}s -> {out / 'samples.png'}, {out / 'samples.npz'}")
     return 0
+
+
+def _soft_schedule(spec: str, *, nsteps: int):
+    """``(ts, ells, info)`` for a soft machine: a soft schedule file, or floats on ``paper_times(nsteps)``."""
+    import ellsjax as ej
+    from ellsjax import calibration
+
+    if spec.endswith(".json") or Path(spec).is_file():
+        ts, ells, info = calibration.load_schedule(spec, nsteps=nsteps)
+        if not info:
+            _fail(f"--scales: {spec} holds integer patch sizes; soft machines need a soft-window schedule "
+                  "(a JSON with 'ells', written by the differentiable calibration)")
+        return ts, ells, info
+    try:
+        ells = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"--scales: {spec!r} is neither a soft-window schedule file nor comma-separated widths ℓ")
+    if not ells or any(not np.isfinite(e) or e <= 0 for e in ells):
+        _fail(f"--scales: widths ℓ must be positive and finite, got {spec!r}")
+    if len(ells) == 1:
+        ells = ells * (nsteps - 1)
+    if len(ells) != nsteps - 1:
+        _fail(f"--scales: expected {nsteps - 1} widths for a {nsteps}-point grid (--steps), got {len(ells)}")
+    return ej.schedules.paper_times(nsteps), tuple(ells), {}
 
 
 def _cmd_sample_model(args: argparse.Namespace) -> int:
