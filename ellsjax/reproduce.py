@@ -11,8 +11,9 @@
    half-side ``(k_i − 1)/2``);
 3. **evaluate** on ``eval_seeds`` *other* noise draws: the network, the machine with the grid
    schedule, the soft machine with the learned ``ℓ`` schedule, the machine with the published
-   schedule of the matching paper network (over the paper's grid), and the ideal score (IS)
-   baseline (:mod:`ellsjax.evaluation`);
+   schedule of the matching paper network (over the paper's grid), the other analytic denoisers
+   (``others``: PSPC with its own grid-calibrated patch sizes, Wiener, PCA-locality, σ-CFDM) and
+   the ideal score (IS) baseline (:mod:`ellsjax.evaluation`);
 4. **report**: ``OUT/results.json``, ``OUT/report.md`` (a table of median/mean Pearson r, R², MSE
    and the fraction of seeds beating IS), ``OUT/figures/*.png`` and the schedules
    ``OUT/scales_grid.json`` / ``OUT/scales_soft_{gaussian,box}.json``.
@@ -72,6 +73,10 @@ class ReproducePreset:
         soft_lr: Adam learning rate on ``log ℓ``.
         soft_curve: ``"per_step"`` or ``"quadratic"``.
         soft_windows: the soft window shapes calibrated (``"gaussian"``, ``"box"``), each evaluated.
+        others: the other analytic denoisers evaluated too (names of :data:`ellsjax.machines.MACHINES`,
+            with default options): those taking a scale (``pspc``'s patch size) are grid-calibrated
+            over the ``candidates`` that fit the image, the rest (``wiener``, ``pca``, ``cfdm``)
+            have none.
         batch_size: images per machine call in calibration and evaluation (small on CPUs, where the
             kernel's chunks shrink as the query block grows; large on accelerators).
         description: one line for the report.
@@ -93,6 +98,7 @@ class ReproducePreset:
     soft_lr: float = 0.1
     soft_curve: str = "per_step"
     soft_windows: tuple[str, ...] = ("gaussian", "box")
+    others: tuple[str, ...] = ("pspc", "wiener", "pca", "cfdm")
     batch_size: int = 16
     description: str = ""
 
@@ -280,9 +286,10 @@ def run(
     rows: dict[str, dict[str, Any]] = {}
     figures: dict[str, dict[str, str]] = {}
 
-    def record(key, machine, grid_ts, scales, evaluation):
-        rows[key] = {"machine": machine, "ts": [float(v) for v in grid_ts], "scales": list(scales),
-                     "summary": _ev.summarize(evaluation)}
+    def record(key, machine, grid_ts, scales, evaluation, schedule=None):
+        rows[key] = {"machine": machine, "ts": [float(v) for v in grid_ts],
+                     "scales": None if scales is None else list(scales),
+                     "schedule": schedule or key.rsplit("-", 1)[-1], "summary": _ev.summarize(evaluation)}
         figs = _ev.save_figures(evaluation, out / "figures", name=key, prefix=f"{key}_")
         figures[key] = {k: str(v.relative_to(out)) for k, v in figs.items()}
 
@@ -308,6 +315,27 @@ def run(
         else:
             log(f"[{p.name}] skipping the published schedule {p.published}: patch sizes exceed the {h}px image")
     timings["evaluation_s"] = time.perf_counter() - t3
+
+    # 3b. the other analytic denoisers, under the same protocol
+    t4 = time.perf_counter()
+    other_scales: dict[str, list[int] | None] = {}
+    for name in p.others:
+        other = _machines.build(name, images, mlabels, schedule=network.schedule)
+        oscales = None
+        if other.needs_scale:
+            cands = tuple(k for k in p.candidates if k <= min(shape[:2]))
+            log(f"[{p.name}] grid calibration of {name} over {cands}")
+            og = _cal.grid_calibrate(network, other, None, ts, candidates=cands, metric=p.metric, label=lab_cal,
+                                     trajectory=traj, batch_size=bs)
+            og.save(out / f"scales_grid_{name}.json", machine=name, preset=p.name)
+            oscales = list(og.scales)
+        log(f"[{p.name}] evaluating {name}")
+        ev = _ev.evaluate(network, other, x_eval, ts, scales=oscales, label=lab_eval, network_samples=net_samples,
+                          baseline_samples=ideal_samples, batch_size=bs)
+        record(f"{name}-{'grid' if oscales is not None else 'none'}", name, ts, oscales, ev,
+               schedule="grid" if oscales is not None else "—")
+        other_scales[name] = oscales
+    timings["others_s"] = time.perf_counter() - t4
     timings["total_s"] = time.perf_counter() - t0
 
     results = {
@@ -319,6 +347,8 @@ def run(
         "calibration": {
             "grid": {"scales": list(grid.scales), "candidates": list(grid.candidates), "metric": grid.metric,
                      "file": "scales_grid.json"},
+            "others": {n: {"scales": sc, "file": None if sc is None else f"scales_grid_{n}.json"}
+                       for n, sc in other_scales.items()},
             "grid_objective": float(np.sum(grid_loss)),
             "grid_step_loss": grid_loss.tolist(),
             "soft": {
@@ -365,11 +395,11 @@ def _report(p: ReproducePreset, res: dict[str, Any], cfg, n_images: int) -> str:
         "beats IS |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for key, row in res["evaluations"].items():
+    for row in res["evaluations"].values():
         sm = row["summary"]
         m, b = sm["machine"], sm["baseline"]
         lines.append(
-            f"| {row['machine']} | {key.rsplit('-', 1)[-1]} | {m['pearson_r']['median']:.3f} | "
+            f"| {row['machine']} | {row['schedule']} | {m['pearson_r']['median']:.3f} | "
             f"{m['pearson_r']['mean']:.3f} | {m['r_squared']['median']:.3f} | {m['mse']['median']:.4f} | "
             f"{b['pearson_r']['median']:.3f} | {b['pearson_r']['mean']:.3f} | {sm['frac_beats_baseline']:.2f} |"
         )
@@ -386,6 +416,9 @@ def _report(p: ReproducePreset, res: dict[str, Any], cfg, n_images: int) -> str:
     if p.published is not None and any(k.endswith("published") for k in res["evaluations"]):
         lines.append(f"- published ({p.published}, over the paper's 19-step grid): "
                      f"{_fmt_scales(_schedules.paper_scales(p.published))}")
+    for n, o in cal.get("others", {}).items():
+        if o["scales"] is not None:
+            lines.append(f"- {n} grid: {_fmt_scales(o['scales'])}")
     objs = ", ".join(f"{c['objective']:.4g} for the learned {w} window" for w, c in cal["soft"].items())
     lines += [
         "",

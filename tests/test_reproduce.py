@@ -29,7 +29,7 @@ def test_reproduce_smoke_outputs(smoke):
     res = json.loads((smoke / "results.json").read_text())
     assert res["preset"] == "smoke"
     evals = res["evaluations"]
-    assert set(evals) == {"els-grid", "soft-els-box"}
+    assert set(evals) == {"els-grid", "soft-els-box", "pspc-grid", "wiener-none", "pca-none", "cfdm-none"}
     for row in evals.values():
         sm = row["summary"]
         assert sm["n"] == ej.reproduce.preset("smoke").eval_seeds
@@ -39,7 +39,12 @@ def test_reproduce_smoke_outputs(smoke):
         for rel in figs.values():
             _valid_png(smoke / rel)
     report = (smoke / "report.md").read_text()
-    assert "| els | grid |" in report and "| soft-els | box |" in report
+    assert "| els | grid |" in report and "| soft-els | box |" in report and "| pspc | grid |" in report
+    for name in ("wiener", "pca", "cfdm"):
+        assert f"| {name} | — |" in report and evals[f"{name}-none"]["scales"] is None
+    ts, pspc_scales = ej.schedules.resolve_scales(str(smoke / "scales_grid_pspc.json"))
+    assert set(pspc_scales) <= set(ej.reproduce.preset("smoke").candidates)
+    assert res["calibration"]["others"]["pspc"]["scales"] == list(pspc_scales)
     ts, scales = ej.schedules.resolve_scales(str(smoke / "scales_grid.json"))
     assert len(scales) == len(ts) - 1 == ej.reproduce.preset("smoke").nsteps
     ts, ells, info = ej.calibration.load_schedule(smoke / "scales_soft_box.json")
@@ -63,6 +68,48 @@ def test_cli_evaluate_on_trained_network(smoke, tmp_path):
     assert len(json.loads((soft / "results.json").read_text())["scales"]) == ej.reproduce.preset("smoke").nsteps
 
 
+def test_cli_evaluate_other_denoisers(smoke, tmp_path):
+    # PSPC takes its grid-calibrated patch sizes; Wiener takes none (only the schedule's times)
+    assert cli.main(["evaluate", "--model", str(smoke / "net"), "--machine", "pspc", "--scales",
+                     str(smoke / "scales_grid_pspc.json"), "--n", "2", "--out", str(tmp_path / "p")]) == 0
+    res = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert res["machine"] == "pspc" and res["scales"] == res_scales(smoke / "scales_grid_pspc.json")
+    assert cli.main(["evaluate", "--model", str(smoke / "net"), "--machine", "wiener", "--scales",
+                     str(smoke / "scales_grid.json"), "--n", "2", "--out", str(tmp_path / "w")]) == 0
+    res = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert res["scales"] is None and len(res["ts"]) == ej.reproduce.preset("smoke").nsteps + 1
+
+
+def test_cli_calibrate_grid_and_soft(smoke, tmp_path):
+    net = str(smoke / "net")
+    assert cli.main(["calibrate", "--model", net, "--machine", "els", "--n", "2", "--steps", "4", "--candidates",
+                     "3,5", "--out", str(tmp_path / "g.json")]) == 0
+    ts, scales = ej.schedules.resolve_scales(str(tmp_path / "g.json"))
+    assert len(ts) == 5 and len(scales) == 4 and set(scales) <= {3, 5}
+    assert json.loads((tmp_path / "g.json").read_text())["machine"] == "els"
+    assert cli.main(["calibrate", "--model", net, "--machine", "soft-els", "--n", "2", "--steps", "4", "--support",
+                     "5", "--iterations", "2", "--batch", "2", "--out", str(tmp_path / "s.json")]) == 0
+    ts, ells, info = ej.calibration.load_schedule(tmp_path / "s.json")
+    assert len(ells) == 4 and all(e > 0 for e in ells) and info["support"] == 5 and info["window"] == "box"
+    # what it wrote, evaluate reads
+    assert cli.main(["evaluate", "--model", net, "--machine", "soft-els", "--scales", str(tmp_path / "s.json"),
+                     "--n", "2", "--out", str(tmp_path / "ev")]) == 0
+    with pytest.raises(SystemExit, match="--candidates"):
+        cli.main(["calibrate", "--model", net, "--machine", "els", "--candidates", "3,x"])
+    with pytest.raises(SystemExit, match="--n must be positive"):
+        cli.main(["calibrate", "--model", net, "--n", "0"])
+
+
+def res_scales(path):
+    return list(ej.schedules.resolve_scales(str(path))[1])
+
+
+def test_cli_evaluate_lists_every_registered_machine():
+    from ellsjax.cli import _evaluate
+
+    assert sorted(_evaluate._MACHINES) == sorted(ej.machines.MACHINES)
+
+
 def test_cli_errors(smoke, tmp_path):
     net = str(smoke / "net")
     with pytest.raises(SystemExit, match="soft-window"):
@@ -71,6 +118,8 @@ def test_cli_errors(smoke, tmp_path):
         cli.main(["evaluate", "--model", net, "--machine", "soft-els", "--scales", str(smoke / "scales_grid.json")])
     with pytest.raises(SystemExit, match="--scales"):
         cli.main(["evaluate", "--model", net, "--machine", "bbels"])
+    with pytest.raises(SystemExit, match="--scales"):
+        cli.main(["evaluate", "--model", net, "--machine", "pspc"])
     with pytest.raises(SystemExit, match="--model"):
         cli.main(["evaluate", "--model", str(tmp_path / "nothing"), "--machine", "is"])
     with pytest.raises(SystemExit, match="--preset"):

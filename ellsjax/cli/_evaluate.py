@@ -8,10 +8,13 @@ import json
 from pathlib import Path
 
 from ellsjax.cli._common import fail as _fail
+from ellsjax.cli._common import load_network_run
 
 __all__ = ["register"]
 
-_MACHINES = ("els", "bbels", "ls", "is", "soft-els", "soft-bbels")
+# the registry's names (ellsjax.machines.MACHINES; a test keeps them equal), listed here so that
+# `--help` does not import JAX
+_MACHINES = ("els", "bbels", "ls", "is", "pspc", "wiener", "pca", "cfdm", "soft-els", "soft-bbels")
 
 
 def register(sub) -> None:
@@ -31,10 +34,12 @@ def register(sub) -> None:
     )
     s.add_argument("--model", required=True, help="trained network run directory")
     s.add_argument("--machine", default="bbels", choices=_MACHINES,
-                   help="machine to compare (soft-* need a soft-window schedule from the calibration)")
+                   help="machine to compare (soft-* need a soft-window schedule from the calibration; is, wiener, "
+                        "pca and cfdm take no scales)")
     s.add_argument("--scales", default=None, metavar="FILE|PRESET",
                    help="per-step scales: a JSON schedule (calibration output) or a published preset name; "
-                        "required except for --machine is (which then uses the paper's 20-point grid)")
+                        "required for machines with a scale (for the others only its times are used; default: "
+                        "the paper's 20-point grid)")
     s.add_argument("--n", type=int, default=100, help="number of seeds (samples)")
     s.add_argument("--seed", type=int, default=0, help="noise seed")
     s.add_argument("--support", type=int, default=None,
@@ -48,20 +53,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from ellsjax import calibration, evaluation, machines, models, schedules, training
+    from ellsjax import calibration, evaluation, machines, schedules
 
     if args.n < 2:
         _fail(f"--n: need at least 2 seeds, got {args.n}")
-    try:
-        network = models.load(args.model, ema=not args.raw_weights)
-        net_cfg, train_cfg = training.load_run_config(args.model)
-        images, labels = training.load_data(net_cfg, train_cfg)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        _fail(f"--model: {e}")
+    network, images, labels = load_network_run(args.model, ema=not args.raw_weights)
     soft = args.machine.startswith("soft-")
     if args.scales is None:
-        if args.machine != "is":
-            _fail(f"--scales: --machine {args.machine} needs a scale schedule (a JSON file or a preset name)")
         ts, scales, info = schedules.paper_times(20), None, {}
     else:
         try:
@@ -73,8 +71,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                   "differentiable calibration)")
         if not soft and info:
             _fail(f"--scales: {args.scales} is a soft-window schedule; use --machine soft-els or soft-bbels")
-        if args.machine == "is":
-            scales = None
     opts = {"schedule": network.schedule}
     if soft:
         opts.update(support=args.support or info["support"], window=info["window"], edge=info["edge"])
@@ -84,6 +80,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cond_labels = labels if network.conditional else None
     try:
         machine = machines.build(args.machine, images, cond_labels, **opts)
+        if not machine.needs_scale:
+            scales = None  # only the schedule's times matter
+        elif scales is None:
+            _fail(f"--scales: --machine {args.machine} needs a scale schedule (a JSON file or a preset name)")
         x = jax.random.normal(jax.random.key(args.seed), (args.n, *network.image_shape))
         label = (np.arange(args.n) % network.num_classes).astype(np.int32) if network.conditional else None
         ev = evaluation.evaluate(network, machine, x, ts, scales=scales, label=label,
