@@ -15,7 +15,8 @@
    (``others``: PSPC with its own grid-calibrated patch sizes, Wiener, PCA-locality, σ-CFDM) and
    the ideal score (IS) baseline (:mod:`ellsjax.evaluation`);
 4. **report**: ``OUT/results.json``, ``OUT/report.md`` (a table of median/mean Pearson r, R², MSE
-   and the fraction of seeds beating IS), ``OUT/figures/*.png`` and the schedules
+   and the fraction of seeds beating IS, and the creativity measures of :mod:`ellsjax.explain` for
+   the network's, IS's and every machine's samples), ``OUT/figures/*.png`` and the schedules
    ``OUT/scales_grid.json`` / ``OUT/scales_soft_{gaussian,box}.json``.
 
 Presets (:data:`PRESETS`): ``smoke`` (seconds; the test suite runs it), ``mnist-cpu`` (a small
@@ -44,6 +45,7 @@ import numpy as np
 
 from ellsjax import calibration as _cal
 from ellsjax import evaluation as _ev
+from ellsjax import explain as _explain
 from ellsjax import machines as _machines
 from ellsjax import schedules as _schedules
 
@@ -286,7 +288,16 @@ def run(
     rows: dict[str, dict[str, Any]] = {}
     figures: dict[str, dict[str, str]] = {}
 
+    creativity: dict[str, dict[str, float]] = {}
+
+    def measure(key, samples):
+        # patch-mosaic measures (ellsjax.explain) of the final samples; consistency against the
+        # ELS machine with the network's padding, at 3x3 patches
+        c = _explain.creativity(np.asarray(samples), images, patch_size=3, padding=p.net.padding)
+        creativity[key] = {m: float(np.mean(c[m])) for m in _CREATIVITY}
+
     def record(key, machine, grid_ts, scales, evaluation, schedule=None):
+        measure(key, evaluation.machine)
         rows[key] = {"machine": machine, "ts": [float(v) for v in grid_ts],
                      "scales": None if scales is None else list(scales),
                      "schedule": schedule or key.rsplit("-", 1)[-1], "summary": _ev.summarize(evaluation)}
@@ -297,6 +308,8 @@ def run(
     bs = p.batch_size
     net_samples = _ev.sample(network, x_eval, ts, label=lab_eval, batch_size=bs)
     ideal_samples = _ev.sample(ideal, x_eval, ts, label=lab_eval, batch_size=bs)
+    measure("network", net_samples)
+    measure("is", ideal_samples)
     ev = _ev.evaluate(network, hard, x_eval, ts, scales=grid.scales, label=lab_eval, network_samples=net_samples,
                       baseline_samples=ideal_samples, batch_size=bs)
     record(f"{p.machine}-grid", p.machine, ts, grid.scales, ev)
@@ -360,6 +373,7 @@ def run(
             },
         },
         "evaluations": rows,
+        "creativity": creativity,
         "figures": figures,
         "timings": timings,
         "notes": "pearson_r is the Pearson correlation of centered, normalised samples (the paper's 'r^2'); "
@@ -370,6 +384,10 @@ def run(
     (out / "report.md").write_text(_report(p, results, cfg, int(images.shape[0])))
     log(f"[{p.name}] done in {timings['total_s']:.0f} s -> {out / 'report.md'}")
     return results
+
+
+#: Creativity measures in the report (means over the evaluation seeds; :func:`ellsjax.explain.creativity`).
+_CREATIVITY = ("nn_rms", "near_copy", "patch_rms", "consistency")
 
 
 def _fmt_scales(s):
@@ -426,6 +444,21 @@ def _report(p: ReproducePreset, res: dict[str, Any], cfg, n_images: int) -> str:
         f"normalised x̂0 MSE against the network) is {objs}, and {cal['grid_objective']:.4g} for the grid "
         "schedule of the hard machine.",
     ]
+    lines += [
+        "",
+        "## Creativity",
+        "",
+        "Means over the evaluation seeds (ellsjax.explain.creativity): nn_rms, the RMS distance to the nearest "
+        f"training image; near_copy, the fraction of samples whose nearest training image is {1 / _explain.COPY_RATIO:.0f}x "
+        "closer than the second nearest; patch_rms, the RMS distance of each 3x3 patch to its nearest training "
+        "patch; consistency, the fraction of pixels equal (within 2/255) to the center of their nearest training "
+        "patch (Theorem 4.1 of the paper; ELS samples satisfy it).",
+        "",
+        "| samples | " + " | ".join(_CREATIVITY) + " |",
+        "| --- |" + " --- |" * len(_CREATIVITY),
+    ]
+    for key, row in res["creativity"].items():
+        lines.append(f"| {key} | " + " | ".join(f"{row[m]:.3f}" for m in _CREATIVITY) + " |")
     lines += ["", "## Figures", ""]
     for key, figs in res["figures"].items():
         for kind, path in figs.items():

@@ -45,6 +45,11 @@ def test_reproduce_smoke_outputs(smoke):
     ts, pspc_scales = ej.schedules.resolve_scales(str(smoke / "scales_grid_pspc.json"))
     assert set(pspc_scales) <= set(ej.reproduce.preset("smoke").candidates)
     assert res["calibration"]["others"]["pspc"]["scales"] == list(pspc_scales)
+    # creativity measures for the network, IS and every evaluated machine
+    assert set(res["creativity"]) == {"network", "is", *evals}
+    for row in res["creativity"].values():
+        assert 0.0 <= row["near_copy"] <= 1.0 and 0.0 <= row["consistency"] <= 1.0 and row["nn_rms"] >= 0.0
+    assert "## Creativity" in report and "| network |" in report
     ts, scales = ej.schedules.resolve_scales(str(smoke / "scales_grid.json"))
     assert len(scales) == len(ts) - 1 == ej.reproduce.preset("smoke").nsteps
     ts, ells, info = ej.calibration.load_schedule(smoke / "scales_soft_box.json")
