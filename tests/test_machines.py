@@ -410,3 +410,17 @@ def test_approximate_search_options():
     # a bank too large to prebuild keeps the exact streamed path, even with a tolerance
     lazy = ej.machines.els(imgs, bank_budget=1).with_search(tolerance=1e-6)
     np.testing.assert_allclose(lazy.denoise(x, 0.3, scale=3), m.denoise(x, 0.3, scale=3), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["els", "bbels"])
+def test_conditional_batches_stream_image_by_image(kind):
+    # a budget too small for the batch's chunks to keep >= 512 entries: each image streams its own
+    # class bank in turn (lax.map); same result as the dense reference
+    imgs, x = data((8, 8, 1), n=6, b=4)
+    labels = np.array([0, 1, 0, 1, 1, 0])
+    label = np.array([0, 1, 1, 0], np.int32)
+    budget = 4 * 2**10
+    m = BUILD[kind](imgs, labels, memory_budget=budget)
+    t = np.array([0.3, 0.5, 0.7, 0.9], np.float32)
+    np.testing.assert_allclose(m.denoise(x, t, scale=3, label=label), run_ref(kind, imgs, x, t, 3, labels, label),
+                               atol=1e-5)

@@ -486,11 +486,21 @@ class Machine(Denoiser):
         mq = queries.q.shape[-2]
         lead = int(np.prod(queries.q.shape[:-2]))
         v1 = bank.vv.shape[-1]
+        budget = self.memory_budget or default_memory_budget()
+        if (label is not None and self.chunk_size is None and queries.q.shape[0] > 1
+                and budget // (4 * lead * (2 * mq + d1 + v1)) < MIN_CHUNK_ENTRIES):
+            # class-conditional batch: each image has its own class's bank, so the batch cannot share
+            # chunks; stream image by image rather than shrink every chunk by the batch size
+            def one(args):
+                q1, lab1 = args
+                st = self._bank_stats(jax.tree.map(lambda v: v[None], q1), bank, lab1[None], positions_per_image)
+                return jax.tree.map(lambda v: v[0], st)
+
+            return jax.lax.map(one, (queries, label))
         tile = None
         if self.chunk_size is not None:
             c = self.chunk_size * positions_per_image
         else:
-            budget = self.memory_budget or default_memory_budget()
             # per bank entry: logits and weights of every query, plus the entry itself, per group;
             # a power of two divides the padded bank, so no chunk overlaps the previous one
             tile = query_tile(budget, lead, mq, d1 + v1, 2) if label is None else None
