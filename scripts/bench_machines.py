@@ -138,8 +138,8 @@ def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng, me
     }
 
 
-def bench_sample(machine_name, images, preset, batch, seed):
-    m = ej.machines.build(machine_name, images)
+def bench_sample(machine_name, images, preset, batch, seed, memory_budget=None):
+    m = ej.machines.build(machine_name, images, memory_budget=memory_budget)
     ts, scales = ej.schedules.resolve_scales(preset)
     x = jax.random.normal(jax.random.key(seed), (batch, *m.image_shape))
     t0, c0 = time.perf_counter(), time.process_time()
@@ -194,7 +194,7 @@ def main():
                   f"err {r['max_err_vs_float64']}", flush=True)
     sample = None
     if args.sample:
-        sample = bench_sample(args.machines.split(",")[-1], images, args.sample, args.batch, 0)
+        sample = bench_sample(args.machines.split(",")[-1], images, args.sample, args.batch, 0, budget)
         print(f"whole sample ({sample['preset']}, {sample['machine']}, N={sample['N']}): {sample['sample_s_total']:.1f}s "
               f"wall, {sample['sample_cpu_s']:.1f}s CPU; load average after {sample['load_avg_after']}")
     result = {
