@@ -36,7 +36,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -156,40 +156,29 @@ def _presets() -> dict[str, ReproducePreset]:
     return out
 
 
-class _LazyPresets(dict):
+class _LazyPresets(Mapping):
     """:data:`PRESETS`, built on first access (the network configs import Flax)."""
 
-    def _fill(self):
-        if not super().__len__():
-            self.update(_presets())
+    def __init__(self):
+        self._presets: dict[str, ReproducePreset] | None = None
+
+    def _get(self) -> dict[str, ReproducePreset]:
+        if self._presets is None:
+            self._presets = _presets()
+        return self._presets
 
     def __getitem__(self, k):
-        self._fill()
-        return super().__getitem__(k)
+        return self._get()[k]
 
     def __iter__(self):
-        self._fill()
-        return super().__iter__()
+        return iter(self._get())
 
     def __len__(self):
-        self._fill()
-        return super().__len__()
-
-    def __contains__(self, k):
-        self._fill()
-        return super().__contains__(k)
-
-    def keys(self):
-        self._fill()
-        return super().keys()
-
-    def items(self):
-        self._fill()
-        return super().items()
+        return len(self._get())
 
 
 #: The experiments by name.
-PRESETS: dict[str, ReproducePreset] = _LazyPresets()
+PRESETS: Mapping[str, ReproducePreset] = _LazyPresets()
 
 
 def preset(name: str) -> ReproducePreset:
