@@ -7,7 +7,7 @@ import argparse
 import json
 
 from ellsjax.cli._common import fail as _fail
-from ellsjax.cli._common import load_network_run
+from ellsjax.cli._common import load_network_run, seed_labels
 
 __all__ = ["register"]
 
@@ -74,7 +74,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if soft:
         opts.update(support=args.support, window=args.window)
     cond_labels = labels if network.conditional else None
-    label = (np.arange(args.n) % network.num_classes).astype(np.int32) if network.conditional else None
+    label = seed_labels(network, args.n)
     try:
         machine = machines.build(args.machine, images, cond_labels, **opts)
         ts = calibration.calibration_times(args.steps)
