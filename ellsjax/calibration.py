@@ -61,6 +61,7 @@ from jaxtyping import ArrayLike, Float
 from ellsjax import _checks
 from ellsjax import samplers as _samplers
 from ellsjax import schedules as _schedules
+from ellsjax._batching import map_padded
 from ellsjax.machines.base import Denoiser
 from ellsjax.machines.soft import SoftEquivariantLocalScore
 
@@ -127,18 +128,6 @@ def _stack_steps(traj, label):
     t = jnp.repeat(jnp.asarray(traj.ts[:s], jnp.float32), b)
     lab = None if label is None else jnp.tile(label, s)
     return x, t, lab
-
-
-def _chunked(fn, x, t, label, size):
-    """``fn(x, t, label)`` over batches of ``size`` images (the last one padded: one compile)."""
-    n = x.shape[0]
-    size = min(size, n)
-    outs = []
-    for start in range(0, n, size):
-        idx = jnp.minimum(jnp.arange(start, start + size), n - 1)
-        out = fn(x[idx], t[idx], None if label is None else label[idx])
-        outs.append(out[: min(size, n - start)])
-    return jnp.concatenate(outs)
 
 
 @partial(jax.jit, static_argnums=(4,))
@@ -225,7 +214,7 @@ def grid_calibrate(
     batch_size = _checks.check_positive_int(batch_size, "batch_size")
     sims = []
     for k in cands:
-        x0 = _chunked(lambda xc, tc, lc, k=k: _machine_x0(ready, xc, tc, lc, k), x, t, lab, batch_size)
+        x0 = map_padded(lambda xc, tc, lc, k=k: _machine_x0(ready, xc, tc, lc, k), batch_size, x, t, lab)
         m_score = ((a * x0 - x) / var).reshape(s, b, -1)
         if metric == "cosine":
             num = jnp.sum(m_score * net_score, -1)
@@ -264,8 +253,8 @@ def trajectory_loss(
     for i in range(s):
         k = None if scales is None else scales[i]
         t = jnp.full((b,), trajectory.ts[i], jnp.float32)
-        x0 = _chunked(lambda xc, tc, lc, k=k: _machine_x0(ready, xc, tc, lc, k), trajectory.xs[i], t, labels,
-                      batch_size)
+        x0 = map_padded(lambda xc, tc, lc, k=k: _machine_x0(ready, xc, tc, lc, k), batch_size, trajectory.xs[i], t,
+                        labels)
         target = trajectory.x0s[i]
         out[i] = float(jnp.mean((x0 - target) ** 2) / jnp.mean(target**2))
     return out

@@ -34,10 +34,23 @@ from jaxtyping import ArrayLike, Float
 
 from ellsjax import plotting as _plotting
 from ellsjax import samplers as _samplers
+from ellsjax._batching import map_padded
 from ellsjax.machines.base import Denoiser
 
-__all__ = ["pearson_r", "r_squared", "mse", "metrics", "Evaluation", "evaluate", "sample", "summarize",
-           "save_figures", "save_results"]
+__all__ = ["pearson_r", "r_squared", "mse", "metrics", "Evaluation", "evaluate", "sample", "seed_labels",
+           "summarize", "save_figures", "save_results"]
+
+
+def seed_labels(model: Any, n: int) -> np.ndarray | None:
+    """Class ids ``0, 1, …, C−1, 0, …`` for ``n`` seeds of a class-conditional network (anything with
+    ``conditional`` and ``num_classes``: a loaded model or its config), else ``None``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> seed_labels(SimpleNamespace(conditional=True, num_classes=3), 5).tolist()
+        [0, 1, 2, 0, 1]
+    """
+    return (np.arange(n) % model.num_classes).astype(np.int32) if model.conditional else None
 
 
 def _flat_pair(pred, ref, name_pred="pred", name_ref="ref"):
@@ -182,12 +195,7 @@ def sample(
     size = n if batch_size is None else min(int(batch_size), n)
     if size < 1:
         raise ValueError(f"batch_size: must be positive (or None), got {batch_size!r}")
-    outs = []
-    for start in range(0, n, size):
-        idx = np.minimum(np.arange(start, start + size), n - 1)
-        out = _samplers.ddim(denoiser, x[idx], ts, scales=scales, label=None if lab is None else lab[idx])
-        outs.append(np.asarray(out)[: min(size, n - start)])
-    return np.concatenate(outs)
+    return np.asarray(map_padded(lambda xb, lb: _samplers.ddim(denoiser, xb, ts, scales=scales, label=lb), size, x, lab))
 
 
 def _agg(values: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:

@@ -188,10 +188,6 @@ def preset(name: str) -> ReproducePreset:
     return PRESETS[name]
 
 
-def _labels_for(net, n):
-    return (np.arange(n) % net.num_classes).astype(np.int32) if net.conditional else None
-
-
 def _soft_init(grid_scales, window):
     """Start ℓ from the grid: a Gaussian of width k/3, or the box of half-side (k−1)/2 (the grid's own
     windows, up to the soft edges)."""
@@ -240,7 +236,7 @@ def run(
     # 2. calibrate
     t1 = time.perf_counter()
     shape = network.image_shape
-    sample_labels = _labels_for(p.net, max(p.calib_seeds, p.eval_seeds))
+    sample_labels = _ev.seed_labels(p.net, max(p.calib_seeds, p.eval_seeds))
     mlabels = labels if p.net.conditional else None
     hard = _machines.build(p.machine, images, mlabels, schedule=network.schedule)
     ts = _cal.calibration_times(p.nsteps)

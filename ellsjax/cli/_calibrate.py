@@ -7,7 +7,7 @@ import argparse
 import json
 
 from ellsjax.cli._common import fail as _fail
-from ellsjax.cli._common import load_network_run, seed_labels
+from ellsjax.cli._common import load_network_run
 
 __all__ = ["register"]
 
@@ -54,7 +54,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from ellsjax import calibration, machines
+    from ellsjax import calibration, evaluation, machines
 
     for opt in ("n", "steps", "iterations", "batch", "batch_size"):
         if getattr(args, opt) <= 0:
@@ -74,7 +74,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if soft:
         opts.update(support=args.support, window=args.window)
     cond_labels = labels if network.conditional else None
-    label = seed_labels(network, args.n)
+    label = evaluation.seed_labels(network, args.n)
     try:
         machine = machines.build(args.machine, images, cond_labels, **opts)
         ts = calibration.calibration_times(args.steps)

@@ -22,9 +22,3 @@ def load_network_run(model_dir: str, *, ema: bool = True):
         fail(f"--model: {e}")
     return network, images, labels
 
-
-def seed_labels(network, n: int):
-    """Class ids ``0, 1, …, C−1, 0, …`` for ``n`` seeds of a class-conditional network, else ``None``."""
-    import numpy as np
-
-    return (np.arange(n) % network.num_classes).astype(np.int32) if network.conditional else None

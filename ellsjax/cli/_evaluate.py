@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ellsjax.cli._common import fail as _fail
-from ellsjax.cli._common import load_network_run, seed_labels
+from ellsjax.cli._common import load_network_run
 
 __all__ = ["register"]
 
@@ -85,7 +85,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         elif scales is None:
             _fail(f"--scales: --machine {args.machine} needs a scale schedule (a JSON file or a preset name)")
         x = jax.random.normal(jax.random.key(args.seed), (args.n, *network.image_shape))
-        label = seed_labels(network, args.n)
+        label = evaluation.seed_labels(network, args.n)
         ev = evaluation.evaluate(network, machine, x, ts, scales=scales, label=label,
                                  baseline=machines.ideal(images, cond_labels, schedule=network.schedule))
     except (ValueError, TypeError) as e:
