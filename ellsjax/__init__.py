@@ -4,6 +4,9 @@ The Equivariant Local Score machine of Kamb & Ganguli ("An analytic theory of cr
 convolutional diffusion models", arXiv 2412.20292) and its relatives, with samplers, data and
 tools to compare them with trained convolutional diffusion networks.
 
+Submodules load on first use (``import ellsjax.data`` loads no machine or sampler code), so
+``ellsjax.machines``, ``ellsjax.samplers`` … are attributes of the package as usual.
+
 Example:
     >>> import jax, ellsjax as ej
     >>> images, labels = ej.data.load("mnist", limit=64)
@@ -14,22 +17,31 @@ Example:
     (1, 28, 28, 1)
 """
 
-from ellsjax import data, edm, explain, kernel, machines, plotting, samplers, schedules
-from ellsjax.machines import Denoiser
+import importlib
+from importlib import metadata as _metadata
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("ellsjax")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
-# Imported on first use: they pull in Flax NNX, optax and orbax (about a second), which the
-# analytic machines do not need.
-_LAZY = ("models", "nets", "training", "calibration", "evaluation", "reproduce")
+#: The public submodules, bottom layer first; each is imported when first accessed.
+_SUBMODULES = (
+    "data", "schedules", "presets", "scales", "edm", "kernel", "denoiser", "machines", "samplers", "models",
+    "nets", "training", "calibration", "evaluation", "explain", "reproduce", "plotting", "cli",
+)
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
+    if name in _SUBMODULES:
         return importlib.import_module(f"ellsjax.{name}")
+    if name == "Denoiser":
+        return importlib.import_module("ellsjax.denoiser").Denoiser
     raise AttributeError(f"module 'ellsjax' has no attribute {name!r}")
 
 
-__all__ = ["data", "edm", "explain", "kernel", "machines", "plotting", "samplers", "schedules", "Denoiser", "__version__", *_LAZY]
+def __dir__():
+    return sorted([*globals(), *_SUBMODULES, "Denoiser"])
+
+
+__all__ = [*_SUBMODULES, "Denoiser", "__version__"]

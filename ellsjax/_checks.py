@@ -8,15 +8,42 @@ are tracers and cannot be inspected without a host round trip.
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    import jax
+
+# jax is imported inside the array checks: the light checks below (padding, positive ints) serve
+# modules that must import without it (the data layer, the command line's argument parsing).
+
+#: The two boundary rules of this field: ``"circular"`` (wrap around; ELS, circularly padded
+#: networks) and ``"zeros"`` (zero padding; boundary-broken ELS, zero-padded networks).
+Padding = Literal["circular", "zeros"]
+PADDINGS: tuple[str, ...] = ("zeros", "circular")
+
+
+def check_padding(value: Any, name: str = "padding") -> str:
+    """A :data:`Padding`: ``"zeros"`` or ``"circular"``."""
+    if not isinstance(value, str) or value not in PADDINGS:
+        raise ValueError(f"{name}: must be one of {', '.join(PADDINGS)}, got {value!r}")
+    return value
+
+
+def check_positive_int(v: Any, name: str, *, allow_none: bool = False) -> int | None:
+    """A positive Python int (bools and floats rejected); ``None`` passes when ``allow_none``."""
+    if v is None and allow_none:
+        return None
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v <= 0:
+        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {name}={v!r}")
+    return int(v)
 
 
 def is_concrete(x: Any) -> bool:
     """True when ``x`` holds values we can look at (not a tracer)."""
+    import jax
+
     return not isinstance(x, jax.core.Tracer)
 
 
@@ -28,6 +55,8 @@ def as_image_batch(x: Any, name: str, *, shape: tuple[int, int, int] | None = No
         name: the argument's name, used in error messages.
         shape: the required ``(H, W, C)``, if any.
     """
+    import jax.numpy as jnp
+
     dtype = getattr(x, "dtype", None)
     if dtype is None:
         x = np.asarray(x)
@@ -61,6 +90,8 @@ def check_scale(k: Any, name: str = "scale") -> int:
 
 def as_times(t: Any, batch: int, name: str = "t") -> jax.Array:
     """A time per batch element: a scalar or a ``[batch]`` array in [0, 1], returned as float32 [batch]."""
+    import jax.numpy as jnp
+
     dtype = getattr(t, "dtype", None)
     if dtype is not None and not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise TypeError(f"{name}: expected a real number or array of times, got dtype {dtype}")
@@ -82,6 +113,8 @@ def as_times(t: Any, batch: int, name: str = "t") -> jax.Array:
 
 def as_labels(label: Any, batch: int, name: str = "label") -> jax.Array | None:
     """``None``, an int, or a ``[batch]`` int array, returned as int32 [batch] (or None)."""
+    import jax.numpy as jnp
+
     if label is None:
         return None
     dtype = getattr(label, "dtype", None)
@@ -102,8 +135,3 @@ def as_labels(label: Any, batch: int, name: str = "label") -> jax.Array | None:
     return lab
 
 
-def check_positive_int(v: Any, name: str) -> int:
-    """A positive Python int (bools rejected)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {v!r}")
-    return int(v)

@@ -47,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from functools import partial
@@ -62,8 +61,9 @@ from ellsjax import _checks
 from ellsjax import samplers as _samplers
 from ellsjax import schedules as _schedules
 from ellsjax._batching import map_padded
-from ellsjax.machines.base import Denoiser
+from ellsjax.denoiser import Denoiser
 from ellsjax.machines.soft import SoftEquivariantLocalScore
+from ellsjax.scales import ScaleSchedule
 
 __all__ = [
     "calibration_times",
@@ -392,15 +392,19 @@ def differentiable_calibrate(
         sides = [machine.window_size(v) for v in np.asarray(_ells_from(p, curve, tstep))]
         return tuple((k, tuple(i for i in range(s) if sides[i] == k)) for k in sorted(set(sides)))
 
-    def ready(groups):  # banks of the sides in use (memoized on `machine`)
-        return machine.prepare(sides=[k for k, _ in groups], conditional=labels is not None)
+    ready = machine
+
+    def prepared(groups):  # banks of the sides in use, accumulated on `ready` (each built once)
+        nonlocal ready
+        ready = ready.prepare(sides=[k for k, _ in groups], conditional=labels is not None)
+        return ready
 
     for _ in range(iterations):
         sel = jnp.asarray(np.sort(rng.choice(b, batch, replace=False)) if batch < b else np.arange(b))
         lab = None if labels is None else labels[sel]
         groups = groups_of(params)
-        params, opt_state, loss = step_fn(ready(groups), params, opt_state, xs[:, sel], targets[:, sel], tstep, norms,
-                                          lab, groups=groups)
+        params, opt_state, loss = step_fn(prepared(groups), params, opt_state, xs[:, sel], targets[:, sel], tstep,
+                                          norms, lab, groups=groups)
         losses.append(float(loss))
         if not (np.isfinite(losses[-1]) and bool(jnp.all(jnp.isfinite(params)))):
             raise ValueError(f"network: the loss or ℓ became NaN/inf at iteration {len(losses)}; check the "
@@ -408,7 +412,7 @@ def differentiable_calibrate(
     losses = np.asarray(losses)
     ells = _ells_from(params, curve, tstep)
     groups = groups_of(params)
-    step_loss = np.asarray(_step_losses(ready(groups), ells, xs, targets, tstep, norms, labels, groups=groups))
+    step_loss = np.asarray(_step_losses(prepared(groups), ells, xs, targets, tstep, norms, labels, groups=groups))
     return SoftCalibration(np.asarray(traj.ts), tuple(float(v) for v in np.asarray(ells)), machine.support,
                            machine.padding, machine.window, machine.edge, losses, step_loss, curve)
 
@@ -450,7 +454,8 @@ def save_soft_schedule(
     path: str | os.PathLike, ts: Any, ells: Any, *, support: int, padding: str = "circular",
     window: str = "gaussian", edge: float = 0.15, **meta: Any
 ) -> None:
-    """Write a soft-window schedule ``{"ts", "ells", "support", "padding", "window", "edge", ...}`` as JSON.
+    """Write a window-width schedule ``{"ts", "ells", "support", "padding", "window", "edge", ...}`` as
+    JSON (:class:`ellsjax.scales.ScaleSchedule` with ``kind="width"``).
 
     ``len(ells) == len(ts) − 1``; read it back with :func:`load_schedule`.
     """
@@ -460,40 +465,23 @@ def save_soft_schedule(
         raise ValueError(f"ells: expected len(ts) - 1 = {len(ts) - 1} values, got {len(ells)}")
     if not all(np.isfinite(v) and v > 0 for v in ells):
         raise ValueError(f"ells: window widths must be finite and positive, got {ells}")
-    with open(path, "w") as f:
-        json.dump({"ts": ts, "ells": ells, "support": int(support), "padding": padding, "window": window,
-                   "edge": float(edge), **meta}, f, indent=1)
+    options = {"support": int(support), "window": window, "edge": float(edge)}
+    ScaleSchedule(tuple(ts), tuple(ells), "width", padding=padding, options=options, meta=meta).save(path)
 
 
 def load_schedule(spec: Any, *, nsteps: int = 20) -> tuple[np.ndarray, tuple, dict]:
     """Read a scale schedule of either kind: ``(ts, scales, info)``.
 
-    A JSON file with ``"ells"`` (a soft-window schedule) gives float ``ℓ`` scales and ``info`` with
-    its ``support``, ``padding``, ``window`` and ``edge`` (the soft machine's options); anything else goes through
-    :func:`ellsjax.schedules.resolve_scales` (presets, JSON ``{"ts", "scales"}``, ints) and gives
-    ``info = {}``.
+    A window-width schedule (a JSON file with ``"ells"``) gives float ``ℓ`` scales and ``info`` with
+    its ``support``, ``padding``, ``window`` and ``edge`` (the soft machine's options); a patch-size
+    one (presets, JSON ``{"ts", "scales"}``, ints) gives ``info = {}``. See
+    :meth:`ellsjax.scales.ScaleSchedule.load`.
 
     Example:
         >>> ts, sc, info = load_schedule("MNIST_ResNet_zeros")
         >>> len(ts), len(sc), info
         (20, 19, {})
     """
-    if isinstance(spec, (str, os.PathLike)) and os.path.isfile(spec):
-        try:
-            with open(spec) as f:
-                obj = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"spec: cannot read a scale schedule from {os.fspath(spec)!r}: {e}") from None
-        if isinstance(obj, dict) and "ells" in obj:
-            try:
-                ts = np.asarray(obj["ts"], np.float32)
-                ells = tuple(float(v) for v in obj["ells"])
-                info = {"support": int(obj["support"]), "padding": str(obj.get("padding", "circular")),
-                        "window": str(obj.get("window", "gaussian")), "edge": float(obj.get("edge", 0.15))}
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"spec: malformed soft schedule {os.fspath(spec)!r}: {e}") from None
-            if ts.ndim != 1 or len(ells) != len(ts) - 1:
-                raise ValueError(f"spec: {os.fspath(spec)!r} needs len(ells) == len(ts) - 1")
-            return ts, ells, info
-    ts, scales = _schedules.resolve_scales(spec, nsteps=nsteps)
-    return np.asarray(ts), tuple(scales), {}
+    s = ScaleSchedule.load(spec, nsteps=nsteps, kind="size")
+    info = {} if s.kind == "size" else {**s.options, "padding": s.padding}
+    return s.times(), s.values, info

@@ -35,7 +35,7 @@ from jaxtyping import ArrayLike, Float
 from ellsjax import plotting as _plotting
 from ellsjax import samplers as _samplers
 from ellsjax._batching import map_padded
-from ellsjax.machines.base import Denoiser
+from ellsjax.denoiser import Denoiser
 
 __all__ = ["pearson_r", "r_squared", "mse", "metrics", "Evaluation", "evaluate", "sample", "seed_labels",
            "summarize", "save_figures", "save_results"]
@@ -195,6 +195,9 @@ def sample(
     size = n if batch_size is None else min(int(batch_size), n)
     if size < 1:
         raise ValueError(f"batch_size: must be positive (or None), got {batch_size!r}")
+    # prepare once (e.g. a machine's banks) for every batch
+    checked = _samplers.check_scales(scales, denoiser, len(np.ravel(ts)) - 1)
+    denoiser = denoiser.prepare(checked if checked is not None else (None,), conditional=lab is not None)
     return np.asarray(map_padded(lambda xb, lb: _samplers.ddim(denoiser, xb, ts, scales=scales, label=lb), size, x, lab))
 
 

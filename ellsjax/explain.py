@@ -42,8 +42,8 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from ellsjax import _checks
-from ellsjax.machines.base import Denoiser
-from ellsjax.samplers._ddim import _ddim, check_scales, check_times
+from ellsjax import samplers as _samplers
+from ellsjax.denoiser import Denoiser
 
 __all__ = [
     "Provenance",
@@ -141,16 +141,18 @@ def provenance(
             f"denoiser: provenance needs a softmax machine over training patches (els, bbels, ls or is), "
             f"got {type(denoiser).__name__}"
         )
-    x = _checks.as_image_batch(x_start, "x_start", shape=denoiser.image_shape)
-    ts = check_times(ts, denoiser)
-    scales = check_scales(scales, denoiser, ts.shape[0] - 1)
-    label = _checks.as_labels(label, x.shape[0])
-    if label is None or _checks.is_concrete(label):
-        denoiser.check_label(label)
+    x, label = _samplers.check_denoiser(denoiser, x_start, label)
+    ts = _samplers.check_times(ts, denoiser)
+    scales = _samplers.check_scales(scales, denoiser, ts.shape[0] - 1)
     # the DDIM trajectory of ellsjax.samplers.ddim, each step's x̂0 from _denoise_provenance
-    x, (_, x0s), prov = _ddim(denoiser, x, ts, label, scales=scales, progress=False, keep=True,
-                              method="_denoise_provenance")
-    return Provenance(x, x0s, ts, scales if scales is not None else (None,) * (ts.shape[0] - 1), *prov)
+    x, traj, prov = _samplers.run(_samplers.DDIM, denoiser, x, ts, scales=scales, label=label,
+                                  return_trajectory=True, x0_fn=_with_provenance, checked=True, prepare=False)
+    return Provenance(x, traj.x0s, ts, scales if scales is not None else (None,) * (ts.shape[0] - 1), *prov)
+
+
+def _with_provenance(denoiser, x_t, t, label, scale):
+    """The sampler hook: ``(x̂0, PixelProvenance)`` of one step."""
+    return denoiser._denoise_provenance(x_t, t, label, scale)
 
 
 # -- creativity measures -----------------------------------------------------------------------------------
@@ -363,8 +365,7 @@ def creativity(
     """
     from ellsjax.machines.patch import els
 
-    if padding not in ("zeros", "circular"):
-        raise ValueError(f"padding: must be 'zeros' or 'circular', got {padding!r}")
+    _checks.check_padding(padding)
     nn = nearest_images(samples, images)
     out = {
         "nearest": nn["nearest"], "nn_rms": nn["rms"], "nn_ratio": nn["ratio"], "near_copy": nn["near_copy"],

@@ -33,7 +33,7 @@ from jaxtyping import Array, Float, Int
 from ellsjax import _checks
 from ellsjax import nets as _nets
 from ellsjax import schedules as _schedules
-from ellsjax.machines.base import Denoiser
+from ellsjax.denoiser import Denoiser
 
 __all__ = ["NetworkDenoiser", "load", "from_module"]
 

@@ -43,6 +43,9 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from ellsjax import _checks
+from ellsjax import presets as _presets
+
 __all__ = [
     "ARCHS",
     "PADDINGS",
@@ -61,7 +64,7 @@ __all__ = [
 ]
 
 ARCHS: tuple[str, ...] = ("resnet", "unet")
-PADDINGS: tuple[str, ...] = ("zeros", "circular")
+PADDINGS: tuple[str, ...] = _checks.PADDINGS
 NORMS: tuple[str | None, ...] = (None, "group")
 _FLAX_PADDING = {"zeros": "SAME", "circular": "CIRCULAR"}
 # Architecture defaults: the paper's ResNet is 256 wide and 8 layers deep (CIFAR-10), its UNet has
@@ -69,12 +72,6 @@ _FLAX_PADDING = {"zeros": "SAME", "circular": "CIRCULAR"}
 _DEFAULT_WIDTH = {"resnet": 256, "unet": 64}
 _DEFAULT_DEPTH = {"resnet": 8, "unet": 3}
 _UNET_EMB_DIM = 256
-
-
-def _positive_int(v: Any, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {v!r}")
-    return v
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -119,20 +116,19 @@ class NetConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch: unknown architecture {self.arch!r}; known: {', '.join(ARCHS)}")
-        if self.padding not in PADDINGS:
-            raise ValueError(f"padding: must be one of {', '.join(PADDINGS)}, got {self.padding!r}")
+        _checks.check_padding(self.padding)
         if self.norm not in NORMS:
             raise ValueError(f"norm: must be None or 'group', got {self.norm!r}")
-        _positive_int(self.channels, "channels")
-        _positive_int(self.image_size, "image_size")
+        _checks.check_positive_int(self.channels, "channels")
+        _checks.check_positive_int(self.image_size, "image_size")
         for name in ("kernel_size", "out_kernel_size"):
-            k = _positive_int(getattr(self, name), name)
+            k = _checks.check_positive_int(getattr(self, name), name)
             if k % 2 == 0:
                 raise ValueError(f"{name}: must be odd (a 'same' conv needs a center pixel), got {k}")
-        _positive_int(self.block_depth, "block_depth")
+        _checks.check_positive_int(self.block_depth, "block_depth")
         # fill in the paper's defaults (frozen: set through object.__setattr__)
-        width = _DEFAULT_WIDTH[self.arch] if self.width is None else _positive_int(self.width, "width")
-        depth = _DEFAULT_DEPTH[self.arch] if self.depth is None else _positive_int(self.depth, "depth")
+        width = _DEFAULT_WIDTH[self.arch] if self.width is None else _checks.check_positive_int(self.width, "width")
+        depth = _DEFAULT_DEPTH[self.arch] if self.depth is None else _checks.check_positive_int(self.depth, "depth")
         object.__setattr__(self, "width", width)
         object.__setattr__(self, "depth", depth)
         if self.arch == "resnet":
@@ -146,7 +142,7 @@ class NetConfig:
                 raise ValueError(f"width: the ResNet's embedding MLP uses GroupNorm(8), so width must be a "
                                  f"multiple of 8 and at least 16, got {width}")
         else:
-            emb = _UNET_EMB_DIM if self.emb_dim is None else _positive_int(self.emb_dim, "emb_dim")
+            emb = _UNET_EMB_DIM if self.emb_dim is None else _checks.check_positive_int(self.emb_dim, "emb_dim")
             object.__setattr__(self, "emb_dim", emb)
             if depth < 2:
                 raise ValueError(f"depth: the UNet needs at least 2 levels (one down block and a bottleneck), got {depth}")
@@ -164,9 +160,9 @@ class NetConfig:
         if self.conditional:
             if self.num_classes is None:
                 raise ValueError("num_classes: required for a conditional network")
-            _positive_int(self.num_classes, "num_classes")
+            _checks.check_positive_int(self.num_classes, "num_classes")
         elif self.num_classes is not None:
-            _positive_int(self.num_classes, "num_classes")
+            _checks.check_positive_int(self.num_classes, "num_classes")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -495,33 +491,15 @@ class Preset(NamedTuple):
     epochs: int = 300
 
 
-PRESETS_SOURCE = (
-    "Kamb & Ganguli, arXiv 2412.20292 App. C.1; github.com/Kambm/convolutional_diffusion "
-    "(scripts/training_script.py: ResNet width 128·mult = 256, last kernel 3, no normalization; UNet features "
-    "mult·32·2^i = 64, 128, 256, embedding 256; README: CIFAR-10 ResNet with --layers 8)"
-)
+PRESETS_SOURCE = _presets.NETWORKS_SOURCE
 
 
 def _preset_table() -> dict[str, Preset]:
     table: dict[str, Preset] = {}
-    specs = [
-        # (name, dataset, channels, arch, padding, conditional)
-        ("MNIST_ResNet_zeros", "mnist", 1, "resnet", "zeros", False),
-        ("MNIST_ResNet_circular", "mnist", 1, "resnet", "circular", False),
-        ("MNIST_UNet_zeros", "mnist", 1, "unet", "zeros", False),
-        ("MNIST_UNet_circular", "mnist", 1, "unet", "circular", False),
-        ("FashionMNIST_ResNet_zeros_conditional", "fashion_mnist", 1, "resnet", "zeros", True),
-        ("FashionMNIST_UNet_zeros_conditional", "fashion_mnist", 1, "unet", "zeros", True),
-        ("CIFAR10_ResNet_zeros_conditional", "cifar10", 3, "resnet", "zeros", True),
-        ("CIFAR10_ResNet_circular_conditional", "cifar10", 3, "resnet", "circular", True),
-        ("CIFAR10_UNet_zeros_conditional", "cifar10", 3, "unet", "zeros", True),
-        ("CelebA_ResNet_zeros", "celeb_a", 3, "resnet", "zeros", False),
-        ("CelebA_UNet_zeros", "celeb_a", 3, "unet", "zeros", False),
-    ]
-    for name, dataset, ch, arch, pad, cond in specs:
-        net = NetConfig(arch=arch, channels=ch, image_size=32, padding=pad, conditional=cond,
-                        num_classes=10 if cond else None)
-        table[name] = Preset(net=net, dataset=dataset)
+    for name, spec in _presets.NETWORKS.items():
+        net = NetConfig(arch=spec.arch, channels=spec.channels, image_size=32, padding=spec.padding,
+                        conditional=spec.conditional, num_classes=10 if spec.conditional else None)
+        table[name] = Preset(net=net, dataset=spec.dataset, epochs=spec.epochs)
     return table
 
 

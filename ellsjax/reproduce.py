@@ -47,7 +47,9 @@ from ellsjax import calibration as _cal
 from ellsjax import evaluation as _ev
 from ellsjax import explain as _explain
 from ellsjax import machines as _machines
-from ellsjax import schedules as _schedules
+from ellsjax import samplers as _samplers
+from ellsjax.presets import paper_scales as _paper_scales
+from ellsjax.scales import ScaleSchedule
 
 __all__ = ["ReproducePreset", "PRESETS", "preset", "run"]
 
@@ -106,8 +108,17 @@ class ReproducePreset:
 
     @property
     def machine(self) -> str:
-        """The hard machine matching the network's padding: ``"els"`` (circular) or ``"bbels"``."""
-        return "els" if self.net.padding == "circular" else "bbels"
+        """The machine that explains a network of this padding (the registry's
+        :func:`ellsjax.machines.for_network`: ELS for circular, bbELS for zero padding)."""
+        return _machines.for_network(self.net.padding).name
+
+    @property
+    def soft_machine(self) -> str:
+        """The differentiable (soft-window) twin of :attr:`machine`."""
+        twin = _machines.spec(self.machine).soft_twin
+        if twin is None:
+            raise ValueError(f"machine: {self.machine} has no soft-window twin to calibrate")
+        return twin
 
 
 def _presets() -> dict[str, ReproducePreset]:
@@ -251,16 +262,16 @@ def run(
     t2 = time.perf_counter()
     softs, diffs = {}, {}
     for window in p.soft_windows:
-        softs[window] = _machines.build(f"soft-{p.machine}", images, mlabels, schedule=network.schedule,
+        softs[window] = _machines.build(p.soft_machine, images, mlabels, schedule=network.schedule,
                                         support=p.soft_support, window=window)
-        log(f"[{p.name}] differentiable calibration of soft-{p.machine}, {window} window (K <= {p.soft_support}, "
+        log(f"[{p.name}] differentiable calibration of {p.soft_machine}, {window} window (K <= {p.soft_support}, "
             f"{p.soft_iterations} Adam steps)")
         diffs[window] = _cal.differentiable_calibrate(
             network, softs[window], None, ts, init=_soft_init(grid.scales, window), iterations=p.soft_iterations,
             learning_rate=p.soft_lr, batch=min(p.soft_batch, p.calib_seeds), curve=p.soft_curve, label=lab_cal,
             trajectory=traj,
         )
-        diffs[window].save(out / f"scales_soft_{window}.json", machine=f"soft-{p.machine}", preset=p.name)
+        diffs[window].save(out / f"scales_soft_{window}.json", machine=p.soft_machine, preset=p.name)
     # the grid schedule measured on the differentiable calibration's objective, for comparison
     grid_loss = _cal.trajectory_loss(hard, traj, grid.scales, label=lab_cal, batch_size=p.batch_size)
     timings["soft_calibration_s"] = time.perf_counter() - t2
@@ -301,17 +312,17 @@ def run(
     for window, diff in diffs.items():
         ev = _ev.evaluate(network, softs[window], x_eval, ts, scales=diff.ells, label=lab_eval,
                           network_samples=net_samples, baseline_samples=ideal_samples, batch_size=bs)
-        record(f"soft-{p.machine}-{window}", f"soft-{p.machine}", ts, diff.ells, ev)
+        record(f"{p.soft_machine}-{window}", p.soft_machine, ts, diff.ells, ev)
     if p.published is not None:
-        pts = _schedules.paper_times(20)
-        pscales = _schedules.paper_scales(p.published)
-        h = min(shape[:2])
-        ok = all(k <= h for k in pscales) if p.machine == "els" else True
-        if ok:
+        published = ScaleSchedule.load(p.published)
+        try:  # the machine's own check: e.g. ELS patches no larger than the image
+            _samplers.check_scales(published.values, hard, published.nsteps)
+        except ValueError as e:
+            log(f"[{p.name}] skipping the published schedule {p.published}: {e}")
+        else:
+            pts, pscales = published.times(), published.values
             ev = _ev.evaluate(network, hard, x_eval, pts, scales=pscales, label=lab_eval, baseline=ideal, batch_size=bs)
             record(f"{p.machine}-published", p.machine, pts, pscales, ev)
-        else:
-            log(f"[{p.name}] skipping the published schedule {p.published}: patch sizes exceed the {h}px image")
     timings["evaluation_s"] = time.perf_counter() - t3
 
     # 3b. the other analytic denoisers, under the same protocol
@@ -321,7 +332,7 @@ def run(
         other = _machines.build(name, images, mlabels, schedule=network.schedule)
         oscales = None
         if other.needs_scale:
-            cands = tuple(k for k in p.candidates if k <= min(shape[:2]))
+            cands = tuple(k for k in p.candidates if _fits(other, k))
             log(f"[{p.name}] grid calibration of {name} over {cands}")
             og = _cal.grid_calibrate(network, other, None, ts, candidates=cands, metric=p.metric, label=lab_cal,
                                      trajectory=traj, batch_size=bs)
@@ -371,6 +382,15 @@ def run(
     return results
 
 
+def _fits(machine, k) -> bool:
+    """Whether ``k`` is a scale this machine takes (its own check, e.g. a window inside the image)."""
+    try:
+        machine.check_scale(k)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 #: Creativity measures in the report (means over the evaluation seeds; :func:`ellsjax.explain.creativity`).
 _CREATIVITY = ("nn_rms", "near_copy", "patch_rms", "consistency")
 
@@ -418,7 +438,7 @@ def _report(p: ReproducePreset, res: dict[str, Any], cfg, n_images: int) -> str:
                      f"{c['final_loss']:.4g}): {_fmt_scales(c['ells'])}")
     if p.published is not None and any(k.endswith("published") for k in res["evaluations"]):
         lines.append(f"- published ({p.published}, over the paper's 19-step grid): "
-                     f"{_fmt_scales(_schedules.paper_scales(p.published))}")
+                     f"{_fmt_scales(_paper_scales(p.published))}")
     for n, o in cal.get("others", {}).items():
         if o["scales"] is not None:
             lines.append(f"- {n} grid: {_fmt_scales(o['scales'])}")

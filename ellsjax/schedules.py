@@ -1,4 +1,4 @@
-"""Noise schedules, the paper's time grid and the published locality-scale presets.
+"""Noise schedules and the paper's time grid (the published patch-size schedules: :mod:`ellsjax.presets`).
 
 The forward process is variance preserving: ``x_t = a(t)·x0 + s(t)·ε`` with ``a = sqrt(ᾱ(t))`` and
 ``s = sqrt(1 − ᾱ(t))`` for ``t ∈ [0, 1]``. A :class:`Schedule` is a small frozen, hashable record, so it
@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Literal
@@ -23,6 +22,8 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
+
+from ellsjax import presets as _presets
 
 __all__ = [
     "Schedule",
@@ -165,66 +166,18 @@ def paper_times(nsteps: int = 20) -> np.ndarray:
     return (np.arange(nsteps - 1, -1, -1) / nsteps).astype(np.float32)
 
 
-# Published per-step patch sizes, Kamb & Ganguli, "An analytic theory of creativity in convolutional
-# diffusion models" (arXiv 2412.20292), as released in github.com/Kambm/convolutional_diffusion,
-# files/scales_*.pt (copied from ../shared/reference/kamb_ganguli_scales.json). Index j = 0 … 19,
-# 0 = lowest noise. Images 32×32 (MNIST/FashionMNIST resized from 28), cosine_legacy schedule.
-# 'zeros' networks pair with the boundary-broken ELS machine, 'circular' with plain ELS.
-PAPER_SCALES_SOURCE = (
-    "Kamb & Ganguli, arXiv 2412.20292; github.com/Kambm/convolutional_diffusion files/scales_*.pt"
-)
-PAPER_SCALES: dict[str, tuple[int, ...]] = {
-    "CIFAR10_ResNet_circular_conditional": (3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15, 15),
-    "CIFAR10_ResNet_zeros_conditional": (3, 3, 3, 3, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 11, 13, 15, 17, 17, 17),
-    "CIFAR10_UNet_zeros_conditional": (3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 13, 13, 15, 17, 25),
-    "CelebA_ResNet_zeros": (3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 15, 19, 19),
-    "CelebA_UNet_zeros": (3, 3, 3, 3, 3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 9, 9, 9, 13, 19, 27),
-    "FashionMNIST_ResNet_zeros_conditional": (3, 3, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 13, 13, 15, 15, 15, 17, 17),
-    "FashionMNIST_UNet_zeros_conditional": (3, 3, 5, 5, 7, 7, 7, 9, 11, 11, 11, 13, 15, 15, 21, 23, 25, 25, 25, 25),
-    "MNIST_ResNet_circular": (3, 3, 5, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 11, 9, 9, 7, 7, 3, 3),
-    "MNIST_ResNet_zeros": (3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15),
-    "MNIST_UNet_zeros": (3, 3, 3, 5, 5, 7, 7, 7, 9, 9, 9, 11, 13, 15, 17, 21, 23, 23, 25, 27),
-}
-
-
-def paper_scales(
-    name: str, *, convention: Literal["sampler", "calibration"] = "sampler"
-) -> tuple[int, ...]:
-    """Per-step patch sizes of a published preset, aligned with :func:`paper_times` (20 steps).
-
-    Returns 19 scales, ``scales[i]`` used at ``paper_times(20)[i]``, ready for
-    ``ej.samplers.ddim(m, x, paper_times(20), scales=...)``.
-
-    The released files are ambiguous by one step: the calibration script stores at index ``j`` the
-    best scale found at ``t = (j+1)/20``, while the reference sampler applies index ``j`` at
-    ``t = j/20``. ``convention="sampler"`` (default) reproduces the reference sampler, i.e. the
-    published figures; ``convention="calibration"`` uses at each ``t`` the scale calibrated there.
-
-    Args:
-        name: a key of :data:`PAPER_SCALES`, e.g. ``"MNIST_ResNet_zeros"``.
-        convention: ``"sampler"`` or ``"calibration"``.
-    """
-    if name not in PAPER_SCALES:
-        raise ValueError(f"name: unknown scale preset {name!r}; known: {sorted(PAPER_SCALES)}")
-    raw = PAPER_SCALES[name]
-    n = len(raw)
-    if convention == "sampler":  # t = j/n uses raw[j], j = n-1 … 1
-        return tuple(raw[j] for j in range(n - 1, 0, -1))
-    if convention == "calibration":  # t = j/n uses raw[j-1]
-        return tuple(raw[j - 1] for j in range(n - 1, 0, -1))
-    raise ValueError(f"convention: must be 'sampler' or 'calibration', got {convention!r}")
+# The published patch-size schedules live in ellsjax.presets; these names stay here for existing code.
+PAPER_SCALES = _presets.PAPER_SCALES
+PAPER_SCALES_SOURCE = _presets.PAPER_SCALES_SOURCE
+paper_scales = _presets.paper_scales
 
 
 def resolve_scales(spec: Any, *, nsteps: int = 20) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Turn a scale specification into a time grid and per-step scales for the sampler.
+    """Turn a patch-size specification into a time grid and per-step scales for the sampler.
 
-    Args:
-        spec: a preset name of :data:`PAPER_SCALES` (with :func:`paper_times` ``(20)``), a path to a
-            JSON schedule (``{"ts": [...], "scales": [...]}``, ``len(scales) == len(ts) − 1``; the
-            format written by :func:`save_scales` and the calibration tools), a sequence of ints
-            (one per step of ``paper_times(nsteps)``), a comma-separated string of them, or one int
-            (the same scale at every step).
-        nsteps: grid size used when ``spec`` carries no times.
+    A shorthand for :meth:`ellsjax.scales.ScaleSchedule.load` with integer scales: a preset name of
+    :data:`PAPER_SCALES` (on :func:`paper_times` ``(20)``), a JSON schedule file, a sequence of ints
+    (one per step of ``paper_times(nsteps)``), a comma-separated string of them, or one int.
 
     Returns:
         ``(ts, scales)`` with ``len(scales) == len(ts) − 1``.
@@ -234,42 +187,20 @@ def resolve_scales(spec: Any, *, nsteps: int = 20) -> tuple[np.ndarray, tuple[in
         >>> len(ts), len(sc)
         (20, 19)
     """
-    if isinstance(spec, str) and spec in PAPER_SCALES:
-        return paper_times(20), paper_scales(spec)
-    if isinstance(spec, (str, os.PathLike)) and (os.fspath(spec).endswith(".json") or os.path.exists(spec)):
-        path = os.fspath(spec)
-        try:
-            with open(path) as f:
-                obj = json.load(f)
-            ts, scales = np.asarray(obj["ts"], np.float32), tuple(int(k) for k in obj["scales"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"spec: cannot read a scale schedule from {path!r}: {e}") from None
-        if ts.ndim != 1 or len(scales) != len(ts) - 1:
-            raise ValueError(f"spec: {path!r} needs len(scales) == len(ts) - 1, got {len(scales)} and {ts.shape}")
-        return ts, scales
-    if isinstance(spec, str):
-        try:
-            spec = [int(v) for v in spec.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(
-                f"spec: {spec!r} is neither a preset ({sorted(PAPER_SCALES)}), a JSON file, nor comma-separated ints"
-            ) from None
-        if len(spec) == 1:
-            spec = spec[0]
-    ts = paper_times(nsteps)
-    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
-        return ts, (int(spec),) * (nsteps - 1)
-    scales = tuple(int(k) for k in spec)
-    if len(scales) != nsteps - 1:
-        raise ValueError(f"spec: expected {nsteps - 1} scales for a {nsteps}-point grid, got {len(scales)}")
-    return ts, scales
+    from ellsjax.scales import ScaleSchedule
+
+    s = ScaleSchedule.load(spec, nsteps=nsteps, kind="size")
+    if s.kind != "size":
+        raise ValueError(f"spec: {spec!r} holds window widths ℓ, not patch sizes")
+    return s.times(), s.values
 
 
 def save_scales(path: str | os.PathLike, ts: Any, scales: Any, **meta: Any) -> None:
-    """Write a JSON scale schedule readable by :func:`resolve_scales` (extra ``meta`` is kept)."""
+    """Write a JSON patch-size schedule readable by :func:`resolve_scales` (extra ``meta`` is kept)."""
+    from ellsjax.scales import ScaleSchedule
+
     ts = [float(t) for t in np.asarray(ts).ravel()]
-    scales = [int(k) for k in scales]
+    scales = list(scales)
     if len(scales) != len(ts) - 1:
         raise ValueError(f"scales: expected len(ts) - 1 = {len(ts) - 1} values, got {len(scales)}")
-    with open(path, "w") as f:
-        json.dump({"ts": ts, "scales": scales, **meta}, f, indent=1)
+    ScaleSchedule(tuple(ts), tuple(scales), "size", meta=meta).save(path)

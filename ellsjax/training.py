@@ -52,6 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ellsjax import _checks
 from ellsjax import nets as _nets
 from ellsjax import schedules as _schedules
 
@@ -130,9 +131,9 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "time_levels", "log_every", "checkpoint_every", "keep_checkpoints"):
-            _nets._positive_int(getattr(self, name), name)
+            _checks.check_positive_int(getattr(self, name), name)
         if self.limit is not None:
-            _nets._positive_int(self.limit, "limit")
+            _checks.check_positive_int(self.limit, "limit")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed: expected a non-negative int, got {self.seed!r}")
         for name, lo, hi in (("lr", 0.0, math.inf), ("weight_decay", 0.0, math.inf), ("lr_decay", 0.0, 1.0)):
@@ -722,6 +723,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _version() -> str:
-    from ellsjax import __version__
+    from importlib import metadata
 
-    return __version__
+    try:
+        return metadata.version("ellsjax")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"

@@ -86,7 +86,9 @@ def reference_pixel(images, x, r, c, k, a, s, padding):
 
 
 def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng, memory_budget=None):
-    m = ej.machines.build(machine_name, images, memory_budget=memory_budget)
+    m = ej.machines.spec(machine_name).build(images, memory_budget=memory_budget)
+    # the float64 check and the FLOP count below are those of the ELS/bbELS definitions
+    els_like = type(m) is ej.machines.EquivariantLocalScore
     h, w, ch = m.image_shape
     n = images.shape[0]
     x = jax.random.normal(jax.random.key(1), (batch, h, w, ch))
@@ -109,8 +111,8 @@ def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng, me
     out = np.asarray(compiled(ready, x))
     a, s = (float(v) for v in m.schedule(t))
     err = 0.0
-    if check_pixels and machine_name in ("els", "bbels"):
-        padding = "circular" if machine_name == "els" else "zeros"
+    if check_pixels and els_like:
+        padding = m.padding
         img0 = np.asarray(x[0])
         coords = [(0, 0), (h - 1, w // 2), (h // 2, 1)] + [tuple(rng.integers(0, [h, w])) for _ in range(check_pixels - 3)]
         for r, c in coords:
@@ -128,7 +130,7 @@ def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng, me
         "compile_s": t_compile,
         "bank_build_s": t_bank,
         "bank_entries": entries,
-        "bank_patches_total": n * (h - k + 1) * (w - k + 1) if machine_name in ("els", "bbels") else None,
+        "bank_patches_total": n * (h - k + 1) * (w - k + 1) if els_like else None,
         "gflop": flops / 1e9,
         "gflops_achieved": flops / t_med / 1e9,
         "gemm_gflops_same_shape": gemm_rate(batch * h * w, k * k * ch),
@@ -139,8 +141,9 @@ def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng, me
 
 
 def bench_sample(machine_name, images, preset, batch, seed, memory_budget=None):
-    m = ej.machines.build(machine_name, images, memory_budget=memory_budget)
-    ts, scales = ej.schedules.resolve_scales(preset)
+    m = ej.machines.spec(machine_name).build(images, memory_budget=memory_budget)
+    schedule = ej.scales.ScaleSchedule.load(preset)
+    ts, scales = schedule.times(), schedule.values
     x = jax.random.normal(jax.random.key(seed), (batch, *m.image_shape))
     t0, c0 = time.perf_counter(), time.process_time()
     out = ej.samplers.ddim(m, x, ts, scales=scales)
@@ -154,7 +157,7 @@ def bench_sample(machine_name, images, preset, batch, seed, memory_budget=None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--machines", default="els,bbels")
+    p.add_argument("--machines", default="els,bbels", help="comma-separated registered machines (ellsjax.machines.names())")
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--source", default="auto", help="auto: bundled if it holds --n images, else ../shared/data npz")
     p.add_argument("--path", default=None)
@@ -168,9 +171,11 @@ def main():
     p.add_argument("--sample", default=None, help="also time a whole DDIM sample with this scale preset")
     p.add_argument("--sample-only", action="store_true", help="skip the per-step table (with --sample)")
     p.add_argument("--memory-budget", type=float, default=None,
-                   help="chunk memory budget in MiB (default: the backend's, ellsjax.machines.base.DEFAULT_MEMORY_BUDGET)")
+                   help="chunk memory budget in MiB (default: the backend's, ellsjax.machines.default_memory_budget())")
     p.add_argument("--out", default="bench_machines.json")
     args = p.parse_args()
+    for name in args.machines.split(","):
+        ej.machines.spec(name)  # unknown names fail here, listing the registered ones
     budget = None if args.memory_budget is None else int(args.memory_budget * 2**20)
 
     source, path = args.source, args.path

@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 
 import ellsjax as ej
 from ellsjax import cli
+from tests.conftest import SHARED, needs_shared
 
 
 def test_help_lists_options(capsys):
@@ -78,10 +78,7 @@ def test_errors_are_clear(argv, msg, tmp_path):
     assert msg in str(e.value.code)
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.mark.skipif(not (SHARED / "cifar10_subset.npz").exists(), reason="needs ../shared/data")
+@needs_shared("cifar10_subset.npz")
 def test_pspc_uses_its_published_cifar10_schedule(tmp_path):
     code = cli.main(["sample", "--machine", "pspc", "--dataset", "cifar10", "--source", "npz", "--path", str(SHARED),
                      "--n-train", "4", "--num-samples", "1", "--out", str(tmp_path), "--no-progress"])

@@ -14,18 +14,16 @@ import numpy as np
 import pytest
 
 import ellsjax.data as data
+from tests.conftest import REPO, SHARED
+from tests.conftest import needs_shared as _needs_shared
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 BUNDLED_DIR = REPO / "ellsjax" / "data" / "_bundled"
 FIRST_LABELS = {
     "mnist": [5, 0, 4, 1, 9, 2, 1, 3, 1, 4],
     "fashion_mnist": [9, 0, 0, 3, 0, 2, 7, 2, 5, 5],
 }
 
-needs_shared = pytest.mark.skipif(
-    not (SHARED / "mnist.npz").is_file(), reason=f"real datasets not found in {SHARED}"
-)
+needs_shared = _needs_shared("mnist.npz")
 
 
 def to_float(raw: np.ndarray) -> np.ndarray:

@@ -365,14 +365,17 @@ def test_bank_deduplication_counts_are_exact():
     assert bg.sum() == 1 and counts[bg][0] >= 7 * 2 * 2
 
 
-def test_prepare_is_memoized_and_pure():
+def test_prepare_returns_a_machine_carrying_its_banks():
+    # banks are an explicit value: prepare returns a new machine, the original is unchanged, banks
+    # accumulate on the returned machine and nothing already carried is rebuilt
     imgs, x = _dup_data()
     m = ej.machines.els(imgs, padding="zeros")
     p1 = m.prepare((3, 5))
-    p2 = m.prepare((5, 3))
-    assert p1 is not m and not m.banks  # the original machine is unchanged
-    assert p1.banks["k3"]["interior"].keys_t is p2.banks["k3"]["interior"].keys_t  # built once
-    assert p1.prepare((3,)) is p1  # nothing new to build
+    assert p1 is not m and not m.banks and set(p1.banks) == {"k3", "k5"}
+    assert p1.prepare((5, 3)) is p1  # nothing new to build
+    p2 = m.prepare((3,)).prepare((5,))
+    assert set(p2.banks) == {"k3", "k5"}
+    assert "_bank_memo" not in vars(m) and "_bank_memo" not in vars(p1)
     np.testing.assert_allclose(p1.denoise(x, 0.5, scale=5), m.denoise(x, 0.5, scale=5), atol=1e-6)
 
 

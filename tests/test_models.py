@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 
 import ellsjax as ej
-from ellsjax import cli, models, nets, training
+from ellsjax import cli, models, nets
+from tests.conftest import tiny_net, tiny_train_config
 
-NET = nets.NetConfig(arch="resnet", image_size=12, width=16, depth=2)
+NET = tiny_net()
 # the optimizer settings and batch shape of tests/test_training.py: one compiled train step for both
-CFG = training.TrainConfig(steps=3, batch_size=16, lr=2e-3, ema_decay=0.9, limit=32, log_every=1)
+CFG = tiny_train_config()
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("run")
-    training.train(d, NET, CFG, progress=False)
-    return d
+def run(trained_run):
+    return trained_run
 
 
 def noisy(b=3, seed=0, shape=(12, 12, 1)):

@@ -109,12 +109,6 @@ def res_scales(path):
     return list(ej.schedules.resolve_scales(str(path))[1])
 
 
-def test_cli_evaluate_lists_every_registered_machine():
-    from ellsjax.cli import _evaluate
-
-    assert sorted(_evaluate._MACHINES) == sorted(ej.machines.MACHINES)
-
-
 def test_cli_errors(smoke, tmp_path):
     net = str(smoke / "net")
     with pytest.raises(SystemExit, match="soft-window"):

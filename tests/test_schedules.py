@@ -48,11 +48,12 @@ def test_paper_grid_and_presets():
 
 def test_presets_match_shared_reference():
     import json
-    from pathlib import Path
 
-    p = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "kamb_ganguli_scales.json"
+    from tests.conftest import SHARED_REFERENCE
+
+    p = SHARED_REFERENCE / "kamb_ganguli_scales.json"
     if not p.exists():
-        pytest.skip("../shared/reference not available")
+        pytest.skip(f"needs the published scales {p} (the project's ../shared/reference next to the clone)")
     ref = json.loads(p.read_text())["scales"]
     assert {k: tuple(v) for k, v in ref.items()} == ej.schedules.PAPER_SCALES
 

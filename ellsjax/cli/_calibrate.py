@@ -7,7 +7,7 @@ import argparse
 import json
 
 from ellsjax.cli._common import fail as _fail
-from ellsjax.cli._common import load_network_run
+from ellsjax.cli._common import load_network_run, machine_spec, output_file
 
 __all__ = ["register"]
 
@@ -22,7 +22,7 @@ def register(sub) -> None:
             "over t = i/STEPS, i = STEPS … 0, and calibrate a machine built on the network's own training images "
             "on those trajectories. Machines with an integer scale (els, bbels, ls, pspc): the paper's grid search, "
             "at each step the candidate whose score is most similar to the network's (cosine, or --metric l2), "
-            "then the per-step median over seeds. Soft-window machines (soft-els, soft-bbels): Adam on log ℓ per "
+            "then the per-step median over seeds. Soft-window machines (soft-els, soft-bbels; width scale): Adam on log ℓ per "
             "step (or a quadratic log ℓ(t)) minimising the normalised x̂0 distance to the network, through the "
             "streaming kernel. Writes OUT, a schedule that `sample --scales`, `evaluate --scales` and "
             "ellsjax.calibration.load_schedule read."
@@ -30,8 +30,9 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     s.add_argument("--model", required=True, help="trained network run directory")
-    s.add_argument("--machine", default="bbels", choices=("els", "bbels", "ls", "pspc", "soft-els", "soft-bbels"),
-                   help="the machine to calibrate")
+    s.add_argument("--machine", default="bbels",
+                   help="the machine to calibrate: any registered machine with a calibration method "
+                        "(`ellsjax machines`: grid for integer scales, differentiable for widths ℓ)")
     s.add_argument("--n", type=int, default=16, help="number of network trajectories (noise seeds)")
     s.add_argument("--seed", type=int, default=10_000, help="noise seed of the trajectories")
     s.add_argument("--steps", type=int, default=20, help="DDIM steps")
@@ -54,14 +55,20 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from ellsjax import calibration, evaluation, machines
+    from ellsjax import calibration, evaluation
 
     for opt in ("n", "steps", "iterations", "batch", "batch_size"):
         if getattr(args, opt) <= 0:
             _fail(f"--{opt.replace('_', '-')} must be positive, got {getattr(args, opt)}")
     if not (args.init > 0 and np.isfinite(args.init)):
         _fail(f"--init must be a positive width, got {args.init}")
-    soft = args.machine.startswith("soft-")
+    spec = machine_spec(args.machine)
+    if spec.calibration is None:
+        from ellsjax import machines
+
+        able = [s.name for s in machines.specs() if s.calibration is not None]
+        _fail(f"--machine: {spec.name} has no scale to calibrate; calibratable: {', '.join(able)}")
+    soft = spec.calibration == "differentiable"
     if not soft:
         try:
             candidates = tuple(int(v) for v in args.candidates.split(",") if v.strip())
@@ -70,17 +77,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         if not candidates:
             _fail("--candidates: empty")
     network, images, labels = load_network_run(args.model, ema=not args.raw_weights)
+    out = output_file(args.out)
     opts = {"schedule": network.schedule}
     if soft:
         opts.update(support=args.support, window=args.window)
     cond_labels = labels if network.conditional else None
     label = evaluation.seed_labels(network, args.n)
     try:
-        machine = machines.build(args.machine, images, cond_labels, **opts)
+        machine = spec.build(images, cond_labels, **opts)
         ts = calibration.calibration_times(args.steps)
         x = jax.random.normal(jax.random.key(args.seed), (args.n, *network.image_shape))
         traj = calibration.network_trajectory(network, x, ts, label=label)
-        meta = {"machine": args.machine, "model": str(args.model), "n": args.n, "seed": args.seed}
+        meta = {"machine": spec.name, "model": str(args.model), "n": args.n, "seed": args.seed}
         if soft:
             res = calibration.differentiable_calibrate(
                 network, machine, None, ts, init=args.init, iterations=args.iterations, learning_rate=args.lr,
@@ -92,9 +100,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             res = calibration.grid_calibrate(network, machine, None, ts, candidates=candidates, metric=args.metric,
                                              label=label, trajectory=traj, batch_size=args.batch_size)
             summary = {"scales": list(res.scales)}
-        res.save(args.out, **meta)
+        res.save(out, **meta)
     except (ValueError, TypeError) as e:
         _fail(str(e))
     print(json.dumps(summary))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0

@@ -1,11 +1,117 @@
-"""Helpers shared by the subcommands."""
+"""Helpers shared by the subcommands: one-line errors, output locations checked before any compute,
+machines and scale schedules looked up through the registry (the CLI compares no machine names)."""
 
 from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["fail", "note", "output_dir", "output_file", "machine_spec", "read_schedule", "fit_schedule",
+           "load_network_run"]
 
 
 def fail(msg: str):
     """Stop with a one-line error (exit status 2-like message, no traceback)."""
     raise SystemExit(f"ellsjax: error: {msg}")
+
+
+def note(msg: str) -> None:
+    """One line on stderr that the user should read (a default taken, an input adapted)."""
+    print(f"ellsjax: note: {msg}", file=sys.stderr, flush=True)
+
+
+def _writable_dir(d: Path, flag: str) -> None:
+    try:
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".ellsjax-write-check-"):
+            pass
+    except OSError as e:
+        fail(f"{flag}: cannot write in {d}: {e.strerror or e}")
+
+
+def output_dir(path: Any, flag: str = "--out") -> Path:
+    """Create the output directory (and its parents) and check that files can be written in it;
+    called before any compute, so a bad location costs nothing."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        fail(f"{flag}: {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        fail(f"{flag}: cannot create the directory {out}: a part of the path is a file")
+    except OSError as e:
+        fail(f"{flag}: cannot create the directory {out}: {e.strerror or e}")
+    _writable_dir(out, flag)
+    return out
+
+
+def output_file(path: Any, flag: str = "--out") -> Path:
+    """Check an output file's location (its directory created, writable; the path not a directory)
+    before any compute."""
+    out = Path(path)
+    if out.is_dir():
+        fail(f"{flag}: {out} is a directory; give a file name")
+    output_dir(out.parent if str(out.parent) else ".", flag)
+    if out.exists() and not os.access(out, os.W_OK):
+        fail(f"{flag}: {out} exists and is not writable")
+    return out
+
+
+def machine_spec(name: str, padding: str | None = None, flag: str = "--machine"):
+    """The registry spec of ``--machine NAME`` (with ``--padding``, its padding variant)."""
+    from ellsjax import machines
+
+    try:
+        spec = machines.spec(name)
+    except ValueError:
+        fail(f"{flag}: unknown machine {name!r}; known: {', '.join(machines.names())}")
+    if padding is not None and padding != spec.padding:
+        # the family's own name picks a member by padding (els --padding zeros is bbels); a member
+        # named with a contradicting padding is an error
+        twins = [s.name for s in machines.specs() if s.family is not None and s.family == spec.family
+                 and s.padding == padding]
+        if spec.name == spec.family and twins:
+            return machines.spec(twins[0])
+        if spec.padding is None:
+            fail(f"--padding: --machine {name} has no padding option")
+        hint = f"; use --machine {twins[0]}" if twins else ""
+        fail(f"--padding: --machine {name} has {spec.padding} padding{hint}")
+    return spec
+
+
+def read_schedule(text: str, spec, *, nsteps: int, flag: str = "--scales"):
+    """Read ``--scales TEXT`` for the machine of ``spec`` as a :class:`~ellsjax.scales.ScaleSchedule`
+    whose kind fits the machine's scale (sizes, or widths ℓ)."""
+    from ellsjax.scales import ScaleSchedule
+
+    want = "width" if spec.scale_kind == "width" else "size"
+    try:
+        schedule = ScaleSchedule.load(text, nsteps=nsteps, kind=want)
+    except ValueError as e:
+        fail(f"{flag}: {e}")
+    return fit_schedule(schedule, spec, text, flag=flag)
+
+
+def fit_schedule(schedule, spec, text: str, flag: str = "--scales"):
+    """Check that a schedule's kind and padding fit the machine of ``spec``; returns it."""
+    if spec.scale_kind == "width" and schedule.kind != "width":
+        fail(f"{flag}: {text} holds integer patch sizes; --machine {spec.name} takes window widths ℓ: a "
+             "soft-window schedule (a JSON with 'ells', written by the differentiable calibration) or "
+             "comma-separated widths ℓ")
+    if spec.scale_kind in ("size", "side") and schedule.kind == "width":
+        fail(f"{flag}: {text} is a soft-window schedule of widths ℓ; --machine {spec.name} takes integer patch "
+             "sizes (use a soft-window machine with it)")
+    if schedule.kind == "width" and schedule.padding is not None and spec.padding not in (None, schedule.padding):
+        from ellsjax import machines
+
+        try:
+            other = f"; use --machine {machines.variant(spec.name, schedule.padding).name}"
+        except ValueError:
+            other = ""
+        fail(f"{flag}: the schedule was learned for padding {schedule.padding!r}, not {spec.padding!r}{other}")
+    return schedule
 
 
 def load_network_run(model_dir: str, *, ema: bool = True):
@@ -21,4 +127,3 @@ def load_network_run(model_dir: str, *, ema: bool = True):
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         fail(f"--model: {e}")
     return network, images, labels
-

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ellsjax.cli._common import fail as _fail
-from ellsjax.cli._common import load_network_run
+from ellsjax.cli._common import load_network_run, machine_spec, output_dir, read_schedule
 
 __all__ = ["register"]
-
-# the registry's names (ellsjax.machines.MACHINES; a test keeps them equal), listed here so that
-# `--help` does not import JAX
-_MACHINES = ("els", "bbels", "ls", "is", "pspc", "wiener", "pca", "cfdm", "soft-els", "soft-bbels")
 
 
 def register(sub) -> None:
@@ -33,9 +28,10 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     s.add_argument("--model", required=True, help="trained network run directory")
-    s.add_argument("--machine", default="bbels", choices=_MACHINES,
-                   help="machine to compare (soft-* need a soft-window schedule from the calibration; is, wiener, "
-                        "pca and cfdm take no scales)")
+    s.add_argument("--machine", default="bbels",
+                   help="a registered machine to compare (`ellsjax machines` lists them; soft-window machines need a "
+                        "schedule of widths from the differentiable calibration; machines without a scale use only "
+                        "the schedule's times)")
     s.add_argument("--scales", default=None, metavar="FILE|PRESET",
                    help="per-step scales: a JSON schedule (calibration output) or a published preset name; "
                         "required for machines with a scale (for the others only its times are used; default: "
@@ -53,50 +49,36 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from ellsjax import calibration, evaluation, machines, schedules
+    from ellsjax import evaluation, machines, schedules
 
     if args.n < 2:
         _fail(f"--n: need at least 2 seeds, got {args.n}")
+    spec = machine_spec(args.machine)
+    schedule = None if args.scales is None else read_schedule(args.scales, spec, nsteps=20)
+    if spec.scale_kind != "none" and schedule is None:
+        _fail(f"--scales: --machine {spec.name} needs a scale schedule (a JSON file or a preset name)")
     network, images, labels = load_network_run(args.model, ema=not args.raw_weights)
-    soft = args.machine.startswith("soft-")
-    if args.scales is None:
-        ts, scales, info = schedules.paper_times(20), None, {}
-    else:
-        try:
-            ts, scales, info = calibration.load_schedule(args.scales)
-        except ValueError as e:
-            _fail(f"--scales: {e}")
-        if soft and not info:
-            _fail("--scales: soft machines need a soft-window schedule (a JSON with 'ells', written by the "
-                  "differentiable calibration)")
-        if not soft and info:
-            _fail(f"--scales: {args.scales} is a soft-window schedule; use --machine soft-els or soft-bbels")
-    opts = {"schedule": network.schedule}
-    if soft:
-        opts.update(support=args.support or info["support"], window=info["window"], edge=info["edge"])
-        want = "circular" if args.machine == "soft-els" else "zeros"
-        if info.get("padding", want) != want:
-            _fail(f"--scales: the schedule was learned for padding {info['padding']!r}, not {args.machine}")
+    out = output_dir(args.out)
+    ts = schedules.paper_times(20) if schedule is None else schedule.times()
+    scales = None if spec.scale_kind == "none" or schedule is None else schedule.values
+    opts = {"schedule": network.schedule, **({} if schedule is None else schedule.options)}
+    if args.support is not None:
+        opts["support"] = args.support
     cond_labels = labels if network.conditional else None
     try:
-        machine = machines.build(args.machine, images, cond_labels, **opts)
-        if not machine.needs_scale:
-            scales = None  # only the schedule's times matter
-        elif scales is None:
-            _fail(f"--scales: --machine {args.machine} needs a scale schedule (a JSON file or a preset name)")
+        machine = spec.build(images, cond_labels, **opts)
         x = jax.random.normal(jax.random.key(args.seed), (args.n, *network.image_shape))
         label = evaluation.seed_labels(network, args.n)
         ev = evaluation.evaluate(network, machine, x, ts, scales=scales, label=label,
                                  baseline=machines.ideal(images, cond_labels, schedule=network.schedule))
     except (ValueError, TypeError) as e:
         _fail(str(e))
-    out = Path(args.out)
     res = evaluation.save_results(
-        out / "results.json", ev, model=str(args.model), machine=args.machine, scales_spec=args.scales,
+        out / "results.json", ev, model=str(args.model), machine=spec.name, scales_spec=args.scales,
         ts=[float(t) for t in np.asarray(ts)], scales=None if scales is None else list(scales), n=args.n,
         seed=args.seed, num_train_images=int(images.shape[0]),
     )
-    evaluation.save_figures(ev, out, name=args.machine)
+    evaluation.save_figures(ev, out, name=spec.name)
     sm = res["summary"]
     print(json.dumps({"machine_median_pearson_r": sm["machine"]["pearson_r"]["median"],
                       "is_median_pearson_r": sm["baseline"]["pearson_r"]["median"],

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ellsjax.cli._common import fail as _fail
+from ellsjax.cli._common import machine_spec, output_dir
 
 __all__ = ["register"]
 
@@ -77,6 +78,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     for opt in ("max_samples", "top", "patch_size"):
         if getattr(args, opt) <= 0:
             _fail(f"--{opt.replace('_', '-')} must be positive, got {getattr(args, opt)}")
+    names = [n.strip() for n in args.compare.split(",") if n.strip()] if args.compare else []
+    specs = {n: machine_spec(n, flag="--compare") for n in [cfg["machine"], *names]}
+    without = [n for n, s in specs.items() if not s.provenance]
+    if without:
+        able = [s.name for s in ej.machines.specs() if s.provenance]
+        _fail(f"machine {without[0]!r} has no provenance; use one of {', '.join(able)}")
+    out = output_dir(args.out if args.out else Path(args.samples).parent)
     t0 = time.perf_counter()
     try:
         images, labels = ej.data.load(
@@ -88,13 +96,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         schedule = cfg.get("schedule_name", "cosine_legacy")
 
         def build(name, options):
-            m = ej.machines.build(name, images, labels if label is not None else None, schedule=schedule, **options)
-            if not m.supports_provenance:
-                _fail(f"machine {name!r} has no provenance; use els, bbels, ls or is")
-            return m
+            return specs[name].build(images, labels if label is not None else None, schedule=schedule, **options)
 
         machine = build(cfg["machine"], cfg.get("machine_options", {}))
-        scales = [int(k) for k in data["scales"]] if machine.needs_scale else None
+        scales = [k.item() for k in data["scales"]] if machine.needs_scale else None
         prov = ej.explain.provenance(machine, data["x_start"], data["ts"], scales=scales, label=label)
         nsteps = prov.image.shape[0]
         if not -nsteps <= args.step < nsteps:
@@ -103,11 +108,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         drift = float(np.max(np.abs(samples - data["samples"])))
         measures = ej.explain.creativity(samples, images, patch_size=args.patch_size, provenance=prov, step=args.step)
         table = None
-        if args.compare:
-            names = [n.strip() for n in args.compare.split(",") if n.strip()]
-            unknown = [n for n in names if n not in ej.machines.MACHINES]
-            if unknown:
-                _fail(f"--compare: unknown machines {unknown}; known: {', '.join(sorted(ej.machines.MACHINES))}")
+        if names:
             # the explained machine's row is the replay above; the others sample from the same noise
             ms = {n: build(n, {}) for n in names if n != cfg["machine"]}
             if scales is None and any(m.needs_scale for m in ms.values()):
@@ -119,8 +120,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         _fail(str(e))
 
-    out = Path(args.out) if args.out else Path(args.samples).parent
-    out.mkdir(parents=True, exist_ok=True)
     ej.explain.plot_provenance(prov, images, out / "provenance.png", step=args.step, max_samples=args.max_samples,
                                top=args.top)
     np.savez_compressed(

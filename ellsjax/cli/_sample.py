@@ -1,28 +1,23 @@
-"""``ellsjax sample``: the main job. Draws samples from an analytic machine on a dataset and writes
-a PNG grid, an ``.npz`` of the samples and a ``config.json``."""
+"""``ellsjax sample``: the main job. Draws samples from an analytic machine (or a trained network) on
+a dataset and writes a PNG grid, an ``.npz`` of the samples and a ``config.json``.
+
+Machines, their scale kinds and default schedules come from the registry (:mod:`ellsjax.machines`);
+this module compares no machine names."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ellsjax.cli._common import fail as _fail
+from ellsjax.cli._common import machine_spec, note, output_dir, read_schedule
 
-__all__ = ["register", "DEFAULT_PRESETS"]
+__all__ = ["register"]
 
-# The published scale schedule matching a dataset and a padding (zeros pairs with bbELS networks).
-DEFAULT_PRESETS = {
-    ("mnist", "zeros"): "MNIST_ResNet_zeros",
-    ("mnist", "circular"): "MNIST_ResNet_circular",
-    ("fashion_mnist", "zeros"): "FashionMNIST_ResNet_zeros_conditional",
-    ("cifar10", "zeros"): "CIFAR10_ResNet_zeros_conditional",
-    ("cifar10", "circular"): "CIFAR10_ResNet_circular_conditional",
-    ("celeb_a", "zeros"): "CelebA_ResNet_zeros",
-}
+_DEFAULT_STEPS = 20
 
 
 def register(sub) -> None:
@@ -34,16 +29,17 @@ def register(sub) -> None:
             "Sample with deterministic DDIM from an analytic machine built on a training set. Defaults: "
             "the boundary-broken ELS machine on the first 256 bundled MNIST training images resized to 32x32, "
             "the paper's 20-point time grid and its published MNIST ResNet (zero padding) scale schedule. "
-            "Writes OUT/samples.png, OUT/samples.npz and OUT/config.json."
+            "Writes OUT/samples.png, OUT/samples.npz and OUT/config.json (OUT is checked before sampling)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     s.add_argument("--machine", default="bbels",
-                   help="a machine of ellsjax.machines.MACHINES: bbels = ELS with zero padding; els = ELS with "
-                        "circular padding; ls = local score; is = ideal score; soft-els, soft-bbels = soft-window ELS "
-                        "(--scales: a schedule from the differentiable calibration, or widths ℓ)")
+                   help="a registered machine (`ellsjax machines` lists them): bbels = ELS with zero padding; "
+                        "els = ELS with circular padding; ls = local score; is = ideal score; soft-els, soft-bbels "
+                        "= soft-window ELS (--scales: a schedule from the differentiable calibration, or widths ℓ)")
     s.add_argument("--padding", choices=("zeros", "circular"), default=None,
-                   help="padding of the ELS machine: --machine els --padding zeros is bbels")
+                   help="boundary rule: with a machine family's name picks its member (--machine els --padding "
+                        "zeros is bbels)")
     s.add_argument("--machine-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra keyword for the machine's builder (VALUE parsed as JSON if possible); repeatable")
     s.add_argument("--dataset", default="mnist", help="mnist, fashion_mnist, cifar10 or celeb_a")
@@ -51,28 +47,66 @@ def register(sub) -> None:
                    help="where the training images come from (see ellsjax.data.load)")
     s.add_argument("--path", default=None, help="file or directory for --source npz/idx")
     s.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for --source tfds")
-    s.add_argument("--split", default="train")
+    s.add_argument("--split", default="train", help="dataset split the training images come from")
     s.add_argument("--n-train", type=int, default=256, help="number of training images (the first ones)")
     s.add_argument("--image-size", type=int, default=None,
                    help="resize training images to SxS (default: 32 for mnist/fashion_mnist as in the paper, native otherwise)")
     s.add_argument("--class", dest="label", type=int, default=None,
                    help="sample class-conditionally: the bank holds only training images of this class")
-    s.add_argument("--num-samples", type=int, default=8)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-samples", type=int, default=8, help="number of samples (one noise draw each)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
     s.add_argument("--scales", default=None,
-                   help="a preset name, a JSON schedule file, comma-separated ints (one per step) or one int; "
-                        "default: the published preset for the dataset and padding")
-    s.add_argument("--steps", type=int, default=20, help="grid size when --scales carries no times")
+                   help="a preset name, a JSON schedule file, comma-separated scales (one per step) or one scale; "
+                        "default: the machine's published schedule for the dataset")
+    s.add_argument("--steps", type=int, default=None,
+                   help=f"DDIM steps + 1 (grid points of the paper's grid; default {_DEFAULT_STEPS}); a schedule "
+                        "with its own grid is mapped onto it")
     s.add_argument("--schedule", default="cosine_legacy", help="noise schedule: cosine_legacy, cosine, linear, exponential")
     s.add_argument("--out", default="samples", help="output directory")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.add_argument("--model", default=None, metavar="DIR",
                    help="sample from the trained network in DIR (`ellsjax train --out DIR`) instead of a machine, "
-                        "with the same noise, time grid (--steps, or the times of --scales) and outputs; the "
-                        "machine and data options are ignored")
+                        "with the same noise, time grid (--steps, or the times of a --scales file or preset) and "
+                        "outputs; the machine and data options are ignored")
     s.set_defaults(func=_cmd_sample)
 
 
+def _check_counts(args) -> int:
+    for opt in ("n_train", "num_samples", "steps"):
+        v = getattr(args, opt)
+        if v is not None and v <= 0:
+            _fail(f"--{opt.replace('_', '-')} must be positive, got {v}")
+    if args.steps is not None and args.steps < 2:
+        _fail(f"--steps: the grid needs at least 2 points, got {args.steps}")
+    return args.steps or _DEFAULT_STEPS
+
+
+def _check_fits(num: int, shape) -> None:
+    """Refuse a batch whose samples alone (and their starting noise) cannot fit in memory."""
+    need = 2 * 4 * num * int(np.prod(shape))
+    try:
+        import os
+
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > total // 2:
+        _fail(f"--num-samples: {num} samples of {'x'.join(map(str, shape))} need {need / 2**30:.1f} GiB for the "
+              f"noise and the samples alone; this machine has {total / 2**30:.1f} GiB (ask for fewer and run it "
+              "several times with different --seed)")
+
+
+def _grid_schedule(schedule, steps_given: int | None, nsteps: int, flag: str = "--scales"):
+    """A schedule with its own grid, mapped onto ``paper_times(--steps)`` when ``--steps`` asks for
+    another number of steps (said on stderr)."""
+    import ellsjax as ej
+
+    if steps_given is None or len(schedule.ts) == nsteps:
+        return schedule
+    mapped = schedule.on_grid(ej.schedules.paper_times(nsteps))
+    note(f"{flag}: {schedule.source or 'the schedule'} has {schedule.nsteps} steps; mapped onto --steps {nsteps} "
+         f"(the paper's grid): {list(mapped.values)}")
+    return mapped
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -82,20 +116,18 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     if args.model is not None:
         return _cmd_sample_model(args)
-
-    if args.machine == "bbels" and args.padding == "circular":
-        _fail("--machine bbels is ELS with zero padding; use --machine els for plain (circular) ELS")
-    name = "bbels" if (args.machine == "els" and args.padding == "zeros") else args.machine
-    if name not in ej.machines.MACHINES:
-        _fail(f"--machine: unknown machine {args.machine!r}; known: {', '.join(sorted(ej.machines.MACHINES))}")
-    padding = "circular" if name in ("els", "soft-els") else "zeros"  # the network padding whose scale preset applies
+    nsteps = _check_counts(args)
+    spec = machine_spec(args.machine, args.padding)
     options = dict(_parse_option(o) for o in args.machine_option)
     image_size = args.image_size
     if image_size is None and args.dataset in ("mnist", "fashion_mnist"):
         image_size = 32
-    for opt in ("n_train", "num_samples", "steps"):
-        if getattr(args, opt) <= 0:
-            _fail(f"--{opt.replace('_', '-')} must be positive, got {getattr(args, opt)}")
+    if spec.scale_kind == "none" and args.scales is not None:
+        _fail(f"--scales: --machine {spec.name} takes no scale; drop --scales (--steps sets the grid)")
+    schedule = None
+    if args.scales is not None:
+        schedule = _grid_schedule(read_schedule(args.scales, spec, nsteps=nsteps), args.steps, nsteps)
+    out = output_dir(args.out)
 
     t0 = time.perf_counter()
     try:
@@ -103,51 +135,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             args.dataset, split=args.split, source=args.source, path=args.path, data_dir=args.data_dir,
             image_size=image_size, limit=args.n_train,
         )
-        conditional = args.label is not None
-        soft = name.startswith("soft-")
-        if soft:
-            # a soft-window machine's per-step scale is a float width ℓ; its schedule file also names the
-            # window (support, shape, padding) it was learned with, which the builder takes unless overridden
-            if args.scales is None:
-                _fail(f"--scales: --machine {name} needs a soft-window schedule (a JSON with 'ells' from the "
-                      "differentiable calibration) or widths ℓ (one float, or comma-separated floats, one per step)")
-            spec = args.scales
-            ts, scales, info = _soft_schedule(spec, nsteps=args.steps)
-            want = "circular" if name == "soft-els" else "zeros"
-            if info.get("padding", want) != want:
-                _fail(f"--scales: the schedule was learned for padding {info['padding']!r}; use --machine "
-                      f"{'soft-els' if info['padding'] == 'circular' else 'soft-bbels'}")
-            for key in ("support", "window", "edge"):
-                if key in info:
-                    options.setdefault(key, info[key])
-        machine = ej.machines.build(name, images, labels if conditional else None, schedule=args.schedule, **options)
-        if soft:
-            pass  # ts, scales from the soft schedule above
-        elif not machine.needs_scale:
-            ts, scales = ej.schedules.paper_times(args.steps), None
-            spec = None
+        _check_fits(args.num_samples, images.shape[1:])
+        if schedule is None and spec.scale_kind != "none":
+            schedule = spec.scales_for(args.dataset, images.shape[1:], ej.schedules.get(args.schedule))
+            schedule = _grid_schedule(schedule, args.steps, nsteps)
+        if schedule is not None:
+            for key, value in schedule.options.items():  # a width schedule names the window it was learned with
+                options.setdefault(key, value)
+        machine = spec.build(images, labels if args.label is not None else None, schedule=args.schedule, **options)
+        if schedule is None:
+            ts, scales = ej.schedules.paper_times(nsteps), None
         else:
-            spec = args.scales
-            if spec is None and name == "pspc":
-                # PSPC's published schedule: 18 steps on the EDM grid for 32x32 CIFAR-10; DDIM over the
-                # same noise levels is Euler's method for that ODE
-                if args.dataset != "cifar10" or machine.image_shape[:2] != (32, 32):
-                    _fail("PSPC's published scale schedule is for 32x32 CIFAR-10 only; pass --scales")
-                spec = "PSPC_CIFAR10 (Niedoba et al. 2025, EDM grid of 18 steps)"
-                ts = ej.edm.karras_times(len(ej.machines.PSPC_CIFAR10_SCALES), machine.schedule)
-                scales = ej.machines.PSPC_CIFAR10_SCALES
-            else:
-                if spec is None:
-                    spec = DEFAULT_PRESETS.get((args.dataset, padding))
-                    if spec is None:
-                        _fail(f"no published scale schedule for {args.dataset} with {padding} padding; pass --scales")
-                ts, scales = ej.schedules.resolve_scales(spec, nsteps=args.steps)
+            ts, scales = schedule.times(), ej.samplers.check_scales(schedule.values, machine, schedule.nsteps)
         x_start = jax.random.normal(jax.random.key(args.seed), (args.num_samples, *machine.image_shape))
-        if scales is not None and name == "els":
-            # ELS needs k <= image size; a preset made for larger images cannot run here
-            too_big = [k for k in scales if k > min(machine.image_shape[:2])]
-            if too_big:
-                _fail(f"scales {sorted(set(too_big))} exceed the {machine.image_shape[0]}px images (ELS needs k <= size)")
         t_load = time.perf_counter() - t0
         samples = ej.samplers.ddim(
             machine, x_start, ts, scales=scales, label=args.label, progress=not args.no_progress
@@ -157,50 +157,26 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         _fail(str(e))
     elapsed = time.perf_counter() - t0
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ej.plotting.save_png(out / "samples.png", ej.plotting.image_grid(samples), scale=4)
     config = {
-        "machine": name, "machine_options": options, "padding": padding, "dataset": args.dataset, "source": args.source,
-        "path": args.path, "data_dir": args.data_dir, "image_size": image_size, "schedule_name": args.schedule,
-        "split": args.split, "n_train": int(images.shape[0]), "image_shape": list(machine.image_shape),
-        "label": args.label, "num_samples": args.num_samples, "seed": args.seed,
-        "scales_spec": spec, "scales": None if scales is None else list(scales), "ts": [float(t) for t in ts],
+        "machine": spec.name, "machine_options": options, "padding": spec.padding, "dataset": args.dataset,
+        "source": args.source, "path": args.path, "data_dir": args.data_dir, "image_size": image_size,
+        "schedule_name": args.schedule, "split": args.split, "n_train": int(images.shape[0]),
+        "image_shape": list(machine.image_shape), "label": args.label, "num_samples": args.num_samples,
+        "seed": args.seed, "scales_spec": None if schedule is None else (schedule.source or args.scales),
+        "scales": None if scales is None else list(scales), "ts": [float(t) for t in ts],
         "schedule": machine.schedule.describe(), "seconds_total": round(elapsed, 2),
         "seconds_data": round(t_load, 2), "backend": jax.default_backend(),
     }
+    width = spec.scale_kind == "width"
     np.savez_compressed(
         out / "samples.npz", samples=samples, x_start=np.asarray(x_start), ts=np.asarray(ts),
-        scales=np.asarray(scales if scales is not None else [], np.float32 if soft else np.int32),
+        scales=np.asarray(scales if scales is not None else [], np.float32 if width else np.int32),
     )
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    print(f"{args.num_samples} samples from {name} on {images.shape[0]} {args.dataset} "
+    print(f"{args.num_samples} samples from {spec.name} on {images.shape[0]} {args.dataset} "
           f"images in {elapsed:.1f}s -> {out / 'samples.png'}, {out / 'samples.npz'}")
     return 0
-
-
-def _soft_schedule(spec: str, *, nsteps: int):
-    """``(ts, ells, info)`` for a soft machine: a soft schedule file, or floats on ``paper_times(nsteps)``."""
-    import ellsjax as ej
-    from ellsjax import calibration
-
-    if spec.endswith(".json") or Path(spec).is_file():
-        ts, ells, info = calibration.load_schedule(spec, nsteps=nsteps)
-        if not info:
-            _fail(f"--scales: {spec} holds integer patch sizes; soft machines need a soft-window schedule "
-                  "(a JSON with 'ells', written by the differentiable calibration)")
-        return ts, ells, info
-    try:
-        ells = [float(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        _fail(f"--scales: {spec!r} is neither a soft-window schedule file nor comma-separated widths ℓ")
-    if not ells or any(not np.isfinite(e) or e <= 0 for e in ells):
-        _fail(f"--scales: widths ℓ must be positive and finite, got {spec!r}")
-    if len(ells) == 1:
-        ells = ells * (nsteps - 1)
-    if len(ells) != nsteps - 1:
-        _fail(f"--scales: expected {nsteps - 1} widths for a {nsteps}-point grid (--steps), got {len(ells)}")
-    return ej.schedules.paper_times(nsteps), tuple(ells), {}
 
 
 def _cmd_sample_model(args: argparse.Namespace) -> int:
@@ -208,25 +184,32 @@ def _cmd_sample_model(args: argparse.Namespace) -> int:
     import jax
 
     import ellsjax as ej
+    from ellsjax.scales import ScaleSchedule
 
-    for opt in ("num_samples", "steps"):
-        if getattr(args, opt) <= 0:
-            _fail(f"--{opt.replace('_', '-')} must be positive, got {getattr(args, opt)}")
+    nsteps = _check_counts(args)
+    ts = ej.schedules.paper_times(nsteps)
+    if args.scales is not None:
+        try:
+            schedule = ScaleSchedule.load(args.scales, nsteps=nsteps)
+        except ValueError as e:
+            _fail(f"--scales: {e}")
+        if schedule.source == "values":
+            _fail(f"--scales: a network takes no scales; with --model, --scales only supplies the time grid of a "
+                  f"schedule file or preset (got {args.scales!r}); use --steps for the paper's grid")
+        ts = _grid_schedule(schedule, args.steps, nsteps).times()
+    out = output_dir(args.out)
     t0 = time.perf_counter()
     try:
         model = ej.models.load(args.model)
         if model.conditional and args.label is None:
             _fail(f"--class: the network in {args.model} is class-conditional; pass --class K (0 <= K < {model.num_classes})")
-        ts = (ej.schedules.resolve_scales(args.scales, nsteps=args.steps)[0] if args.scales is not None
-              else ej.schedules.paper_times(args.steps))
+        _check_fits(args.num_samples, model.image_shape)
         x_start = jax.random.normal(jax.random.key(args.seed), (args.num_samples, *model.image_shape))
         samples = np.asarray(ej.samplers.ddim(model, x_start, ts, label=args.label, progress=not args.no_progress))
     except (ValueError, TypeError, FileNotFoundError) as e:
         _fail(str(e))
     elapsed = time.perf_counter() - t0
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ej.plotting.save_png(out / "samples.png", ej.plotting.image_grid(samples), scale=4)
     config = {
         "model": str(args.model), "weights": model.weights, "net": model.config.to_dict(),

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ellsjax import _checks
 from ellsjax.data._idx import read_idx_split
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "celeb_a")
@@ -137,8 +138,8 @@ def load(
     _check_split(name, split)
     if source not in SOURCES:
         raise ValueError(f"unknown source={source!r}; choose one of {', '.join(SOURCES)}")
-    limit = _check_positive_int("limit", limit)
-    image_size = _check_positive_int("image_size", image_size)
+    limit = _checks.check_positive_int(limit, "limit", allow_none=True)
+    image_size = _checks.check_positive_int(image_size, "image_size", allow_none=True)
     classes = _check_classes(classes)
 
     if source == "auto":
@@ -261,14 +262,6 @@ def _check_split(name: str, split: str) -> None:
         raise ValueError(
             f"unknown split={split!r} for {name}; choose one of {', '.join(_SPLITS[name])}"
         )
-
-
-def _check_positive_int(arg: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{arg} must be a positive int or None, got {arg}={value!r}")
-    return int(value)
 
 
 def _check_classes(classes: Iterable[int] | None) -> tuple[int, ...] | None:

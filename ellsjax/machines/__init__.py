@@ -2,7 +2,10 @@
 and the other closed-form denoisers of this literature (PSPC, Wiener, PCA locality, σ-CFDM).
 
 Every machine is a frozen pytree holding its training set; ``denoise``, ``score`` and ``eps`` take a
-noisy batch ``x_t`` ``[B, H, W, C]``, a time ``t`` and (for the local machines) a patch size ``scale``.
+noisy batch ``x_t`` ``[B, H, W, C]``, a time ``t`` and (for the local machines) a ``scale``. Each
+machine module registers a :class:`MachineSpec` (:func:`register`); the command line, calibration,
+evaluation and the reproduction presets read their choices from the registry (:func:`spec`,
+:func:`specs`, :func:`names`).
 
 Example:
     >>> import jax, ellsjax as ej
@@ -12,34 +15,47 @@ Example:
     (1, 8, 8, 1)
 """
 
-from ellsjax.machines.base import DEFAULT_MEMORY_BUDGET, Denoiser, Machine, default_memory_budget
-from ellsjax.machines.cfdm import SmoothedClosedForm, cfdm, cfdm_time, from_cfdm_time
+# ruff: noqa: I001  (the machine modules are imported in listing order: each registers its specs)
+from collections.abc import Iterator, Mapping
+
+from ellsjax.denoiser import Denoiser
+from ellsjax.machines._policy import ExecutionPolicy, default_memory_budget, memory_budgets
+from ellsjax.machines._registry import MachineSpec, for_network, names, register, spec, specs, unregister, variant
+from ellsjax.machines.base import Machine
+
 from ellsjax.machines.ideal import IdealScore, ideal
 from ellsjax.machines.patch import EquivariantLocalScore, LocalScore, bbels, els, local
+from ellsjax.machines.pspc import PSPC_CIFAR10_SCALES, PatchSetPosteriorComposite, pspc
+from ellsjax.machines.wiener import Wiener, wiener
 from ellsjax.machines.pca import PCALocality, pca
 from ellsjax.machines.pca import neighbourhoods as pca_neighbourhoods
-from ellsjax.machines.pspc import PSPC_CIFAR10_SCALES, PatchSetPosteriorComposite, pspc
+from ellsjax.machines.cfdm import SmoothedClosedForm, cfdm, cfdm_time, from_cfdm_time
 from ellsjax.machines.soft import SoftEquivariantLocalScore, soft_bbels, soft_els
-from ellsjax.machines.wiener import Wiener, wiener
 
-#: Machines by name, for the command line and the evaluation tools: ``name → builder(images,
-#: labels=None, **options)``. New machines register here.
-MACHINES = {
-    "is": ideal,
-    "ls": local,
-    "els": els,
-    "bbels": bbels,
-    "pspc": pspc,
-    "wiener": wiener,
-    "pca": pca,
-    "cfdm": cfdm,
-    "soft-els": soft_els,
-    "soft-bbels": soft_bbels,
-}
+
+class _Builders(Mapping):
+    """``name → builder`` of every registered machine (a live view of the registry)."""
+
+    def __getitem__(self, name: str):
+        try:
+            return spec(name).builder
+        except ValueError:
+            raise KeyError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(names())
+
+    def __len__(self) -> int:
+        return len(names())
+
+
+#: Machines by name: ``name → builder(images, labels=None, **options)``, a view of the registry
+#: (register new machines with :func:`register`).
+MACHINES: Mapping = _Builders()
 
 
 def build(name: str, images, labels=None, **options) -> Machine:
-    """Build a machine by its registry name (see :data:`MACHINES`), passing ``options`` through.
+    """Build a machine by its registry name (see :func:`names`), passing ``options`` through.
 
     Example:
         >>> import jax, ellsjax as ej
@@ -47,13 +63,21 @@ def build(name: str, images, labels=None, **options) -> Machine:
         >>> type(ej.machines.build("bbels", imgs)).__name__
         'EquivariantLocalScore'
     """
-    if name not in MACHINES:
-        raise ValueError(f"name: unknown machine {name!r}; known: {sorted(MACHINES)}")
-    return MACHINES[name](images, labels, **options)
+    return spec(name).build(images, labels, **options)
+
 
 __all__ = [
     "Denoiser",
     "Machine",
+    "ExecutionPolicy",
+    "MachineSpec",
+    "register",
+    "unregister",
+    "spec",
+    "specs",
+    "names",
+    "for_network",
+    "variant",
     "IdealScore",
     "LocalScore",
     "EquivariantLocalScore",
@@ -78,6 +102,6 @@ __all__ = [
     "SoftEquivariantLocalScore",
     "soft_els",
     "soft_bbels",
-    "DEFAULT_MEMORY_BUDGET",
     "default_memory_budget",
+    "memory_budgets",
 ]

@@ -51,6 +51,7 @@ from ellsjax import _checks
 from ellsjax import edm as _edm
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
+from ellsjax.machines import _registry
 from ellsjax.machines.base import Machine, build, prepare_training_set, register
 
 __all__ = ["SmoothedClosedForm", "cfdm", "cfdm_time", "from_cfdm_time"]
@@ -91,11 +92,6 @@ class SmoothedClosedForm(Machine):
     sigma: float = 0.0
 
     _DATA_FIELDS: ClassVar[tuple[str, ...]] = Machine._DATA_FIELDS + ("noise",)
-
-    def check_scale(self, scale: Any) -> None:
-        if scale is not None:
-            _checks.check_scale(scale)
-        return None
 
     def resample(self, key: jax.Array | int) -> SmoothedClosedForm:
         """A copy with ``M`` fresh perturbations drawn from ``key`` (same ``M``, same ``σ``)."""
@@ -187,3 +183,10 @@ def cfdm(
         SmoothedClosedForm, imgs, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget,
         noise=noise, sigma=sigma_f,
     )
+
+
+_registry.register(_registry.MachineSpec(
+    name="cfdm", builder=cfdm, scale_kind="none",
+    summary="σ-CFDM: ideal-score weights averaged over perturbed queries",
+    reference="Scarvelis, Borde & Solomon, TMLR 2025",
+))

@@ -11,16 +11,16 @@ only reproduces training images: it memorizes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float, Int
 
-from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
+from ellsjax.machines import _registry, _search
 from ellsjax.machines.base import Machine, PixelProvenance, bank_key, build, register
 
 __all__ = ["IdealScore", "ideal"]
@@ -31,11 +31,6 @@ class IdealScore(Machine):
     """The ideal score machine. Build with :func:`ideal`. ``scale`` is accepted and ignored."""
 
     supports_provenance: ClassVar[bool] = True
-
-    def check_scale(self, scale: Any) -> None:
-        if scale is not None:
-            _checks.check_scale(scale)
-        return None
 
     def _bank_layout(self, scale):
         h, w, _ = self.image_shape
@@ -53,7 +48,7 @@ class IdealScore(Machine):
 
     def _denoise_topk(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape
-        res = self._topk_bank(self._queries(x_t, t, label, self.schedule), self.banks[bank_key(None, label is not None)]["image"], label)
+        res = _search.topk_bank(self, self._queries(x_t, t, label, self.schedule), self.banks[bank_key(None, label is not None)]["image"], label)
         return res.mean.reshape(b, h, w, ch), jnp.broadcast_to(res.error_bound.reshape(b, 1, 1), (b, h, w))
 
     def _denoise(self, x_t, t, label, scale):
@@ -134,3 +129,10 @@ def ideal(
         IdealScore, images, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget,
         bank_budget=bank_budget,
     )
+
+
+_registry.register(_registry.MachineSpec(
+    name="is", builder=ideal, scale_kind="none", provenance=True,
+    summary="ideal score: the exact posterior over whole training images (memorizes)",
+    reference="Kamb & Ganguli, arXiv 2412.20292, eq. 5",
+))

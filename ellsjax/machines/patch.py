@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,16 +37,11 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from ellsjax import _checks
 from ellsjax import kernel as _kernel
+from ellsjax import presets as _presets
 from ellsjax import schedules as _schedules
-from ellsjax.machines.base import (
-    Machine,
-    PixelProvenance,
-    bank_key,
-    build,
-    default_memory_budget,
-    query_tile,
-    register,
-)
+from ellsjax.machines import _registry, _search
+from ellsjax.machines._policy import query_tile
+from ellsjax.machines.base import Machine, PixelProvenance, bank_key, build, register
 
 __all__ = ["LocalScore", "EquivariantLocalScore", "local", "els", "bbels"]
 
@@ -97,8 +92,9 @@ def _group(pos: np.ndarray, qwin: np.ndarray, bwin: np.ndarray, k: tuple[int, in
 
 @functools.lru_cache(maxsize=256)
 def _layout(kind: str, h: int, w: int, k: int) -> dict[str, _Group]:
-    """Position groups of a machine ``kind`` ∈ {local, els, bbels} for ``H×W`` images and scale ``k``."""
-    if kind == "local" or (kind == "bbels" and k >= min(h, w)):
+    """Position groups for ``H×W`` images and scale ``k`` of the local score (``kind="local"``) or the
+    ELS machine with ``kind`` its padding (``"circular"``: ELS, ``"zeros"``: bbELS)."""
+    if kind == "local" or (kind == "zeros" and k >= min(h, w)):
         # Windows wider than 2·size−1 see only zeros beyond the image: clip them (exact).
         kh, kw = min(k, 2 * h - 1), min(k, 2 * w - 1)
         win = _window_index(h, w, kh, kw, "zeros")
@@ -106,7 +102,7 @@ def _layout(kind: str, h: int, w: int, k: int) -> dict[str, _Group]:
     hk = k // 2
     zwin = _window_index(h, w, k, k, "zeros")
     interior = _flat(np.arange(hk, h - hk), np.arange(hk, w - hk), w)[None]
-    if kind == "els":
+    if kind == "circular":
         cwin = _window_index(h, w, k, k, "circular")
         return {"all": _group(np.arange(h * w)[None], cwin, zwin, (k, k), interior)}
     groups = {"interior": _group(interior, zwin, zwin, (k, k))}
@@ -137,11 +133,12 @@ def _full_layout(kind: str, h: int, w: int, k: int) -> _Layout:
 class _PatchMachine(Machine):
     """Common code of the patch machines (see module docstring)."""
 
-    needs_scale: ClassVar[bool] = True
+    scale_kind: ClassVar[str] = "size"
     supports_provenance: ClassVar[bool] = True
 
     def _kind(self) -> str:
-        raise NotImplementedError
+        """The layout (:func:`_layout`): ``"local"``, or the ELS padding."""
+        return self.padding
 
     def _bank_layout(self, scale):
         h, w, _ = self.image_shape
@@ -199,7 +196,7 @@ class _PatchMachine(Machine):
         b, h, w, ch = x_t.shape
         layout, queries = self._queries(x_t, t, label, scale)
         bank = self.banks[bank_key(scale, label is not None)]
-        res = {name: self._topk_bank(queries[name], bank[name], label) for name in layout.groups}
+        res = {name: _search.topk_bank(self, queries[name], bank[name], label) for name in layout.groups}
         x0 = self._assemble(layout, {n: r.mean for n, r in res.items()}, b, h, w, label is not None)
         bound = self._assemble(layout, {n: r.error_bound[..., None] for n, r in res.items()}, b, h, w, label is not None)
         return x0, bound[..., 0]
@@ -222,10 +219,9 @@ class _PatchMachine(Machine):
             # per training image: gathered windows plus logits and weights of every query
             # (provenance: two more logits-sized temporaries); large batches in query tiles
             per_query = 4 if provenance else 2
-            budget = self.memory_budget or default_memory_budget()
             tile = None
-            if not cond and self.chunk_size is None:
-                tile = query_tile(budget, lead, mq, 2 * d + ch + 2, per_query)
+            if not cond and self.policy.chunk_size is None:
+                tile = query_tile(self.policy.budget, lead, mq, 2 * d + ch + 2, per_query)
             members, valid, nchunks, c = self._chunking(
                 label, 4 * lead * pb * (2 * d + ch + per_query * (tile or mq) + 2)
             )
@@ -353,14 +349,10 @@ class EquivariantLocalScore(_PatchMachine):
     """The equivariant local score machine (ELS, ``padding="circular"``) and its boundary-broken
     variant (bbELS, ``padding="zeros"``). Build with :func:`els`."""
 
-    padding: Literal["circular", "zeros"] = "circular"
+    padding: _checks.Padding = "circular"
 
     def __post_init__(self):
-        if self.padding not in ("circular", "zeros"):
-            raise ValueError(f"padding: must be 'circular' (ELS) or 'zeros' (bbELS), got {self.padding!r}")
-
-    def _kind(self) -> str:
-        return "els" if self.padding == "circular" else "bbels"
+        _checks.check_padding(self.padding)
 
     def check_scale(self, scale: Any) -> int:
         if scale is None:
@@ -369,8 +361,8 @@ class EquivariantLocalScore(_PatchMachine):
         h, w, _ = self.image_shape
         if self.padding == "circular" and k > min(h, w):
             raise ValueError(
-                f"scale: patch size {k} is larger than the {h}x{w} image; ELS needs k <= {min(h, w)} "
-                "(its bank holds the patches lying fully inside a training image)"
+                f"scale: patch size {k} is larger than the {h}x{w} image: its patches would exceed the {min(h, w)}px "
+                f"images (ELS needs k <= {min(h, w)}; its bank holds the patches lying fully inside a training image)"
             )
         return k
 
@@ -419,7 +411,7 @@ def local(
 def els(
     images: Float[ArrayLike, "n h w c"],
     labels: Int[ArrayLike, " n"] | None = None,
-    padding: Literal["circular", "zeros"] = "circular",
+    padding: _checks.Padding = "circular",
     *,
     schedule: _schedules.Schedule | str = "cosine_legacy",
     chunk_size: int | None = None,
@@ -453,8 +445,7 @@ def els(
         >>> m.denoise(imgs[:2], 0.5, scale=3).shape
         (2, 8, 8, 1)
     """
-    if padding not in ("circular", "zeros"):
-        raise ValueError(f"padding: must be 'circular' (ELS) or 'zeros' (bbELS), got {padding!r}")
+    _checks.check_padding(padding)
     return build(
         EquivariantLocalScore, images, labels, schedule=schedule, chunk_size=chunk_size,
         memory_budget=memory_budget, bank_budget=bank_budget, padding=padding,
@@ -464,3 +455,38 @@ def els(
 def bbels(images, labels=None, **kwargs) -> EquivariantLocalScore:
     """The boundary-broken ELS machine: ``els(images, labels, padding="zeros", ...)``."""
     return els(images, labels, padding="zeros", **kwargs)
+
+
+def _published(padding: str):
+    """The default patch-size schedule of the ELS machine with ``padding``: the paper's, calibrated
+    against the ResNet of the same padding on that dataset (:data:`ellsjax.presets.PUBLISHED_SCALES`)."""
+
+    def default(dataset: str, image_shape: tuple[int, int, int], schedule: Any):
+        from ellsjax.scales import ScaleSchedule
+
+        name = _presets.published_scales(dataset, padding)
+        if name is None:
+            raise ValueError(f"no published scale schedule for {dataset} with {padding} padding; pass --scales")
+        return ScaleSchedule.load(name)
+
+    return default
+
+
+_registry.register(_registry.MachineSpec(
+    name="els", builder=els, scale_kind="size", padding="circular", family="els", calibration="grid",
+    explains="circular", soft_twin="soft-els", default_scales=_published("circular"), provenance=True,
+    summary="equivariant local score (circular padding): every k×k patch of every training image",
+    reference="Kamb & Ganguli, arXiv 2412.20292, §4",
+))
+_registry.register(_registry.MachineSpec(
+    name="bbels", builder=bbels, scale_kind="size", padding="zeros", family="els", calibration="grid",
+    explains="zeros", soft_twin="soft-bbels", default_scales=_published("zeros"), provenance=True,
+    summary="boundary-broken ELS (zero padding): border pixels meet patches with the same border offset",
+    reference="Kamb & Ganguli, arXiv 2412.20292, §4",
+))
+_registry.register(_registry.MachineSpec(
+    name="ls", builder=local, scale_kind="size", padding="zeros", calibration="grid",
+    default_scales=_published("zeros"), provenance=True,
+    summary="local score: each pixel's k×k window against the same window of every training image",
+    reference="Kamb & Ganguli, arXiv 2412.20292, §3",
+))

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
+from ellsjax.machines import _registry
 from ellsjax.machines.base import Machine, build, prepare_training_set, register
 from ellsjax.machines.wiener import gaussian_fit
 
@@ -116,11 +117,6 @@ class PCALocality(Machine):
     temperature: float = 1.0
 
     _DATA_FIELDS: ClassVar[tuple[str, ...]] = Machine._DATA_FIELDS + ("basis", "eigvals")
-
-    def check_scale(self, scale: Any) -> None:
-        if scale is not None:
-            _checks.check_scale(scale)
-        return None
 
     def _denoise(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape
@@ -216,3 +212,10 @@ def pca(
         threshold=float(threshold), relative_to=relative_to, temperature=float(temperature),
     )
 
+
+
+_registry.register(_registry.MachineSpec(
+    name="pca", builder=pca, scale_kind="none",
+    summary="PCA locality: a softmax over training images with Wiener-matrix neighbourhoods per output",
+    reference="Lukoianov, Yuan, Solomon & Sitzmann, NeurIPS 2025 (arXiv 2509.09672)",
+))

@@ -38,15 +38,17 @@ import numpy as np
 from jaxtyping import ArrayLike, Float, Int
 
 from ellsjax import kernel as _kernel
+from ellsjax import presets as _presets
 from ellsjax import schedules as _schedules
+from ellsjax.machines import _registry
 from ellsjax.machines.base import Machine, build, register
 
 __all__ = ["PatchSetPosteriorComposite", "pspc", "PSPC_CIFAR10_SCALES"]
 
 #: PSPC-Square patch sizes for 32×32 CIFAR-10 over the 18 steps of the EDM grid
 #: ``ej.edm.karras_sigmas(18)`` (σ from 80 to 0.002), step ``i`` at ``σ_i`` (Niedoba et al., ICML 2025,
-#: appendix B; github.com/plai-group/pspc ``CIFAR_PATCH_SCHEDULE``).
-PSPC_CIFAR10_SCALES: tuple[int, ...] = (32, 32, 32, 32, 32, 32, 32, 23, 15, 11, 7, 5, 3, 3, 3, 3, 3, 3)
+#: appendix B; github.com/plai-group/pspc ``CIFAR_PATCH_SCHEDULE``; :mod:`ellsjax.presets`).
+PSPC_CIFAR10_SCALES: tuple[int, ...] = _presets.PSPC_CIFAR10_SCALES
 
 
 @functools.lru_cache(maxsize=256)
@@ -67,7 +69,7 @@ class PatchSetPosteriorComposite(Machine):
     """PSPC-Square. Build with :func:`pspc`; ``scale`` is the window side ``k`` (any int in
     ``[1, min(H, W)]``)."""
 
-    needs_scale: ClassVar[bool] = True
+    scale_kind: ClassVar[str] = "side"
 
     def check_scale(self, scale: Any) -> int:
         if scale is None:
@@ -151,3 +153,23 @@ def pspc(
         PatchSetPosteriorComposite, images, labels, schedule=schedule, chunk_size=chunk_size,
         memory_budget=memory_budget,
     )
+
+
+def _published(dataset: str, image_shape: tuple[int, int, int], schedule: Any):
+    """PSPC's published schedule: 18 steps on the EDM grid for 32×32 CIFAR-10 (DDIM over the same
+    noise levels is Euler's method for that ODE)."""
+    from ellsjax import edm
+    from ellsjax.scales import ScaleSchedule
+
+    if dataset != "cifar10" or tuple(image_shape[:2]) != (32, 32):
+        raise ValueError("PSPC's published scale schedule is for 32x32 CIFAR-10 only; pass --scales")
+    ts = edm.karras_times(len(PSPC_CIFAR10_SCALES), schedule)
+    return ScaleSchedule(tuple(ts), PSPC_CIFAR10_SCALES, "size",
+                         source="PSPC_CIFAR10 (Niedoba et al. 2025, EDM grid of 18 steps)")
+
+
+_registry.register(_registry.MachineSpec(
+    name="pspc", builder=pspc, scale_kind="side", calibration="grid", default_scales=_published,
+    summary="PSPC-Square: posterior means of every k×k window inside the image, averaged per pixel",
+    reference="Niedoba et al., ICML 2025",
+))

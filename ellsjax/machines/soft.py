@@ -41,16 +41,17 @@ import dataclasses
 import functools
 import math
 import numbers
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
-from ellsjax.machines import _banks
+from ellsjax.denoiser import Denoiser
+from ellsjax.machines import _banks, _registry
 from ellsjax.machines.base import Machine, bank_key, build, register
 from ellsjax.machines.patch import EquivariantLocalScore
 
@@ -113,6 +114,9 @@ class SoftEquivariantLocalScore(EquivariantLocalScore):
         edge: the box window's edge width.
     """
 
+    scale_kind: ClassVar[str] = "width"
+    # the patch machines' provenance pass streams unweighted windows: not this machine's softmax
+    supports_provenance: ClassVar[bool] = False
     support: int = 7
     truncate: float = 3.0
     window: str = "gaussian"
@@ -145,17 +149,7 @@ class SoftEquivariantLocalScore(EquivariantLocalScore):
     def check_scale(self, scale: Any) -> float:
         """``ℓ``: a finite positive float (pixels; ints are refused as likely patch sizes); returned as a
         Python float."""
-        if scale is None:
-            raise ValueError("scale: the soft-window machine needs a window width ℓ > 0 (a float, in pixels)")
-        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale: expected a positive float window width ℓ, got {scale!r}")
-        if isinstance(scale, numbers.Integral):  # most likely a patch-size schedule meant for els/bbels
-            raise TypeError(f"scale: the soft-window machine's scale is a window width ℓ (a float, e.g. "
-                            f"{float(scale)}), not a patch size; got the int {scale!r}")
-        ell = float(scale)
-        if not (math.isfinite(ell) and ell > 0):
-            raise ValueError(f"scale: the window width ℓ must be finite and positive, got {scale!r}")
-        return ell
+        return Denoiser.check_scale(self, scale)
 
     # banks are keyed by the window side K (an int); the scales given to prepare are ℓ (floats)
     def prepare(self, scales: Any = (None,), *, conditional: bool = False, sides: Any = None) -> Machine:
@@ -202,7 +196,7 @@ register(SoftEquivariantLocalScore)
 def soft_els(
     images: Float[ArrayLike, "n h w c"],
     labels: Int[ArrayLike, " n"] | None = None,
-    padding: Literal["circular", "zeros"] = "circular",
+    padding: _checks.Padding = "circular",
     *,
     support: int = 7,
     truncate: float = 3.0,
@@ -240,8 +234,7 @@ def soft_els(
         >>> float(abs(soft.denoise(x, 0.5, scale=1e4) - hard.denoise(x, 0.5, scale=3)).max()) < 1e-5
         True
     """
-    if padding not in ("circular", "zeros"):
-        raise ValueError(f"padding: must be 'circular' (soft ELS) or 'zeros' (soft bbELS), got {padding!r}")
+    _checks.check_padding(padding)
     return build(
         SoftEquivariantLocalScore, images, labels, schedule=schedule, chunk_size=chunk_size,
         memory_budget=memory_budget, bank_budget=bank_budget, padding=padding, support=support,
@@ -252,3 +245,15 @@ def soft_els(
 def soft_bbels(images, labels=None, **kwargs) -> SoftEquivariantLocalScore:
     """Soft-window boundary-broken ELS: ``soft_els(images, labels, padding="zeros", ...)``."""
     return soft_els(images, labels, padding="zeros", **kwargs)
+
+
+_registry.register(_registry.MachineSpec(
+    name="soft-els", builder=soft_els, scale_kind="width", padding="circular", family="soft-els",
+    calibration="differentiable",
+    summary="soft-window ELS: a continuous window width ℓ (Gaussian or soft box), differentiable in ℓ",
+))
+_registry.register(_registry.MachineSpec(
+    name="soft-bbels", builder=soft_bbels, scale_kind="width", padding="zeros", family="soft-els",
+    calibration="differentiable",
+    summary="soft-window bbELS: zero padding, a continuous window width ℓ, differentiable in ℓ",
+))

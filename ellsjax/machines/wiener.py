@@ -30,6 +30,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from ellsjax import _checks
 from ellsjax import schedules as _schedules
+from ellsjax.machines import _registry
 from ellsjax.machines.base import Machine, build, prepare_training_set, register
 
 __all__ = ["Wiener", "wiener", "gaussian_fit"]
@@ -92,11 +93,6 @@ class Wiener(Machine):
     _DATA_FIELDS: ClassVar[tuple[str, ...]] = Machine._DATA_FIELDS + (
         "mean", "basis", "eigvals", "class_mean", "class_basis", "class_eigvals",
     )
-
-    def check_scale(self, scale: Any) -> None:
-        if scale is not None:
-            _checks.check_scale(scale)
-        return None
 
     def _denoise(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape
@@ -178,3 +174,10 @@ def wiener(
                      class_eigvals=jnp.asarray(cl, jnp.float32))
     return build(Wiener, imgs, labels, schedule=schedule, chunk_size=None, memory_budget=None,
                  ddof=int(ddof), rank=rank, **extra)
+
+
+_registry.register(_registry.MachineSpec(
+    name="wiener", builder=wiener, scale_kind="none",
+    summary="Wiener filter: the optimal linear (Gaussian) denoiser from the data mean and covariance",
+    reference="Wang & Vastola 2024; Lukoianov et al., NeurIPS 2025",
+))

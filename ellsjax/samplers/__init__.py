@@ -1,4 +1,9 @@
-"""Samplers that run any :class:`~ellsjax.machines.Denoiser` (analytic machine or trained network).
+"""Samplers that run any :class:`~ellsjax.denoiser.Denoiser` (analytic machine or trained network).
+
+Each sampler is a :class:`Method` (its step) run by one driver (:func:`run`: argument checks,
+preparation of the denoiser, progress, equal-scale runs, the trajectory). :func:`run` is public: with
+its ``x0_fn`` hook any sampler can be replayed with another ``x̂0`` function (e.g. one that also
+reports provenance, :func:`ellsjax.explain.provenance`).
 
 Example:
     >>> import jax, ellsjax as ej
@@ -9,12 +14,13 @@ Example:
     (2, 8, 8, 1)
 """
 
-from ellsjax.samplers._ddim import Trajectory, check_scales, check_times, ddim
-from ellsjax.samplers._ddpm import ddpm
+from ellsjax.samplers._ddim import DDIM, ddim
+from ellsjax.samplers._ddpm import DDPM, ddpm
 from ellsjax.samplers._diffrax import ODE_SOLVERS, SDE_SOLVERS, ode, sde
-from ellsjax.samplers._edm import check_sigmas, euler, heun
+from ellsjax.samplers._driver import Method, Trajectory, check_denoiser, check_scales, check_times, run, runs
+from ellsjax.samplers._edm import EULER, HEUN, check_sigmas, euler, heun
 
 __all__ = [
     "ddim", "ddpm", "euler", "heun", "ode", "sde", "Trajectory", "check_times", "check_scales", "check_sigmas",
-    "ODE_SOLVERS", "SDE_SOLVERS",
+    "check_denoiser", "ODE_SOLVERS", "SDE_SOLVERS", "Method", "run", "runs", "DDIM", "DDPM", "EULER", "HEUN",
 ]

@@ -28,18 +28,16 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from ellsjax.machines.base import Denoiser
-from ellsjax.samplers._ddim import Trajectory, _Progress, _progress_target, check_scales, check_times
-from ellsjax.samplers._edm import _check_common, _prepared, _runs
+from ellsjax.denoiser import Denoiser
+from ellsjax.samplers._driver import Method, Trajectory, check_denoiser, check_scales, check_times, run
 
-__all__ = ["ddpm", "as_key"]
+__all__ = ["ddpm", "as_key", "DDPM"]
 
 
 def as_key(key: Any, name: str = "key") -> jax.Array:
@@ -53,35 +51,21 @@ def as_key(key: Any, name: str = "key") -> jax.Array:
     raise TypeError(f"{name}: expected an int seed or a single jax.random key, got {key!r}")
 
 
-@partial(jax.jit, static_argnames=("scales", "progress", "keep"))
-def _ddpm(denoiser, x, ts, label, key, eta, *, scales, progress, keep):
-    ab, var = denoiser.schedule.variances(ts)
+def _step(ctx, x, i, k):
+    key, eta = ctx.args
+    ab, var = ctx.denoiser.schedule.variances(ctx.grid)
     a, s = jnp.sqrt(ab), jnp.sqrt(var)
-    b = x.shape[0]
+    x0, aux = ctx.x0(x, ctx.grid[i], k)
+    eps = (x - a[i] * x0) / s[i]
+    beta = (var[i] - var[i + 1]) / ab[i + 1]
+    noise_var = jnp.clip(eta**2 * var[i + 1] / var[i] * beta, 0.0, var[i + 1])
+    z = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+    x_next = a[i + 1] * x0 + jnp.sqrt(var[i + 1] - noise_var) * eps + jnp.sqrt(noise_var) * z
+    return x_next, (x_next, x0, aux)
 
-    def step(x, i, k):
-        x0 = denoiser._denoise(x, jnp.full((b,), ts[i]), label, k)
-        eps = (x - a[i] * x0) / s[i]
-        beta = (var[i] - var[i + 1]) / ab[i + 1]
-        noise_var = jnp.clip(eta**2 * var[i + 1] / var[i] * beta, 0.0, var[i + 1])
-        z = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        x_next = a[i + 1] * x0 + jnp.sqrt(var[i + 1] - noise_var) * eps + jnp.sqrt(noise_var) * z
-        if progress:
-            jax.debug.callback(_Progress.tick, i, ordered=True)
-        return x_next, ((x_next, x0) if keep else None)
 
-    nsteps = ts.shape[0] - 1
-    outs = []
-    for start, n, k in _runs(scales if scales is not None else (None,) * nsteps):
-        if n == 1:
-            x, out = step(x, start, k)
-            out = jax.tree.map(lambda v: v[None], out)
-        else:
-            x, out = jax.lax.scan(lambda c, i, k=k: step(c, i, k), x, jnp.arange(start, start + n))
-        outs.append(out)
-    if not keep:
-        return x, None
-    return x, (jnp.concatenate([o[0] for o in outs]), jnp.concatenate([o[1] for o in outs]))
+#: The ancestral step as a :class:`~ellsjax.samplers.Method` (grid: the times; args: ``(key, eta)``).
+DDPM = Method(step=_step)
 
 
 def ddpm(
@@ -91,7 +75,7 @@ def ddpm(
     *,
     key: jax.Array | int,
     eta: float = 1.0,
-    scales: Sequence[int] | None = None,
+    scales: Sequence[Any] | None = None,
     label: Any = None,
     return_trajectory: bool = False,
     progress: bool | Callable[[int], None] = False,
@@ -104,25 +88,17 @@ def ddpm(
         ts: strictly decreasing times in ``[0, 1]`` (e.g. ``paper_times`` or a fine uniform grid).
         key: int seed or ``jax.random`` key for the injected noise.
         eta: ``η ∈ [0, 1]``: 1 is DDPM, 0 deterministic DDIM.
-        scales: ``len(ts) − 1`` patch sizes, ``scales[i]`` used at ``ts[i]`` (static).
+        scales: ``len(ts) − 1`` scales, ``scales[i]`` used at ``ts[i]`` (static).
         label: ``None``, a class id, or ``[B]`` ids, for a conditional denoiser.
         return_trajectory: also return a :class:`~ellsjax.samplers.Trajectory`.
         progress: ``True`` shows a tqdm bar; a callable receives each finished step's index.
     """
-    x, label = _check_common(denoiser, x_start, label)
+    x, label = check_denoiser(denoiser, x_start, label)
     ts = check_times(ts, denoiser)
     scales = check_scales(scales, denoiser, ts.shape[0] - 1)
     key = as_key(key)
     if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
         raise ValueError(f"eta: expected a float in [0, 1], got {eta!r}")
-    denoiser = _prepared(denoiser, scales, label)
-    with _progress_target(progress, ts.shape[0] - 1) as has_progress:
-        x, traj = _ddpm(denoiser, x, ts, label, key, jnp.float32(eta), scales=scales, progress=has_progress,
-                        keep=bool(return_trajectory))
-        x = jax.block_until_ready(x)
-        if has_progress:
-            jax.effects_barrier()
-    if return_trajectory:
-        xs = jnp.concatenate([jnp.asarray(x_start, jnp.float32)[None], traj[0]])
-        return x, Trajectory(ts, xs, traj[1])
-    return x
+    x, traj, _ = run(DDPM, denoiser, x, ts, scales=scales, label=label, args=(key, jnp.float32(eta)),
+                     progress=progress, return_trajectory=return_trajectory, checked=True)
+    return (x, traj) if return_trajectory else x

@@ -34,9 +34,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import diffrax
@@ -46,10 +46,10 @@ import lineax as lx
 from jaxtyping import Array, ArrayLike, Float
 
 from ellsjax import edm as _edm
-from ellsjax.machines.base import Denoiser
-from ellsjax.samplers._ddim import Trajectory, check_scales
+from ellsjax.denoiser import Denoiser
 from ellsjax.samplers._ddpm import as_key
-from ellsjax.samplers._edm import _check_common, _edm_denoise, _prepared, _runs, resolve_grid
+from ellsjax.samplers._driver import Method, Trajectory, check_denoiser, check_scales, run
+from ellsjax.samplers._edm import edm_denoise, resolve_grid
 
 __all__ = ["ode", "sde", "ODE_SOLVERS", "SDE_SOLVERS"]
 
@@ -60,7 +60,7 @@ ODE_SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5, "dopri8": diffr
 SDE_SOLVERS = {"euler": diffrax.Euler, "shark": diffrax.ShARK, "sra1": diffrax.SRA1, "sea": diffrax.SEA}
 
 
-def _rho_grid(denoiser, ts, sig, sigma_stop):
+def _rho_grid(ts, sig, sigma_stop):
     """``ρ = −log σ`` at each grid point; a final ``σ = 0`` becomes ``σ_stop``. Also returns the
     ``σ`` actually reached at the end and whether a final denoising step is due."""
     final_zero = sig[-1] <= 0
@@ -70,88 +70,100 @@ def _rho_grid(denoiser, ts, sig, sigma_stop):
     return -jnp.log(sig_eff), sig_eff, final_zero
 
 
-def _finish(denoiser, xe, ts, sig_eff, final_zero, label, k_last):
+def _init(ctx, x):
+    return _edm.to_edm(x, ctx.grid[1][0])
+
+
+def _finish(ctx, xe, keys):
     """VP state at the last grid point: the denoising step where it is noise-free."""
+    ts, sig, rho, sig_eff = ctx.grid
+    final_zero = ctx.args[0]
+
     def denoised():
-        return _edm_denoise(denoiser, xe, _edm.to_time(sig_eff[-1], denoiser.schedule), sig_eff[-1], label, k_last)
+        s = sig_eff[-1]
+        return edm_denoise(ctx, xe, _edm.to_time(s, ctx.denoiser.schedule), s, keys[-1])[0]
 
     return jax.lax.cond(final_zero, denoised, lambda: _edm.from_edm(xe, sig_eff[-1]))
 
 
-def _x0s(denoiser, xes, ts, sig, label, scales):
-    """The denoiser's ``x̂0`` at each step's start (for trajectories)."""
-    n = ts.shape[0] - 1
-    ks = scales if scales is not None else (None,) * n
-    return jnp.stack([_edm_denoise(denoiser, xes[i], ts[i], sig[i], label, ks[i]) for i in range(n)])
-
-
-@partial(jax.jit, static_argnames=("scales", "solver", "rtol", "atol", "max_steps", "keep"))
-def _ode(denoiser, x, ts, sig, label, sigma_stop, *, scales, solver, rtol, atol, max_steps, keep):
-    rho, sig_eff, final_zero = _rho_grid(denoiser, ts, sig, sigma_stop)
-    nsteps = ts.shape[0] - 1
-    ks = scales if scales is not None else (None,) * nsteps
-    xe = _edm.to_edm(x, sig[0])
-    saved, stats = [], {"num_steps": 0, "num_accepted_steps": 0, "num_rejected_steps": 0}
-    for start, n, k in _runs(ks):
-        def field(r, y, args, k=k):
-            s = jnp.exp(-r)
-            return _edm_denoise(denoiser, y, _edm.to_time(s, denoiser.schedule), s, label, k) - y
-
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(field), ODE_SOLVERS[solver](), rho[start], rho[start + n], None, xe,
-            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-            saveat=diffrax.SaveAt(ts=rho[start + 1 : start + n + 1]), max_steps=max_steps,
-        )
-        xe = sol.ys[-1]
-        saved.append(sol.ys)
-        for name in stats:
-            stats[name] = stats[name] + sol.stats[name]
-    out = _finish(denoiser, xe, ts, sig_eff, final_zero, label, ks[-1])
+def _outputs(ctx, xe, ys, start, n, k, keep):
+    """VP states at the run's grid points and, if kept, ``x̂0`` at each step's start."""
+    ts, sig, _, _ = ctx.grid
+    xs = jax.vmap(_edm.from_edm)(ys, sig[start + 1 : start + n + 1])
     if not keep:
-        return out, None, stats
-    xes = jnp.concatenate([_edm.to_edm(x, sig[0])[None], *saved])
-    xs = jax.vmap(_edm.from_edm)(xes[1:-1], sig[1:-1])
-    xs = jnp.concatenate([xs, out[None]])
-    return out, (xs, _x0s(denoiser, xes, ts, sig, label, scales)), stats
+        return xs, None
+    starts = jnp.concatenate([xe[None], ys[:-1]])
+    x0s = jnp.stack([edm_denoise(ctx, starts[j], ts[start + j], sig[start + j], k)[0] for j in range(n)])
+    return xs, x0s
 
 
-@partial(jax.jit, static_argnames=("scales", "solver", "substeps", "keep"))
-def _sde(denoiser, x, ts, sig, label, key, sigma_stop, *, scales, solver, substeps, keep):
-    rho, sig_eff, final_zero = _rho_grid(denoiser, ts, sig, sigma_stop)
-    nsteps = ts.shape[0] - 1
-    ks = scales if scales is not None else (None,) * nsteps
+def _field(ctx, k, scale):
+    def f(r, y, args):
+        s = jnp.exp(-r)
+        return scale * (edm_denoise(ctx, y, _edm.to_time(s, ctx.denoiser.schedule), s, k)[0] - y)
+
+    return f
+
+
+def _ode_segment(config, ctx, xe, start, n, k, keep):
+    solver, rtol, atol, max_steps = config
+    rho = ctx.grid[2]
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_field(ctx, k, 1.0)), ODE_SOLVERS[solver](), rho[start], rho[start + n], None, xe,
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        saveat=diffrax.SaveAt(ts=rho[start + 1 : start + n + 1]), max_steps=max_steps,
+    )
+    stats = {name: jnp.asarray(sol.stats[name])[None] for name in _STATS}
+    return sol.ys[-1], (*_outputs(ctx, xe, sol.ys, start, n, k, keep), stats)
+
+
+def _sde_segment(config, ctx, xe, start, n, k, keep):
+    solver, substeps = config
+    rho = ctx.grid[2]
+    key = ctx.args[1]
     frac = jnp.arange(substeps, dtype=jnp.float32) / substeps
     fine = (rho[:-1, None] + (rho[1:] - rho[:-1])[:, None] * frac[None]).reshape(-1)  # [S·substeps]
     tol = 0.25 * jnp.min(rho[1:] - rho[:-1]) / substeps
     levy = diffrax.BrownianIncrement if solver == "euler" else diffrax.SpaceTimeLevyArea
-    bm = diffrax.VirtualBrownianTree(rho[0], rho[-1], tol=tol, shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
+    # the same path in every run: a function of the key and the whole grid's ρ range only
+    bm = diffrax.VirtualBrownianTree(rho[0], rho[-1], tol=tol, shape=jax.ShapeDtypeStruct(xe.shape, jnp.float32),
                                      key=key, levy_area=levy)
-    xe = _edm.to_edm(x, sig[0])
 
     def diffusion(r, y, args):
-        return lx.DiagonalLinearOperator(jnp.full(x.shape, jnp.sqrt(2.0) * jnp.exp(-r), jnp.float32))
+        return lx.DiagonalLinearOperator(jnp.full(xe.shape, jnp.sqrt(2.0) * jnp.exp(-r), jnp.float32))
 
-    saved = []
-    for start, n, k in _runs(ks):
-        def drift(r, y, args, k=k):
-            s = jnp.exp(-r)
-            return 2.0 * (_edm_denoise(denoiser, y, _edm.to_time(s, denoiser.schedule), s, label, k) - y)
+    steps = jnp.concatenate([fine[start * substeps : (start + n) * substeps], rho[start + n][None]])
+    terms = diffrax.MultiTerm(diffrax.ODETerm(_field(ctx, k, 2.0)), diffrax.ControlTerm(diffusion, bm))
+    sol = diffrax.diffeqsolve(
+        terms, SDE_SOLVERS[solver](), rho[start], rho[start + n], None, xe,
+        stepsize_controller=diffrax.StepTo(ts=steps), saveat=diffrax.SaveAt(ts=rho[start + 1 : start + n + 1]),
+        max_steps=n * substeps,
+    )
+    return sol.ys[-1], (*_outputs(ctx, xe, sol.ys, start, n, k, keep), None)
 
-        steps = jnp.concatenate([fine[start * substeps : (start + n) * substeps], rho[start + n][None]])
-        terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, bm))
-        sol = diffrax.diffeqsolve(
-            terms, SDE_SOLVERS[solver](), rho[start], rho[start + n], None, xe,
-            stepsize_controller=diffrax.StepTo(ts=steps), saveat=diffrax.SaveAt(ts=rho[start + 1 : start + n + 1]),
-            max_steps=n * substeps,
-        )
-        xe = sol.ys[-1]
-        saved.append(sol.ys)
-    out = _finish(denoiser, xe, ts, sig_eff, final_zero, label, ks[-1])
-    if not keep:
-        return out, None
-    xes = jnp.concatenate([_edm.to_edm(x, sig[0])[None], *saved])
-    xs = jnp.concatenate([jax.vmap(_edm.from_edm)(xes[1:-1], sig[1:-1]), out[None]])
-    return out, (xs, _x0s(denoiser, xes, ts, sig, label, scales))
+
+_STATS = ("num_steps", "num_accepted_steps", "num_rejected_steps")
+
+
+@functools.lru_cache(maxsize=64)
+def _ode_method(solver: str, rtol: float, atol: float, max_steps: int) -> Method:
+    # one Method object per configuration: it is a static argument of the compiled trajectory
+    return Method(step=None, init=_init, finish=_finish,
+                  segment=functools.partial(_ode_segment, (solver, rtol, atol, max_steps)))
+
+
+@functools.lru_cache(maxsize=64)
+def _sde_method(solver: str, substeps: int) -> Method:
+    return Method(step=None, init=_init, finish=_finish, segment=functools.partial(_sde_segment, (solver, substeps)))
+
+
+def _solve(method, denoiser, x, ts, sig, label, args, scales, sigma_stop, return_trajectory):
+    rho, sig_eff, final_zero = _rho_grid(ts, sig, jnp.float32(sigma_stop))
+    out, traj, aux = run(method, denoiser, x, (ts, sig, rho, sig_eff), scales=scales, label=label,
+                         args=(final_zero, *args), return_trajectory=return_trajectory, checked=True)
+    if traj is not None:  # the last grid point is the finished state (denoised where σ = 0)
+        traj = traj._replace(xs=traj.xs.at[-1].set(out))
+    return out, traj, aux
 
 
 def _positive(v, name):
@@ -165,7 +177,7 @@ def ode(
     x_start: Float[ArrayLike, "b h w c"],
     ts: Float[ArrayLike, " s1"],
     *,
-    scales: Sequence[int] | None = None,
+    scales: Sequence[Any] | None = None,
     label: Any = None,
     solver: str = "tsit5",
     rtol: float = 1e-4,
@@ -195,7 +207,7 @@ def ode(
     Returns:
         The VP state at ``ts[-1]``; then the trajectory and/or the stats if asked, in that order.
     """
-    x, label = _check_common(denoiser, x_start, label)
+    x, label = check_denoiser(denoiser, x_start, label)
     ts, sig = resolve_grid(denoiser, ts, None)
     scales = check_scales(scales, denoiser, ts.shape[0] - 1)
     if solver not in ODE_SOLVERS:
@@ -203,14 +215,13 @@ def ode(
     rtol, atol, sigma_stop = _positive(rtol, "rtol"), _positive(atol, "atol"), _positive(sigma_stop, "sigma_stop")
     if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
         raise ValueError(f"max_steps: expected a positive int, got {max_steps!r}")
-    denoiser = _prepared(denoiser, scales, label)
-    out, traj, stats = _ode(denoiser, x, ts, sig, label, jnp.float32(sigma_stop), scales=scales, solver=solver,
-                            rtol=rtol, atol=atol, max_steps=int(max_steps), keep=bool(return_trajectory))
+    method = _ode_method(solver, rtol, atol, int(max_steps))
+    out, traj, stats = _solve(method, denoiser, x, ts, sig, label, (), scales, sigma_stop, return_trajectory)
     result: list[Any] = [out]
     if return_trajectory:
-        result.append(Trajectory(ts, jnp.concatenate([x[None], traj[0]]), traj[1]))
+        result.append(traj)
     if return_stats:
-        result.append({k: int(v) for k, v in stats.items()})
+        result.append({k: int(jnp.sum(v)) for k, v in stats.items()})
     return result[0] if len(result) == 1 else tuple(result)
 
 
@@ -220,7 +231,7 @@ def sde(
     ts: Float[ArrayLike, " s1"],
     *,
     key: jax.Array | int,
-    scales: Sequence[int] | None = None,
+    scales: Sequence[Any] | None = None,
     label: Any = None,
     solver: str = "shark",
     substeps: int = 1,
@@ -246,7 +257,7 @@ def sde(
         sigma_stop: where a noise-free end stops integrating (see the module docstring).
         return_trajectory: also return a :class:`~ellsjax.samplers.Trajectory` at the grid points.
     """
-    x, label = _check_common(denoiser, x_start, label)
+    x, label = check_denoiser(denoiser, x_start, label)
     ts, sig = resolve_grid(denoiser, ts, None)
     scales = check_scales(scales, denoiser, ts.shape[0] - 1)
     if solver not in SDE_SOLVERS:
@@ -254,9 +265,6 @@ def sde(
     if isinstance(substeps, bool) or not isinstance(substeps, numbers.Integral) or substeps < 1:
         raise ValueError(f"substeps: expected a positive int, got {substeps!r}")
     sigma_stop = _positive(sigma_stop, "sigma_stop")
-    denoiser = _prepared(denoiser, scales, label)
-    out, traj = _sde(denoiser, x, ts, sig, label, as_key(key), jnp.float32(sigma_stop), scales=scales,
-                     solver=solver, substeps=int(substeps), keep=bool(return_trajectory))
-    if return_trajectory:
-        return out, Trajectory(ts, jnp.concatenate([x[None], traj[0]]), traj[1])
-    return out
+    out, traj, _ = _solve(_sde_method(solver, int(substeps)), denoiser, x, ts, sig, label, (as_key(key),), scales,
+                          sigma_stop, return_trajectory)
+    return (out, traj) if return_trajectory else out

@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -49,10 +48,10 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ellsjax import _checks
 from ellsjax import edm as _edm
-from ellsjax.machines.base import Denoiser
-from ellsjax.samplers._ddim import Trajectory, _Progress, _progress_target, check_scales, check_times
+from ellsjax.denoiser import Denoiser
+from ellsjax.samplers._driver import Method, Trajectory, check_denoiser, check_scales, check_times, run
 
-__all__ = ["euler", "heun", "check_sigmas", "resolve_grid"]
+__all__ = ["euler", "heun", "check_sigmas", "resolve_grid", "EULER", "HEUN", "edm_denoise"]
 
 
 def check_sigmas(sigmas: Any, denoiser: Denoiser, name: str = "sigmas") -> jax.Array:
@@ -91,92 +90,55 @@ def resolve_grid(denoiser: Denoiser, ts: Any, sigmas: Any) -> tuple[jax.Array, j
     return _edm.to_time(sig, denoiser.schedule), sig
 
 
-def _check_common(denoiser, x_start, label):
-    if not isinstance(denoiser, Denoiser):
-        raise TypeError(f"denoiser: expected an ellsjax Denoiser (machine or model), got {type(denoiser).__name__}")
-    x = _checks.as_image_batch(x_start, "x_start", shape=denoiser.image_shape)
-    label = _checks.as_labels(label, x.shape[0])
-    if label is None or _checks.is_concrete(label):
-        denoiser.check_label(label)
-    return x, label
-
-
-def _prepared(denoiser: Denoiser, scales: tuple | None, label: Any) -> Denoiser:
-    """The denoiser made ready for these scales (``Denoiser.prepare``, e.g. prebuilt banks), when its
-    arrays are concrete; same results."""
-    prepare = getattr(denoiser, "prepare", None)
-    if prepare is None or not all(_checks.is_concrete(v) for v in jax.tree.leaves(denoiser)):
-        return denoiser
-    return prepare(scales if scales is not None else (None,), conditional=label is not None)
-
-
-def _runs(keys: Sequence[Any]):
-    """Runs of equal keys: ``(first step, length, key)``."""
-    start = 0
-    for k, grp in itertools.groupby(keys):
-        n = len(list(grp))
-        yield start, n, k
-        start += n
-
-
-def _edm_denoise(denoiser, xe, t, sig, label, k):
-    """``D(x̃; σ)``: the denoiser at the VP state ``a·x̃`` and time ``t`` (scalars ``t``, ``σ``)."""
-    b = xe.shape[0]
+def edm_denoise(ctx, xe, t, sig, k):
+    """``D(x̃; σ)``: the denoiser's ``x̂0`` at the VP state ``a·x̃`` and time ``t`` (scalars ``t``,
+    ``σ``), as ``(x̂0, aux)``."""
     a, _ = _edm.signal_noise(sig)
-    return denoiser._denoise(xe * a, jnp.full((b,), t), label, k)
+    return ctx.x0(xe * a, t, k)
 
 
-@partial(jax.jit, static_argnames=("scales", "second_order", "progress", "keep"))
-def _edm_sample(denoiser, x, ts, sig, label, *, scales, second_order, progress, keep):
-    nsteps = ts.shape[0] - 1
-    xe = _edm.to_edm(x, sig[0])
+def _init(ctx, x):
+    return _edm.to_edm(x, ctx.grid[1][0])
 
-    def step(xe, i, k, k_next):
-        s0, s1 = sig[i], sig[i + 1]
-        x0 = _edm_denoise(denoiser, xe, ts[i], s0, label, k)
-        d = (xe - x0) / s0
-        xn = xe + (s1 - s0) * d
-        if second_order:
-            def corrected():
-                d2 = (xn - _edm_denoise(denoiser, xn, ts[i + 1], s1, label, k_next)) / s1
-                return xe + (s1 - s0) * 0.5 * (d + d2)
 
-            xn = jax.lax.cond(s1 > 0, corrected, lambda: xn)
-        if progress:
-            jax.debug.callback(_Progress.tick, i, ordered=True)
-        return xn, ((_edm.from_edm(xn, s1), x0) if keep else None)
+def _finish(ctx, xe, keys):
+    return _edm.from_edm(xe, ctx.grid[1][-1])
 
+
+def _step(second_order, ctx, xe, i, key):
+    ts, sig = ctx.grid
+    k, k_next = key
+    s0, s1 = sig[i], sig[i + 1]
+    x0, aux = edm_denoise(ctx, xe, ts[i], s0, k)
+    d = (xe - x0) / s0
+    xn = xe + (s1 - s0) * d
+    if second_order:
+        def corrected():
+            d2 = (xn - edm_denoise(ctx, xn, ts[i + 1], s1, k_next)[0]) / s1
+            return xe + (s1 - s0) * 0.5 * (d + d2)
+
+        xn = jax.lax.cond(s1 > 0, corrected, lambda: xn)
+    return xn, (_edm.from_edm(xn, s1), x0, aux)
+
+
+def _keys(second_order, scales, nsteps):
+    # Heun's correction of step i is evaluated at σ_{i+1} with the next step's scale
     ks = scales if scales is not None else (None,) * nsteps
-    pairs = [(ks[i], ks[min(i + 1, nsteps - 1)] if second_order else None) for i in range(nsteps)]
-    outs = []
-    for start, n, (k, k_next) in _runs(pairs):
-        if n == 1:
-            xe, out = step(xe, start, k, k_next)
-            out = jax.tree.map(lambda v: v[None], out)
-        else:
-            xe, out = jax.lax.scan(lambda c, i, k=k, kn=k_next: step(c, i, k, kn), xe, jnp.arange(start, start + n))
-        outs.append(out)
-    x = _edm.from_edm(xe, sig[-1])
-    if not keep:
-        return x, None
-    return x, (jnp.concatenate([o[0] for o in outs]), jnp.concatenate([o[1] for o in outs]))
+    return tuple((ks[i], ks[min(i + 1, nsteps - 1)] if second_order else None) for i in range(nsteps))
 
 
-def _run_edm(denoiser, x_start, ts, sigmas, scales, label, return_trajectory, progress, second_order):
-    x, label = _check_common(denoiser, x_start, label)
+#: Euler and Heun steps as :class:`~ellsjax.samplers.Method`\ s (grid: ``(ts, sigmas)``; state ``x̃``).
+EULER = Method(step=partial(_step, False), init=_init, finish=_finish, keys=partial(_keys, False))
+HEUN = Method(step=partial(_step, True), init=_init, finish=_finish, keys=partial(_keys, True))
+
+
+def _run_edm(method, denoiser, x_start, ts, sigmas, scales, label, return_trajectory, progress):
+    x, label = check_denoiser(denoiser, x_start, label)
     ts, sig = resolve_grid(denoiser, ts, sigmas)
     scales = check_scales(scales, denoiser, ts.shape[0] - 1)
-    denoiser = _prepared(denoiser, scales, label)
-    with _progress_target(progress, ts.shape[0] - 1) as has_progress:
-        x, traj = _edm_sample(denoiser, x, ts, sig, label, scales=scales, second_order=second_order,
-                              progress=has_progress, keep=bool(return_trajectory))
-        x = jax.block_until_ready(x)
-        if has_progress:
-            jax.effects_barrier()
-    if return_trajectory:
-        xs = jnp.concatenate([jnp.asarray(x_start, jnp.float32)[None], traj[0]])
-        return x, Trajectory(ts, xs, traj[1])
-    return x
+    x, traj, _ = run(method, denoiser, x, (ts, sig), scales=scales, label=label, progress=progress,
+                     return_trajectory=return_trajectory, checked=True)
+    return (x, traj) if return_trajectory else x
 
 
 def euler(
@@ -185,7 +147,7 @@ def euler(
     ts: Float[ArrayLike, " s1"] | None = None,
     *,
     sigmas: Float[ArrayLike, " s1"] | None = None,
-    scales: Sequence[int] | None = None,
+    scales: Sequence[Any] | None = None,
     label: Any = None,
     return_trajectory: bool = False,
     progress: bool | Callable[[int], None] = False,
@@ -205,7 +167,7 @@ def euler(
     Returns:
         The VP state at the last grid point (the sample where it is noise-free).
     """
-    return _run_edm(denoiser, x_start, ts, sigmas, scales, label, return_trajectory, progress, False)
+    return _run_edm(EULER, denoiser, x_start, ts, sigmas, scales, label, return_trajectory, progress)
 
 
 def heun(
@@ -214,7 +176,7 @@ def heun(
     ts: Float[ArrayLike, " s1"] | None = None,
     *,
     sigmas: Float[ArrayLike, " s1"] | None = None,
-    scales: Sequence[int] | None = None,
+    scales: Sequence[Any] | None = None,
     label: Any = None,
     return_trajectory: bool = False,
     progress: bool | Callable[[int], None] = False,
@@ -225,4 +187,4 @@ def heun(
     Arguments as for :func:`euler`; Heun's correction of step ``i`` uses ``scales[i+1]`` (see the
     module docstring for an example).
     """
-    return _run_edm(denoiser, x_start, ts, sigmas, scales, label, return_trajectory, progress, True)
+    return _run_edm(HEUN, denoiser, x_start, ts, sigmas, scales, label, return_trajectory, progress)

@@ -1,0 +1,235 @@
+r"""The denoiser interface: what every analytic machine and every trained network implements.
+
+A :class:`Denoiser` maps a noisy batch ``x_t = a·x0 + s·ε`` at time ``t`` to the posterior-mean
+estimate ``x̂0 = E[x0 | x_t]``; the score and the noise prediction follow from it,
+
+.. math::
+
+    \nabla \log p_t(x_t) = \frac{a\,\hat x_0 - x_t}{s^2}, \qquad
+    \hat\varepsilon(x_t) = \frac{x_t - a\,\hat x_0}{s},
+
+with ``a = sqrt(ᾱ(t))``, ``s = sqrt(1 − ᾱ(t))`` from the denoiser's noise :attr:`~Denoiser.schedule`.
+
+Contract (what samplers, calibration and evaluation rely on):
+
+* ``denoise`` / ``score`` / ``eps`` check their arguments and run a cached ``jax.jit``;
+* ``_denoise(x_t, t, label, scale)`` is the pure, unchecked function the samplers call inside their
+  own jitted programs (``t`` and ``label`` already per-example arrays, ``scale`` static);
+* ``image_shape`` ``(H, W, C)``, ``conditional`` (labels required / accepted) and ``scale_kind``
+  (what the per-step locality ``scale`` is: :data:`SCALE_KINDS`) describe it;
+* ``prepare(scales)`` returns an equivalent denoiser ready to run at those scales (machines build
+  their patch banks there); the default has nothing to prepare;
+* it is a pytree (arrays as leaves, the rest static), so it can be passed to ``jax.jit``.
+
+Example:
+    >>> import jax, ellsjax as ej
+    >>> imgs = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1)
+    >>> m = ej.machines.els(imgs)
+    >>> isinstance(m, ej.Denoiser), m.scale_kind, m.image_shape
+    (True, 'size', (8, 8, 1))
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import numbers
+from functools import partial
+from typing import Any, ClassVar, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from ellsjax import _checks
+from ellsjax import schedules as _schedules
+
+__all__ = ["Denoiser", "ScaleKind", "SCALE_KINDS", "check_scale_value"]
+
+#: What a denoiser's per-step locality ``scale`` is:
+#:
+#: * ``"size"``: an odd patch size ``k`` (ELS, bbELS, LS; the paper's scale);
+#: * ``"side"``: any positive int window side (PSPC-Square's ``k×k`` windows, even sides too);
+#: * ``"width"``: a positive float window width ``ℓ`` in pixels (the soft-window machines);
+#: * ``"none"``: no scale (IS, Wiener, PCA-locality, σ-CFDM, trained networks).
+ScaleKind = Literal["size", "side", "width", "none"]
+SCALE_KINDS: tuple[str, ...] = ("size", "side", "width", "none")
+
+_DESCRIBE = {
+    "size": "a positive odd int patch size",
+    "side": "a positive int window side",
+    "width": "a positive float window width ℓ (pixels)",
+    "none": "no scale",
+}
+
+
+def check_scale_value(kind: ScaleKind, value: Any, name: str = "scale") -> int | float | None:
+    """Check one scale against its kind (not against an image size: that is the denoiser's
+    :meth:`Denoiser.check_scale`). Returns it as a Python int/float (``None`` for kind ``"none"``).
+
+    ``"none"`` accepts ``None`` or an odd patch size and ignores it (a patch-size schedule passed
+    along to every denoiser of a comparison), returning ``None``.
+
+    Example:
+        >>> check_scale_value("size", 5), check_scale_value("width", 1.5), check_scale_value("none", 3)
+        (5, 1.5, None)
+    """
+    if kind == "none":  # accepted and ignored (a patch-size schedule passed along to every denoiser)
+        if value is not None:
+            _checks.check_scale(value, name)
+        return None
+    if value is None:
+        raise ValueError(f"{name}: this denoiser needs a scale: {_DESCRIBE[kind]}")
+    if kind == "size":
+        return _checks.check_scale(value, name)
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected {_DESCRIBE[kind]}, got {value!r}")
+    if kind == "width":
+        if not isinstance(value, numbers.Real):
+            raise TypeError(f"{name}: expected {_DESCRIBE[kind]}, got {value!r}")
+        if isinstance(value, numbers.Integral):  # most likely a patch-size schedule meant for els/bbels
+            raise TypeError(f"{name}: the scale is a window width ℓ (a float, e.g. {float(value)}), not a patch "
+                            f"size; got the int {value!r}")
+        ell = float(value)
+        if not (math.isfinite(ell) and ell > 0):
+            raise ValueError(f"{name}: the window width ℓ must be finite and positive, got {value!r}")
+        return ell
+    if not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected {_DESCRIBE[kind]}, got {value!r}")
+    if int(value) <= 0:
+        raise ValueError(f"{name}: expected {_DESCRIBE[kind]}, got {int(value)}")
+    return int(value)
+
+
+class Denoiser(abc.ABC):
+    """Interface: something that returns ``x̂0 = E[x0 | x_t]`` under a noise schedule.
+
+    Subclasses set ``schedule``, :attr:`scale_kind` and implement :attr:`image_shape` and
+    :meth:`_denoise`; they may refine :meth:`check_scale` (e.g. a patch no larger than the image),
+    :meth:`check_label` and :meth:`prepare`. They must be pytrees so that they can be passed to
+    ``jax.jit`` (the machines and :class:`~ellsjax.models.NetworkDenoiser` are registered dataclasses).
+    """
+
+    schedule: _schedules.Schedule
+    #: What the per-step ``scale`` is (:data:`ScaleKind`).
+    scale_kind: ClassVar[ScaleKind] = "none"
+    #: ``x̂0`` is defined only where ``ᾱ(t)`` exceeds this (a network divides by ``a``; the machines'
+    #: softmax is defined everywhere, hence ``-1``). Samplers check their grids against it.
+    min_signal_var: ClassVar[float] = -1.0
+
+    @property
+    def needs_scale(self) -> bool:
+        """Whether a ``scale`` is required (every :attr:`scale_kind` but ``"none"``)."""
+        return self.scale_kind != "none"
+
+    @property
+    @abc.abstractmethod
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of the images it denoises."""
+
+    @property
+    def conditional(self) -> bool:
+        """Whether it takes class labels."""
+        return False
+
+    # -- to implement -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _denoise(
+        self, x_t: Float[Array, "b h w c"], t: Float[Array, " b"], label: Int[Array, " b"] | None, scale: Any
+    ) -> Float[Array, "b h w c"]:
+        """Pure, unchecked ``x̂0`` (``t`` ``[B]``, ``label`` ``[B]`` or ``None``, ``scale`` static)."""
+
+    def check_scale(self, scale: Any) -> Any:
+        """Validate a locality scale for this denoiser; return it normalised (``None`` if it has none).
+
+        The default checks the value against :attr:`scale_kind` (:func:`check_scale_value`); a
+        denoiser without a scale accepts ``None`` only."""
+        return check_scale_value(self.scale_kind, scale)
+
+    def prepare(self, scales: Any = (None,), *, conditional: bool = False) -> Denoiser:
+        """Return a denoiser ready to run at these scales (e.g. with prebuilt banks); same results.
+
+        The default has nothing to prepare and returns ``self``.
+        """
+        return self
+
+    def check_label(self, label: Array | None) -> None:
+        """Validate concrete labels (the default accepts only ``None``)."""
+        if label is not None:
+            raise ValueError("label: this denoiser is unconditional; pass label=None")
+
+    # -- public, checked --------------------------------------------------------------------------
+    def check_inputs(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None):
+        """Check and normalise the arguments of :meth:`denoise`; returns ``(x_t, t, label, scale)``."""
+        x_t = _checks.as_image_batch(x_t, "x_t", shape=self.image_shape)
+        t = _checks.as_times(t, x_t.shape[0])
+        label = _checks.as_labels(label, x_t.shape[0])
+        if _checks.is_concrete(label) or label is None:
+            self.check_label(label)
+        return x_t, t, label, self.check_scale(scale)
+
+    def denoise(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None) -> Float[Array, "b h w c"]:
+        """Posterior mean ``x̂0 = E[x0 | x_t]``.
+
+        Args:
+            x_t: ``[B, H, W, C]`` float noisy images.
+            t: a time in ``[0, 1]`` or one per image (``[B]``).
+            scale: the locality scale (see :attr:`scale_kind`).
+            label: ``None``, a class id, or one per image (``[B]``), for conditional denoising.
+        """
+        x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
+        return _jit_denoise(self._ready(scale, label), x_t, t, label, scale)
+
+    def score(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None) -> Float[Array, "b h w c"]:
+        """Score ``∇ log p_t(x_t) = (a·x̂0 − x_t)/s²``. Undefined at ``s(t) = 0`` (raises)."""
+        x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
+        self._check_noisy(t, "score")
+        return _jit_score(self._ready(scale, label), x_t, t, label, scale)
+
+    def eps(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None) -> Float[Array, "b h w c"]:
+        """Noise prediction ``ε̂ = (x_t − a·x̂0)/s``. Undefined at ``s(t) = 0`` (raises)."""
+        x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
+        self._check_noisy(t, "eps")
+        return _jit_eps(self._ready(scale, label), x_t, t, label, scale)
+
+    def _ready(self, scale: Any, label: Any) -> Denoiser:
+        """What one checked call runs: ``self`` (the default; machines may prepare what the call needs)."""
+        return self
+
+    def _check_noisy(self, t: Array, what: str) -> None:
+        if _checks.is_concrete(t) and bool(jnp.any(self.schedule.variances(t)[1] <= 0)):
+            raise ValueError(
+                f"t: the {what} diverges where the noise level s(t) is 0 (t = 0 for this schedule); "
+                "use denoise() there, which returns the nearest-neighbour limit"
+            )
+
+    def _score(self, x_t, t, label, scale):
+        a, var = _ab(self.schedule, t)
+        x0 = self._denoise(x_t, t, label, scale)
+        return (a * x0 - x_t) / var
+
+    def _eps(self, x_t, t, label, scale):
+        a, var = _ab(self.schedule, t)
+        x0 = self._denoise(x_t, t, label, scale)
+        return (x_t - a * x0) / jnp.sqrt(var)
+
+
+def _ab(schedule, t):
+    ab, var = schedule.variances(t)
+    return jnp.sqrt(ab)[:, None, None, None], var[:, None, None, None]
+
+
+@partial(jax.jit, static_argnums=(4,))
+def _jit_denoise(d, x_t, t, label, scale):
+    return d._denoise(x_t, t, label, scale)
+
+
+@partial(jax.jit, static_argnums=(4,))
+def _jit_score(d, x_t, t, label, scale):
+    return d._score(x_t, t, label, scale)
+
+
+@partial(jax.jit, static_argnums=(4,))
+def _jit_eps(d, x_t, t, label, scale):
+    return d._eps(x_t, t, label, scale)

@@ -1,0 +1,73 @@
+"""Sharded banks: a machine's prebuilt banks split along their entry axis over a device mesh.
+
+Each device streams its slice of every bank; the partial statistics (max, normaliser, weighted sum)
+are merged exactly with ``pmax``/``psum`` (:func:`ellsjax.kernel.merge_across`), so results equal the
+single-device ones up to float32 summation order. Banks are built on the host (per process) and each
+device receives only its slice (``jax.make_array_from_callback``), so the same code runs on one host
+with several devices and on a multi-host cluster after ``jax.distributed.initialize()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+from ellsjax import kernel as _kernel
+from ellsjax.machines import _banks
+
+if TYPE_CHECKING:
+    from ellsjax.machines.base import Machine
+
+__all__ = ["shard", "place", "stream_sharded"]
+
+
+def shard(machine: Machine, mesh: Any = None, *, axis: str = "bank") -> Machine:
+    """``machine`` with its banks to be split over ``mesh`` along ``axis`` (see :meth:`Machine.shard`)."""
+    if mesh is None:
+        mesh = jax.make_mesh((jax.device_count(),), (axis,), axis_types=(jax.sharding.AxisType.Explicit,))
+    if axis not in mesh.axis_names:
+        raise ValueError(f"axis: {axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
+    policy = dataclasses.replace(machine.policy, mesh=mesh, mesh_axis=axis, tolerance=None)
+    return dataclasses.replace(machine, policy=policy, banks={})
+
+
+def place(machine: Machine, gb: _banks.GroupBank) -> _banks.DeviceBank:
+    """Pack a host bank for the kernel and move it to the device(s): whole, or split along its
+    entry axis over the machine's mesh."""
+    policy = machine.policy
+    packed = _banks.pack_group_bank(gb, _banks.pad_multiple(gb.keys.shape[2], policy.devices))
+    if policy.mesh is None:
+        return _banks.DeviceBank(*(None if v is None else jnp.asarray(v) for v in packed))
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    def put(v, axis):
+        spec = [None] * v.ndim
+        spec[axis] = policy.mesh_axis
+        return jax.make_array_from_callback(v.shape, NamedSharding(policy.mesh, P(*spec)), lambda idx: v[idx])
+
+    return _banks.DeviceBank(put(packed.keys_t, 3), put(packed.vv, 2), None if packed.values is None else put(packed.values, 2))
+
+
+def stream_sharded(machine: Machine, queries, bank: _banks.DeviceBank, label, positions_per_image: int):
+    """Posterior means of one group's queries over a bank split across the machine's mesh."""
+    from jax.sharding import PartitionSpec as P
+
+    ax = machine.policy.mesh_axis
+    bspec = _banks.DeviceBank(P(None, None, None, ax), P(None, None, ax, None),
+                              None if bank.values is None else P(None, None, ax, None))
+
+    def local(q, b, lab):
+        stats = machine._bank_stats(q, b, lab, positions_per_image)
+        return _kernel.finalize(_kernel.merge_across(stats, q.inv_temp, ax))
+
+    mesh = machine.policy.mesh
+    if label is None:
+        fn = jax.shard_map(lambda q, b: local(q, b, None), mesh=mesh, in_specs=(P(), bspec), out_specs=P(),
+                           check_vma=False)
+        return fn(queries, bank)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), bspec, P()), out_specs=P(), check_vma=False)
+    return fn(queries, bank, label)

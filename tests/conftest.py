@@ -1,0 +1,59 @@
+"""Fixtures and helpers shared by the test modules.
+
+Real datasets: tests that need the full MNIST / Fashion-MNIST / CIFAR-10 subset read them from
+``ELLSJAX_SHARED_DATA`` or, by default, ``../shared/data`` next to the clone (the project's offline
+copies; see its README). Without them those tests skip and say where they looked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ELLSJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_REFERENCE = SHARED.parent / "reference"
+
+
+def needs_shared(filename: str = "mnist.npz"):
+    """Skip unless the real dataset file ``filename`` is in :data:`SHARED`, saying where it was looked for."""
+    return pytest.mark.skipif(
+        not (SHARED / filename).is_file(),
+        reason=f"needs the real dataset {filename} in {SHARED} (the project's offline copies in ../shared/data next "
+               "to the clone, or set ELLSJAX_SHARED_DATA); the bundled subset is too small for this test",
+    )
+
+
+def random_images(n: int, shape=(8, 8, 1), *, b: int = 2, seed: int = 0):
+    """``n`` uniform training images in [-1, 1] and ``b`` standard-normal queries of ``shape``."""
+    rng = np.random.default_rng(seed)
+    imgs = rng.uniform(-1, 1, (n, *shape)).astype(np.float32)
+    x = rng.normal(size=(b, *shape)).astype(np.float32)
+    return imgs, x
+
+
+#: The tiny network every test trains or loads (one compiled train step for the whole suite).
+def tiny_net():
+    from ellsjax import nets
+
+    return nets.NetConfig(arch="resnet", image_size=12, width=16, depth=2)
+
+
+def tiny_train_config(**changes):
+    from ellsjax import training
+
+    base = dict(steps=3, batch_size=16, lr=2e-3, ema_decay=0.9, limit=32, log_every=1)
+    return training.TrainConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A run directory of :func:`tiny_net` trained 3 steps on 32 bundled MNIST images (EMA kept)."""
+    from ellsjax import training
+
+    d = tmp_path_factory.mktemp("trained_run")
+    training.train(d, tiny_net(), tiny_train_config(), progress=False)
+    return d
