@@ -33,6 +33,20 @@ from ellsjax.machines.cfdm import SmoothedClosedForm, cfdm, cfdm_time, from_cfdm
 from ellsjax.machines.soft import SoftEquivariantLocalScore, soft_bbels, soft_els
 
 
+def _discover() -> None:
+    """Import every other public module of this package, so that a new machine module registers its
+    spec without being listed here (its builder is then ``ellsjax.machines.spec(name).builder``)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()
+
+
 class _Builders(Mapping):
     """``name → builder`` of every registered machine (a live view of the registry)."""
 
