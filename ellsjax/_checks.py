@@ -47,13 +47,21 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def as_image_batch(x: Any, name: str, *, shape: tuple[int, int, int] | None = None) -> jax.Array:
+#: Slack on the documented image range [-1, 1] (float rounding of a conversion or a resize).
+RANGE_SLACK = 1e-3
+
+
+def as_image_batch(
+    x: Any, name: str, *, shape: tuple[int, int, int] | None = None, in_range: tuple[float, float] | None = None
+) -> jax.Array:
     """Check an NHWC float image batch and return it as float32.
 
     Args:
         x: the array.
         name: the argument's name, used in error messages.
         shape: the required ``(H, W, C)``, if any.
+        in_range: also require (concrete) values in this range, e.g. the documented ``(-1, 1)``
+            (training images; noisy ``x_t`` legitimately leave it). ``None``: no range check.
     """
     import jax.numpy as jnp
 
@@ -75,7 +83,23 @@ def as_image_batch(x: Any, name: str, *, shape: tuple[int, int, int] | None = No
     x = jnp.asarray(x, jnp.float32)
     if is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError(f"{name}: contains NaN or inf")
+    if in_range is not None and is_concrete(x):
+        check_range(x, name, in_range)
     return x
+
+
+def check_range(x: Any, name: str, bounds: tuple[float, float] = (-1.0, 1.0)) -> None:
+    """Values in ``bounds`` (up to :data:`RANGE_SLACK`), else an error naming the likely conversion."""
+    lo, hi = float(np.min(x)), float(np.max(x))
+    a, b = (float(v) for v in bounds)
+    if lo >= a - RANGE_SLACK and hi <= b + RANGE_SLACK:
+        return
+    hint = ""
+    if (a, b) == (-1.0, 1.0) and lo >= 0 and hi <= 255:
+        hint = "; 8-bit pixels p in [0, 255] convert with p/127.5 - 1"
+    what = "the documented image range" if (a, b) == (-1.0, 1.0) else "the range"
+    raise ValueError(f"{name}: values lie in [{lo:.4g}, {hi:.4g}], outside {what} [{a:g}, {b:g}]{hint}"
+                     + ("" if hint else " (pass image_range=None for data that is not an image)"))
 
 
 def check_scale(k: Any, name: str = "scale") -> int:

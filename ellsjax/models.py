@@ -177,7 +177,8 @@ def load(dir: str | os.PathLike, *, ema: bool = True, step: int | None = None) -
         dir: the run directory (holds ``config.json`` and ``checkpoints/``).
         ema: use the moving-average weights when the run kept them (``TrainConfig.ema_decay``);
             without EMA in the run, the trained weights are used either way.
-        step: which checkpoint (default: the newest).
+        step: which checkpoint (default: the newest one that reads back; an unreadable newer one is
+            reported on stderr).
 
     Returns:
         A :class:`NetworkDenoiser` with the run's noise schedule.
@@ -206,5 +207,9 @@ def load(dir: str | os.PathLike, *, ema: bool = True, step: int | None = None) -
     graphdef, template = nnx.split(abstract)
     which = "ema" if (ema and cfg.ema_decay is not None) else "params"
     ckpt = _training._Checkpoints(out, create=False)
-    state = ckpt.restore(step, {which: template})[which]
+    if step is None:  # the newest checkpoint that reads back (an unreadable newer one is reported)
+        _, got = ckpt.restore_newest({which: template}, log=_training._stderr)
+    else:
+        got = ckpt.restore(step, {which: template})
+    state = got[which]
     return NetworkDenoiser(state, graphdef, net, schedule=cfg.schedule, weights=which)

@@ -352,6 +352,7 @@ def _check_data(net: _nets.NetConfig, images: Any, labels: Any) -> tuple[np.ndar
     if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"data: expected float images [N, H, W, C], got {images.dtype} {images.shape}")
     n, h, w, c = images.shape
+    _checks.check_range(images, "data: images")
     if c != net.channels:
         raise ValueError(f"data: the images have {c} channel(s) but the network expects channels={net.channels}")
     if (h, w) != (net.image_size, net.image_size):
@@ -486,6 +487,7 @@ class _Checkpoints:
             raise FileNotFoundError(f"step: no checkpoint for step {step} in {self.dir}; available: {steps}")
         a = self.ocp.args
         flat = {name: _flatten(tmpl) for name, tmpl in items.items()}
+        _quiet_failed_reads()  # a failing read reports once, below, not through orbax's teardown noise
         try:
             got = self.manager.restore(
                 step, args=a.Composite(**{name: a.StandardRestore(f) for name, f in flat.items()})
@@ -507,8 +509,44 @@ class _Checkpoints:
             ) from None
         return out
 
+    def restore_newest(self, items: dict[str, Any], *, log: Callable[[str], None] | None = None,
+                       set_aside: bool = False) -> tuple[int, dict[str, Any]]:
+        """``(step, items)`` of the newest checkpoint that reads back; each unreadable newer one is
+        reported to ``log`` (and, with ``set_aside``, moved to ``DIR/checkpoints_unreadable/STEP``
+        so that training redoes and saves those steps). Raises ``ValueError`` if none reads."""
+        steps = self.steps()
+        if not steps:
+            raise FileNotFoundError(f"dir: no checkpoint in {self.dir}")
+        errors = []
+        for step in reversed(steps):
+            try:
+                got = self.restore(step, items)
+            except ValueError as e:
+                errors.append((step, str(e)))
+                continue
+            for bad, why in errors:
+                if log is not None:
+                    log(f"{why}; using checkpoint {step} instead")
+                if set_aside:
+                    self._set_aside(bad, log)
+            return step, got
+        raise ValueError(f"checkpoint: none of the checkpoints {steps} in {self.dir} can be read; "
+                         f"newest: {errors[0][1]}")
 
-def _restore_state(ckpt: _Checkpoints, template: TrainState, step: int | None = None) -> TrainState:
+    def _set_aside(self, step: int, log: Callable[[str], None] | None) -> None:
+        import shutil
+
+        dest = self.dir.parent / "checkpoints_unreadable" / str(step)
+        if dest.exists():
+            dest = dest.with_name(f"{step}.{int(time.time())}")
+        dest.parent.mkdir(exist_ok=True)
+        shutil.move(str(self.dir / str(step)), str(dest))
+        if log is not None:
+            log(f"moved the unreadable checkpoint {step} to {dest}")
+        self.manager.reload()
+
+
+def _restore_state(ckpt: _Checkpoints, template: TrainState, log: Callable[[str], None] | None = None) -> TrainState:
     train_tmpl = {
         **{"opt_state." + k: v for k, v in _flatten(template.opt_state).items()},
         "key": np.asarray(jax.random.key_data(template.key)),
@@ -517,7 +555,7 @@ def _restore_state(ckpt: _Checkpoints, template: TrainState, step: int | None = 
     items: dict[str, Any] = {"params": template.params, "train": train_tmpl}
     if template.ema is not None:
         items["ema"] = template.ema
-    got = ckpt.restore(step, items)
+    _, got = ckpt.restore_newest(items, log=log, set_aside=True)
     tr = got["train"]
     opt_flat = {k[len("opt_state."):]: v for k, v in tr.items() if k.startswith("opt_state.")}
     key = jax.random.wrap_key_data(jnp.asarray(tr["key"], jnp.uint32), impl=_KEY_IMPL)
@@ -528,6 +566,36 @@ def _restore_state(ckpt: _Checkpoints, template: TrainState, step: int | None = 
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+_QUIET = False
+
+
+def _quiet_failed_reads() -> None:
+    """After a failed checkpoint read, orbax leaves tensorstore reads in flight: their coroutines
+    are collected later ("Exception ignored in: <coroutine ... _read_array_index_and_device_put>")
+    and late callbacks hit orbax's closed event loop ("RuntimeError: Event loop is closed"), each
+    printing a traceback through ``sys.unraisablehook``. The error was reported once already; drop
+    those, and pass anything else to the previous hook."""
+    global _QUIET
+    if _QUIET:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        exc, obj = unraisable.exc_value, unraisable.object
+        code = getattr(obj, "cr_code", None)
+        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
+                code is not None and "orbax" in code.co_filename):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    _QUIET = True
+
+
+def _stderr(msg: str) -> None:
+    print(f"ellsjax: note: {msg}", file=sys.stderr, flush=True)
 
 
 class _StopFlag:
@@ -615,7 +683,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     ckpt = _Checkpoints(out, create=True, keep=config.keep_checkpoints)
     if has_run and ckpt.latest() is not None:
-        state = _restore_state(ckpt, state)
+        state = _restore_state(ckpt, state, log=_stderr)
     start = state.step
     if start > config.steps:
         raise ValueError(f"steps: the run is already at step {start}, beyond steps={config.steps}")

@@ -101,7 +101,7 @@ def test_wiener_on_gaussian_data_is_bayes_optimal():
     imgs = rng.multivariate_normal(mu, cov, size=100_000).astype(np.float32).reshape(-1, 2, 2, 1)
     x = rng.normal(size=(3, 2, 2, 1)).astype(np.float32)
     a, s = ab(T)
-    m = ej.machines.wiener(imgs)
+    m = ej.machines.wiener(imgs, image_range=None)  # Gaussian samples, not images in [-1, 1]
     got = m.denoise(x, T)
     np.testing.assert_allclose(got, R.gaussian_posterior_mean(mu, cov, x, a, s), atol=2e-2)
     # and it is the posterior mean: the average of x0 over a thin slab of x_t around a point

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ellsjax.cli._common import HelpFormatter, load_network_run, machine_spec, output_file
 from ellsjax.cli._common import fail as _fail
-from ellsjax.cli._common import load_network_run, machine_spec, output_file
 
 __all__ = ["register"]
 
@@ -27,7 +27,7 @@ def register(sub) -> None:
             "streaming kernel. Writes OUT, a schedule that `sample --scales`, `evaluate --scales` and "
             "ellsjax.calibration.load_schedule read."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     s.add_argument("--model", required=True, help="trained network run directory")
     s.add_argument("--machine", default="bbels",

@@ -3,14 +3,26 @@ machines and scale schedules looked up through the registry (the CLI compares no
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fail", "note", "output_dir", "output_file", "machine_spec", "read_schedule", "fit_schedule",
+__all__ = ["HelpFormatter", "fail", "note", "output_dir", "output_file", "machine_spec", "read_schedule", "fit_schedule",
            "load_network_run"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: …)`` once: not where the help text states its default already, and not
+    for unset (``None``) or off (``False``) defaults, which say nothing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def fail(msg: str):

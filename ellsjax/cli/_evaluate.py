@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ellsjax.cli._common import HelpFormatter, load_network_run, machine_spec, output_dir, read_schedule
 from ellsjax.cli._common import fail as _fail
-from ellsjax.cli._common import load_network_run, machine_spec, output_dir, read_schedule
 
 __all__ = ["register"]
 
@@ -25,7 +25,7 @@ def register(sub) -> None:
             "OUT/results.json (medians, means, fraction of seeds beating IS, per-seed values), OUT/scatter.png "
             "(IS r vs machine r per seed) and OUT/grid.png (rows: network | machine | IS)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     s.add_argument("--model", required=True, help="trained network run directory")
     s.add_argument("--machine", default="bbels",

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ellsjax.cli._common import HelpFormatter, machine_spec, output_dir
 from ellsjax.cli._common import fail as _fail
-from ellsjax.cli._common import machine_spec, output_dir
 
 __all__ = ["register"]
 
@@ -37,7 +37,7 @@ def register(sub) -> None:
             "OUT/creativity.json and prints the creativity measures (nearest-image distance and near-copy test, "
             "patch-space distance, Theorem 4.1 consistency, mosaic statistics)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     s.add_argument("--samples", required=True, metavar="FILE", help="samples.npz written by `ellsjax sample`")
     s.add_argument("--config", default=None, metavar="FILE", help="its config.json (default: next to FILE)")

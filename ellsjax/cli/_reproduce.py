@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ellsjax.cli._common import HelpFormatter, output_dir
 from ellsjax.cli._common import fail as _fail
 
 __all__ = ["register"]
@@ -22,7 +23,7 @@ def register(sub) -> None:
             "OUT/figures/*.png and the schedules OUT/scales_grid.json, OUT/scales_soft_WINDOW.json. Presets: smoke "
             "(seconds), mnist-cpu (about half an hour on a 2-core CPU), paper-* (the paper's networks; GPU)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     s.add_argument("--preset", required=True, help="experiment name (ellsjax.reproduce.PRESETS)")
     s.add_argument("--out", required=True, help="output directory")
@@ -35,6 +36,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     if args.preset not in reproduce.PRESETS:
         _fail(f"--preset: unknown experiment {args.preset!r}; known: {', '.join(sorted(reproduce.PRESETS))}")
+    output_dir(args.out)
     try:
         reproduce.run(args.preset, args.out, progress=not args.no_progress)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:

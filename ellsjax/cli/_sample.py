@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
+from ellsjax.cli._common import HelpFormatter, machine_spec, note, output_dir, read_schedule
 from ellsjax.cli._common import fail as _fail
-from ellsjax.cli._common import machine_spec, note, output_dir, read_schedule
 
 __all__ = ["register"]
 
@@ -31,7 +31,7 @@ def register(sub) -> None:
             "the paper's 20-point time grid and its published MNIST ResNet (zero padding) scale schedule. "
             "Writes OUT/samples.png, OUT/samples.npz and OUT/config.json (OUT is checked before sampling)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     s.add_argument("--machine", default="bbels",
                    help="a registered machine (`ellsjax machines` lists them): bbels = ELS with zero padding; "

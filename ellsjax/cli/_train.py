@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ellsjax.cli._common import HelpFormatter, output_dir
 from ellsjax.cli._common import fail as _fail
 
 __all__ = ["register"]
@@ -36,7 +37,7 @@ def register(sub) -> None:
             "Unset network options take the preset's (--preset) or the paper's defaults (ResNet: width 256, "
             "8 layers; UNet: width 64, 3 levels)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--preset", default=None, metavar="NAME",
@@ -87,11 +88,9 @@ def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, object]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ellsjax import training
 
-    out = Path(args.out)
+    out = output_dir(args.out)
     try:
         if args.resume and (out / training.CONFIG_FILE).exists():
             net, cfg = _resumed_configs(args, out)

@@ -320,6 +320,13 @@ def _check_bundled_limit(
     name: str, split: str, limit: int | None, classes: tuple[int, ...] | None
 ) -> None:
     available = _bundled_count(name, split, classes)
+    if classes is not None:
+        present = set(np.unique(_bundled_split(name, split)[1]).tolist())
+        missing = sorted(set(classes) - present)
+        if missing:
+            raise ValueError(f"classes={list(classes)}: class {', '.join(map(str, missing))} absent: labels "
+                             f"{missing} do not occur in the bundled {name} split={split!r} (labels present: "
+                             f"{sorted(present)})")
     if limit is not None and limit > available:
         with_classes = "" if classes is None else f" with classes={classes}"
         raise ValueError(
@@ -360,6 +367,14 @@ def _npz_path(name: str, path: str | os.PathLike | None) -> Path:
 
 
 def _read_npz_split(path: Path, name: str, split: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ValueError(f"cannot read npz file {where}: {e.strerror or e}") from None
+    if head != b"PK\x03\x04":  # an .npz is a zip archive of .npy arrays
+        kind = "an .npy array" if head[:1] == b"\x93" else "empty" if not head else f"a file starting with {head!r}"
+        raise ValueError(f"{where} is not an .npz archive (a zip of .npy arrays x_{split}, y_{split}); it is {kind}")
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.files)

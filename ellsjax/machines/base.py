@@ -334,16 +334,20 @@ def register(cls, extra_meta: tuple[str, ...] = ()):
     return jax.tree_util.register_dataclass(cls, data_fields=list(cls._DATA_FIELDS), meta_fields=meta)
 
 
-def build(cls, images, labels, *, schedule, chunk_size=None, memory_budget=None, bank_budget=None, **extra):
+def build(cls, images, labels, *, schedule, chunk_size=None, memory_budget=None, bank_budget=None,
+          image_range=(-1.0, 1.0), **extra):
     """Check the common constructor arguments and build a machine of class ``cls``."""
-    imgs, members, sizes = prepare_training_set(images, labels)
+    imgs, members, sizes = prepare_training_set(images, labels, image_range=image_range)
     policy = ExecutionPolicy(chunk_size=chunk_size, memory_budget=memory_budget, bank_budget=bank_budget)
     return cls(imgs, members, schedule=_schedules.get(schedule), class_sizes=sizes, policy=policy, **extra)
 
 
-def prepare_training_set(images: Any, labels: Any) -> tuple[Array, Array | None, tuple[int, ...] | None]:
-    """Check training images/labels; build per-class member lists. Returns ``(images, members, sizes)``."""
-    images = _checks.as_image_batch(images, "images")
+def prepare_training_set(
+    images: Any, labels: Any, *, image_range: tuple[float, float] | None = (-1.0, 1.0)
+) -> tuple[Array, Array | None, tuple[int, ...] | None]:
+    """Check training images/labels (values within ``image_range`` unless it is ``None``); build
+    per-class member lists. Returns ``(images, members, sizes)``."""
+    images = _checks.as_image_batch(images, "images", in_range=image_range)
     if labels is None:
         return images, None, None
     lab = np.asarray(labels)

@@ -147,6 +147,7 @@ def cfdm(
     num_noise: int = 8,
     key: jax.Array | int = 0,
     schedule: _schedules.Schedule | str = "cosine_legacy",
+    image_range: tuple[float, float] | None = (-1.0, 1.0),
     chunk_size: int | None = None,
     memory_budget: int | None = None,
 ) -> SmoothedClosedForm:
@@ -163,6 +164,8 @@ def cfdm(
         num_noise: ``M``, the number of perturbations.
         key: int seed or ``jax.random`` key for the perturbations (deterministic given it).
         schedule: noise schedule (object or name).
+        image_range: the documented pixel range the training images are checked against
+            (``None``: any real data, e.g. samples of a Gaussian).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
 
@@ -177,10 +180,10 @@ def cfdm(
     if sigma_f is None or not np.isfinite(sigma_f) or sigma_f < 0:
         raise ValueError(f"sigma: expected a finite float >= 0, got {sigma!r}")
     num_noise = _checks.check_positive_int(num_noise, "num_noise")
-    imgs, _, _ = prepare_training_set(images, labels)
+    imgs, _, _ = prepare_training_set(images, labels, image_range=image_range)
     noise = _draw(key, num_noise, tuple(imgs.shape[1:]))
     return build(
-        SmoothedClosedForm, imgs, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget,
+        SmoothedClosedForm, imgs, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size, memory_budget=memory_budget,
         noise=noise, sigma=sigma_f,
     )
 

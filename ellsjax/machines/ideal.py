@@ -104,6 +104,7 @@ def ideal(
     labels: Int[ArrayLike, " n"] | None = None,
     *,
     schedule: _schedules.Schedule | str = "cosine_legacy",
+    image_range: tuple[float, float] | None = (-1.0, 1.0),
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     bank_budget: int | None = None,
@@ -114,6 +115,8 @@ def ideal(
         images: ``[N, H, W, C]`` float training images in ``[-1, 1]``.
         labels: optional ``[N]`` int class ids for conditional denoising.
         schedule: noise schedule (object or name).
+        image_range: the documented pixel range the training images are checked against
+            (``None``: any real data, e.g. samples of a Gaussian).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
         bank_budget: bytes the prebuilt, deduplicated image bank may take (``None``: default).
@@ -126,7 +129,7 @@ def ideal(
         True
     """
     return build(
-        IdealScore, images, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget,
+        IdealScore, images, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size, memory_budget=memory_budget,
         bank_budget=bank_budget,
     )
 

@@ -376,6 +376,7 @@ def local(
     labels: Int[ArrayLike, " n"] | None = None,
     *,
     schedule: _schedules.Schedule | str = "cosine_legacy",
+    image_range: tuple[float, float] | None = (-1.0, 1.0),
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     bank_budget: int | None = None,
@@ -390,6 +391,8 @@ def local(
         images: ``[N, H, W, C]`` float training images in ``[-1, 1]``.
         labels: optional ``[N]`` int class ids; then ``denoise(..., label=y)`` searches class ``y`` only.
         schedule: noise schedule (object or name).
+        image_range: the documented pixel range the training images are checked against
+            (``None``: any real data, e.g. samples of a Gaussian).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
         bank_budget: bytes one scale's prebuilt, deduplicated bank may take (``None``: per-backend
@@ -403,7 +406,7 @@ def local(
         (2, 8, 8, 1)
     """
     return build(
-        LocalScore, images, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget,
+        LocalScore, images, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size, memory_budget=memory_budget,
         bank_budget=bank_budget,
     )
 
@@ -414,6 +417,7 @@ def els(
     padding: _checks.Padding = "circular",
     *,
     schedule: _schedules.Schedule | str = "cosine_legacy",
+    image_range: tuple[float, float] | None = (-1.0, 1.0),
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     bank_budget: int | None = None,
@@ -433,6 +437,8 @@ def els(
         labels: optional ``[N]`` int class ids for conditional denoising.
         padding: ``"circular"`` (ELS) or ``"zeros"`` (bbELS).
         schedule: noise schedule (object or name).
+        image_range: the documented pixel range the training images are checked against
+            (``None``: any real data, e.g. samples of a Gaussian).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
         bank_budget: bytes one scale's prebuilt, deduplicated bank may take (``None``: per-backend
@@ -447,7 +453,7 @@ def els(
     """
     _checks.check_padding(padding)
     return build(
-        EquivariantLocalScore, images, labels, schedule=schedule, chunk_size=chunk_size,
+        EquivariantLocalScore, images, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size,
         memory_budget=memory_budget, bank_budget=bank_budget, padding=padding,
     )
 

@@ -165,6 +165,7 @@ def pca(
     rank: int | None = None,
     ddof: int = 1,
     schedule: _schedules.Schedule | str = "cosine_legacy",
+    image_range: tuple[float, float] | None = (-1.0, 1.0),
     chunk_size: int | None = None,
     memory_budget: int | None = None,
 ) -> PCALocality:
@@ -182,6 +183,8 @@ def pca(
         rank: keep the top ``rank`` covariance components (``None``: all).
         ddof: covariance normalisation ``N − ddof`` (1 as in the release).
         schedule: noise schedule (object or name).
+        image_range: the documented pixel range the training images are checked against
+            (``None``: any real data, e.g. samples of a Gaussian).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
 
@@ -204,10 +207,10 @@ def pca(
         rank = _checks.check_positive_int(rank, "rank")
     if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
         raise ValueError(f"ddof: expected an int >= 0, got {ddof!r}")
-    imgs, _, _ = prepare_training_set(images, labels)
+    imgs, _, _ = prepare_training_set(images, labels, image_range=image_range)
     _, basis, lam = gaussian_fit(np.asarray(imgs).reshape(imgs.shape[0], -1), ddof=int(ddof), rank=rank)
     return build(
-        PCALocality, imgs, labels, schedule=schedule, chunk_size=chunk_size, memory_budget=memory_budget,
+        PCALocality, imgs, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size, memory_budget=memory_budget,
         basis=jnp.asarray(basis, jnp.float32), eigvals=jnp.asarray(lam, jnp.float32),
         threshold=float(threshold), relative_to=relative_to, temperature=float(temperature),
     )

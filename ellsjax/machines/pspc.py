@@ -127,6 +127,7 @@ def pspc(
     labels: Int[ArrayLike, " n"] | None = None,
     *,
     schedule: _schedules.Schedule | str = "cosine_legacy",
+    image_range: tuple[float, float] | None = (-1.0, 1.0),
     chunk_size: int | None = None,
     memory_budget: int | None = None,
 ) -> PatchSetPosteriorComposite:
@@ -139,6 +140,8 @@ def pspc(
         images: ``[N, H, W, C]`` float training images in ``[-1, 1]``.
         labels: optional ``[N]`` int class ids; then ``denoise(..., label=y)`` searches class ``y`` only.
         schedule: noise schedule (object or name).
+        image_range: the documented pixel range the training images are checked against
+            (``None``: any real data, e.g. samples of a Gaussian).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
 
@@ -150,7 +153,7 @@ def pspc(
         (2, 8, 8, 1)
     """
     return build(
-        PatchSetPosteriorComposite, images, labels, schedule=schedule, chunk_size=chunk_size,
+        PatchSetPosteriorComposite, images, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size,
         memory_budget=memory_budget,
     )
 

@@ -203,6 +203,7 @@ def soft_els(
     window: str = "gaussian",
     edge: float = 0.15,
     schedule: _schedules.Schedule | str = "cosine_legacy",
+    image_range: tuple[float, float] | None = (-1.0, 1.0),
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     bank_budget: int | None = None,
@@ -222,6 +223,8 @@ def soft_els(
             with logistic edges of width ``edge``; see :func:`window_weights`).
         edge: the box window's edge width.
         schedule: noise schedule (object or name).
+        image_range: the documented pixel range the training images are checked against
+            (``None``: any real data, e.g. samples of a Gaussian).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk.
         bank_budget: bytes the prebuilt bank of the support may take.
@@ -236,7 +239,7 @@ def soft_els(
     """
     _checks.check_padding(padding)
     return build(
-        SoftEquivariantLocalScore, images, labels, schedule=schedule, chunk_size=chunk_size,
+        SoftEquivariantLocalScore, images, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size,
         memory_budget=memory_budget, bank_budget=bank_budget, padding=padding, support=support,
         truncate=float(truncate), window=window, edge=float(edge),
     )

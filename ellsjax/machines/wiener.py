@@ -125,6 +125,7 @@ def wiener(
     rank: int | None = None,
     ddof: int = 0,
     schedule: _schedules.Schedule | str = "cosine_legacy",
+    image_range: tuple[float, float] | None = (-1.0, 1.0),
 ) -> Wiener:
     """The Wiener machine: ``x̂0 = μ + U diag(λ/(λ+σ²)) Uᵀ (x_t/a − μ)``, ``σ = s/a``.
 
@@ -136,6 +137,8 @@ def wiener(
             are treated as noise-free constants at the mean.
         ddof: covariance normalisation ``N − ddof`` (0: the empirical distribution's moments).
         schedule: noise schedule (object or name).
+        image_range: the documented pixel range the training images are checked against
+            (``None``: any real data, e.g. samples of a Gaussian).
 
     Example:
         >>> import jax, ellsjax as ej
@@ -144,7 +147,7 @@ def wiener(
         >>> m.denoise(imgs[:2], 0.5).shape
         (2, 6, 6, 1)
     """
-    imgs, _, sizes = prepare_training_set(images, labels)
+    imgs, _, sizes = prepare_training_set(images, labels, image_range=image_range)
     if rank is not None:
         rank = _checks.check_positive_int(rank, "rank")
     if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
@@ -172,7 +175,7 @@ def wiener(
             cm[k], cb[k, :, : bk.shape[1]], cl[k, : lk.shape[0]] = mk, bk, lk
         extra.update(class_mean=jnp.asarray(cm, jnp.float32), class_basis=jnp.asarray(cb, jnp.float32),
                      class_eigvals=jnp.asarray(cl, jnp.float32))
-    return build(Wiener, imgs, labels, schedule=schedule, chunk_size=None, memory_budget=None,
+    return build(Wiener, imgs, labels, schedule=schedule, image_range=image_range, chunk_size=None, memory_budget=None,
                  ddof=int(ddof), rank=rank, **extra)
 
 

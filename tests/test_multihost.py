@@ -1,0 +1,56 @@
+"""Sharded banks across two processes on localhost (the multi-host recipe of the README), checked
+against a single-process result."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import ellsjax as ej
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def case():
+    """The data both worker processes and this test use."""
+    rng = np.random.default_rng(7)
+    imgs = rng.uniform(-1, 1, (9, 8, 8, 1)).astype(np.float32)
+    x = rng.normal(size=(2, 8, 8, 1)).astype(np.float32)
+    t = np.array([0.3, 0.7], np.float32)
+    return imgs, x, t
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_shard_els_and_is_banks(tmp_path):
+    out = tmp_path / "result.npz"
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "_multihost_worker.py"), str(rank), str(port),
+                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:  # never leave a worker behind (a failed peer leaves the other waiting)
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n---\n".join(logs)[-4000:]
+    imgs, x, t = case()
+    with np.load(out) as got:
+        for name, scale in (("els", 3), ("is", None)):
+            want = np.asarray(ej.machines.build(name, imgs).prepare((scale,)).denoise(x, t, scale=scale))
+            np.testing.assert_allclose(got[name], want, atol=1e-6, err_msg=name)
