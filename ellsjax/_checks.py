@@ -80,12 +80,15 @@ def as_image_batch(
         raise ValueError(f"{name}: expected images of shape [*, {shape[0]}, {shape[1]}, {shape[2]}], got {np.shape(x)}")
     if np.shape(x)[0] == 0:
         raise ValueError(f"{name}: the batch is empty")
-    x = jnp.asarray(x, jnp.float32)
-    if is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+    if not is_concrete(x):
+        return x.astype(jnp.float32)
+    # concrete values are checked on the host (numpy): no device program per new shape
+    host = np.asarray(x, np.float32)
+    if not np.all(np.isfinite(host)):
         raise ValueError(f"{name}: contains NaN or inf")
-    if in_range is not None and is_concrete(x):
-        check_range(x, name, in_range)
-    return x
+    if in_range is not None:
+        check_range(host, name, in_range)
+    return jnp.asarray(host)
 
 
 def check_range(x: Any, name: str, bounds: tuple[float, float] = (-1.0, 1.0)) -> None:
@@ -119,20 +122,26 @@ def as_times(t: Any, batch: int, name: str = "t") -> jax.Array:
     dtype = getattr(t, "dtype", None)
     if dtype is not None and not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise TypeError(f"{name}: expected a real number or array of times, got dtype {dtype}")
-    try:
-        t = jnp.asarray(t, jnp.float32)
-    except TypeError:
+    if not is_concrete(t):
+        t = t.astype(jnp.float32)
+        if t.ndim == 0:
+            return jnp.broadcast_to(t, (batch,))
+        if t.shape != (batch,):
+            raise ValueError(f"{name}: expected a scalar or shape [{batch}], got shape {t.shape}")
+        return t
+    try:  # concrete: checked and broadcast on the host
+        t = np.asarray(t, np.float32)
+    except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a real number or array of times, got {t!r}") from None
     if t.ndim == 0:
-        t = jnp.broadcast_to(t, (batch,))
+        t = np.broadcast_to(t, (batch,))
     elif t.shape != (batch,):
         raise ValueError(f"{name}: expected a scalar or shape [{batch}], got shape {t.shape}")
-    if is_concrete(t):
-        if not bool(jnp.all(jnp.isfinite(t))):
-            raise ValueError(f"{name}: contains NaN or inf")
-        if bool(jnp.any((t < 0) | (t > 1))):
-            raise ValueError(f"{name}: times must lie in [0, 1], got min {float(t.min())}, max {float(t.max())}")
-    return t
+    if not np.all(np.isfinite(t)):
+        raise ValueError(f"{name}: contains NaN or inf")
+    if np.any((t < 0) | (t > 1)):
+        raise ValueError(f"{name}: times must lie in [0, 1], got min {float(t.min())}, max {float(t.max())}")
+    return jnp.asarray(t)
 
 
 def as_labels(label: Any, batch: int, name: str = "label") -> jax.Array | None:
@@ -151,11 +160,16 @@ def as_labels(label: Any, batch: int, name: str = "label") -> jax.Array | None:
             dtype = arr.dtype
     elif not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"{name}: expected integer class labels, got dtype {dtype}")
-    lab = jnp.asarray(label, jnp.int32)
-    if lab.ndim == 0:
-        lab = jnp.broadcast_to(lab, (batch,))
-    elif lab.shape != (batch,):
+    if not is_concrete(label):
+        lab = label.astype(jnp.int32)
+        if lab.ndim == 0:
+            return jnp.broadcast_to(lab, (batch,))
+    else:  # concrete: broadcast on the host
+        lab = np.asarray(label, np.int32)
+        if lab.ndim == 0:
+            lab = np.broadcast_to(lab, (batch,))
+    if lab.shape != (batch,):
         raise ValueError(f"{name}: expected an int or shape [{batch}], got shape {lab.shape}")
-    return lab
+    return jnp.asarray(lab)
 
 

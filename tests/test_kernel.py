@@ -1,5 +1,7 @@
 """The streaming softmax: chunked == dense == float64, exact merges, limits and gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,12 @@ def ref(q, keys, vals, a, it, counts=None):
 
 
 def stream(q, keys, vals, a, it, chunk, counts=None, remat=True):
+    """The kernel over ``chunk``-entry chunks, as one compiled program (reused across calls)."""
+    return _stream(q, keys, vals, a, it, counts, chunk=chunk, remat=remat)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "remat"))
+def _stream(q, keys, vals, a, it, counts, *, chunk, remat):
     n = keys.shape[1]
     nch = -(-n // chunk)
     pad = nch * chunk - n
@@ -60,10 +68,11 @@ def test_dense_helper_matches():
 def test_merge_is_exact_in_any_order():
     q, keys, vals, a, it = problem(n=30)
     Q = K.Queries(q, a, it)
-    parts = [K.chunk_stats(Q, K.make_bank(keys[:, s], vals[:, s])) for s in (slice(0, 9), slice(9, 20), slice(20, 30))]
-    left = K.merge_stats(K.merge_stats(parts[0], parts[1], it), parts[2], it)
-    right = K.merge_stats(parts[2], K.merge_stats(parts[1], parts[0], it), it)
-    whole = K.chunk_stats(Q, K.make_bank(keys, vals))
+    chunk_stats, merge = jax.jit(K.chunk_stats), jax.jit(K.merge_stats)  # one program each, not op by op
+    parts = [chunk_stats(Q, K.make_bank(keys[:, s], vals[:, s])) for s in (slice(0, 9), slice(9, 20), slice(20, 30))]
+    left = merge(merge(parts[0], parts[1], it), parts[2], it)
+    right = merge(parts[2], merge(parts[1], parts[0], it), it)
+    whole = chunk_stats(Q, K.make_bank(keys, vals))
     for x in (left, right):
         np.testing.assert_allclose(K.finalize(x), K.finalize(whole), atol=1e-6)
         np.testing.assert_allclose(x.max, whole.max, rtol=1e-6)
@@ -122,11 +131,12 @@ def test_gradients_match_dense_and_are_finite():
         w = jax.nn.softmax(-d2 * it[..., None], axis=-1)
         return jnp.sum(jnp.einsum("gmn,gnv->gmv", w, vals) ** 2)
 
-    g1, g2 = jax.grad(loss_stream)(jnp.asarray(q)), jax.grad(loss_dense)(jnp.asarray(q))
+    grad = lambda f: jax.jit(jax.grad(f))  # noqa: E731  (one program each, not op by op)
+    g1, g2 = grad(loss_stream)(jnp.asarray(q)), grad(loss_dense)(jnp.asarray(q))
     assert np.all(np.isfinite(g1))
     np.testing.assert_allclose(g1, g2, atol=1e-5)
-    np.testing.assert_allclose(g1, jax.grad(loss_naive)(jnp.asarray(q)), atol=1e-4, rtol=1e-4)
-    g3 = jax.grad(lambda qq: jnp.sum(stream(qq, keys, vals, a, it, 5, remat=False) ** 2))(jnp.asarray(q))
+    np.testing.assert_allclose(g1, grad(loss_naive)(jnp.asarray(q)), atol=1e-4, rtol=1e-4)
+    g3 = grad(lambda qq: jnp.sum(stream(qq, keys, vals, a, it, 5, remat=False) ** 2))(jnp.asarray(q))
     np.testing.assert_allclose(g1, g3, atol=1e-6)
 
 
@@ -173,6 +183,7 @@ def test_large_jumps_of_the_running_max_and_zero_noise():
     np.testing.assert_allclose(got[0, :, 0], 7.0, atol=1e-6)  # the nearest key (0.0) has value 7
 
 
+@functools.partial(jax.jit, static_argnames=("k", "scoring", "chunk"))
 def _topk(q, keys, vals, a, it, k, scoring, chunk=5):
     g, n, d = keys.shape
     nch = -(-n // chunk)

@@ -41,11 +41,11 @@ def run_ref(kind, imgs, x, t, k, labels=None, label=None):
     return R.conditional(REF[kind], imgs, labels, x, label, a, s, *extra)
 
 
-@pytest.mark.parametrize("shape", [(10, 10, 1), (8, 8, 3)])
 @pytest.mark.parametrize("kind", ["is", "ls", "els", "bbels"])
 @pytest.mark.parametrize("conditional", [False, True])
-def test_matches_dense_reference(kind, shape, conditional):
-    imgs, x = data(shape)
+def test_matches_dense_reference(kind, conditional):
+    # one non-square, multi-channel shape covers rows ≠ columns and channels in every window
+    imgs, x = data((9, 10, 2))
     # one time per image. At smaller t float32 logits (error ~ u·√d·‖q‖‖k‖·a/s², u = 6e-8) no longer
     # resolve 1e-5 on random data, for this kernel and for a direct float32 evaluation alike; the
     # t → 0 limit is tested on resolvable pixels in test_consistency_condition_at_t0.
@@ -100,9 +100,10 @@ def test_jit_equals_no_jit_and_user_jit(kind):
     m = BUILD[kind](imgs)
     t = jnp.array([0.2, 0.6, 0.9])
     jitted = m.denoise(x, t, scale=3)
-    with jax.disable_jit():
-        eager = m.denoise(x, t, scale=3)
-    np.testing.assert_allclose(jitted, eager, atol=1e-6)
+    if kind in ("is", "els"):  # eager (op by op) once per code path: image bank, patch groups
+        with jax.disable_jit():
+            eager = m.denoise(x, t, scale=3)
+        np.testing.assert_allclose(jitted, eager, atol=1e-6)
     # the machine is a pytree: it can be an argument of the user's own jit (values then unchecked)
     user = jax.jit(lambda mm, xx, tt: mm.denoise(xx, tt, scale=3))(m, x, t)
     np.testing.assert_allclose(user, jitted, atol=1e-6)

@@ -74,15 +74,16 @@ def test_output_directory_that_cannot_be_created(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def three_checkpoints(tmp_path_factory):
+def five_checkpoints(tmp_path_factory):
+    """An uninterrupted 5-step run with a checkpoint after every step."""
     d = tmp_path_factory.mktemp("ckpt")
-    training.train(d, tiny_net(), tiny_train_config(steps=3, checkpoint_every=1, keep_checkpoints=3),
+    training.train(d, tiny_net(), tiny_train_config(steps=5, checkpoint_every=1, keep_checkpoints=5),
                    progress=False)
     return d
 
 
-def _corrupt(run: Path, how: str) -> None:
-    item = run / "checkpoints" / "3" / "params"
+def _corrupt(run: Path, step: int, how: str) -> None:
+    item = run / "checkpoints" / str(step) / "params"
     if how == "truncated_array":
         for f in (item / "ocdbt.process_0" / "d").iterdir():
             f.write_bytes(f.read_bytes()[:5])
@@ -93,38 +94,42 @@ def _corrupt(run: Path, how: str) -> None:
         meta.write_bytes(meta.read_bytes()[:10])
 
 
+def _same_weights(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True))
+
+
 @pytest.mark.parametrize("how", ["truncated_array", "empty_manifest", "truncated_metadata"])
-def test_loading_skips_a_corrupt_newest_checkpoint(three_checkpoints, how, tmp_path, capsys):
+def test_loading_skips_a_corrupt_newest_checkpoint(five_checkpoints, how, tmp_path, capsys):
     run = tmp_path / "run"
-    shutil.copytree(three_checkpoints, run)
-    _corrupt(run, how)
+    shutil.copytree(five_checkpoints, run)
+    _corrupt(run, 5, how)
     model = ej.models.load(run, ema=False)
     err = capsys.readouterr().err
-    assert "cannot read" in err and "/3" in err and "using checkpoint 2" in err
-    want = ej.models.load(three_checkpoints, ema=False, step=2)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(model.state), jax.tree.leaves(want.state),
-                                                     strict=True))
+    assert "cannot read" in err and "/5" in err and "using checkpoint 4" in err
+    assert _same_weights(model, ej.models.load(five_checkpoints, ema=False, step=4))
     with pytest.raises(ValueError, match="cannot read"):  # an explicit step gets no substitute
-        ej.models.load(run, ema=False, step=3)
+        ej.models.load(run, ema=False, step=5)
 
 
-def test_resume_redoes_the_steps_after_the_last_readable_checkpoint(three_checkpoints, tmp_path):
+def test_resume_redoes_the_steps_after_the_last_readable_checkpoint(five_checkpoints, tmp_path):
+    # a run stopped after its checkpoint 3, which is corrupt: resuming to 5 restarts from 2
     run = tmp_path / "run"
-    shutil.copytree(three_checkpoints, run)
-    _corrupt(run, "truncated_metadata")
+    shutil.copytree(five_checkpoints, run)
+    for step in (4, 5):
+        shutil.rmtree(run / "checkpoints" / str(step))
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[:3]))
+    _corrupt(run, 3, "truncated_metadata")
     # a separate process, as a user runs it: one note per event on stderr, no teardown tracebacks
     r = subprocess.run([sys.executable, "-m", "ellsjax", "train", "--out", str(run), "--resume", "--steps", "5",
                         "--no-progress"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "using checkpoint 2 instead" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]  # steps after 2 redone, their lines replaced, not duplicated
     assert (run / "checkpoints_unreadable" / "3").is_dir() and training.latest_step(run) == 5
-    straight = tmp_path / "straight"  # bit-exact against an uninterrupted 5-step run
-    training.train(straight, tiny_net(), tiny_train_config(steps=5, checkpoint_every=1, keep_checkpoints=3),
-                   progress=False)
-    a, b = ej.models.load(run, ema=False), ej.models.load(straight, ema=False)
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True))
+    # bit-exact against the uninterrupted run
+    assert _same_weights(ej.models.load(run, ema=False), ej.models.load(five_checkpoints, ema=False))
 
 
 # -- 3. silent misreads become clear errors ---------------------------------------------------------

@@ -13,8 +13,7 @@ it): keep the returned machine and pass it on. Samplers prepare for their own ru
     m = ej.machines.els(images).prepare((3, 5))   # banks of k = 3 and 5, built once
     m.denoise(x, 0.5, scale=5)                    # reuses them
 
-An unprepared machine's ``denoise`` streams the training images instead (same result up to float32
-summation order).
+An unprepared machine's ``denoise`` builds the bank of its scale for that call only.
 """
 
 from __future__ import annotations
@@ -182,9 +181,9 @@ class Machine(Denoiser):
         return dataclasses.replace(self, banks={**self.banks, **new})
 
     def _ready(self, scale: Any, label: Any) -> Machine:
-        # a checked call prepares only what approximate search needs (a bank); exact calls on an
-        # unprepared machine stream the images (prepare once for repeated calls)
-        if self.policy.tolerance is None or not all(_checks.is_concrete(x) for x in jax.tree.leaves(self)):
+        # a checked call on concrete arrays runs on the banks of its scale: carried, or built for this
+        # call only (prepare once and keep the result for repeated calls)
+        if not all(_checks.is_concrete(x) for x in jax.tree.leaves(self)):
             return self
         return self.prepare((scale,), conditional=label is not None)
 
