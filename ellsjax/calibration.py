@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal, NamedTuple
@@ -273,6 +274,9 @@ class SoftCalibration(NamedTuple):
         losses: ``[iters]`` the (minibatch) loss at every optimizer step.
         step_loss: ``[S]`` each step's normalised loss at the final ``ℓ`` on all seeds.
         curve: ``"per_step"`` or ``"quadratic"``.
+        timings: seconds per phase of the run (``prepare``: bank builds; ``compile``: the first call
+            of each window side's program; ``iterations``: the Adam steps; ``final``: the loss of
+            every step on all seeds), or ``None``.
     """
 
     ts: np.ndarray
@@ -284,6 +288,7 @@ class SoftCalibration(NamedTuple):
     losses: np.ndarray
     step_loss: np.ndarray
     curve: str
+    timings: dict | None = None
 
     def save(self, path: str | os.PathLike, **meta: Any) -> None:
         """Write ``{"ts", "ells", "support", "padding", "window", "edge", ...}`` as JSON (read by
@@ -319,8 +324,12 @@ def differentiable_calibrate(
     Minimises the normalised ``‖x̂0_machine − x̂0_network‖²`` along the network's trajectories (see
     the module docstring) with ``optax.adam`` over ``log ℓ``, differentiating through the streaming
     kernel (rematerialised per chunk, so memory stays bounded by one chunk per step). Each step runs
-    at the window side of its current ``ℓ`` (:meth:`~ellsjax.machines.SoftEquivariantLocalScore.window_size`,
-    static: the update recompiles when a step's side changes).
+    at the window side of its current ``ℓ``
+    (:meth:`~ellsjax.machines.SoftEquivariantLocalScore.window_size`), exactly as the machine
+    defines it; the value and gradient of one step are one compiled program per window side (fixed
+    shapes: a minibatch of ``batch`` seeds), reused by every step and iteration, so a change of ``ℓ``
+    never recompiles (at most one compile per side the run visits), and each side's bank is built
+    once. The per-step gradients ``dL_i/dℓ_i`` reach the parameters by the chain rule of the curve.
 
     Args:
         network: the reference denoiser (network or machine; pass ``network_scales`` for a machine).
@@ -381,73 +390,99 @@ def differentiable_calibrate(
         params = jnp.asarray(coef, jnp.float32)
     xs = traj.xs[:s]
     targets = traj.x0s
-    norms = jnp.mean(targets.reshape(s, b, -1) ** 2, axis=(1, 2))
+    norms = np.asarray(jnp.mean(targets.reshape(s, b, -1) ** 2, axis=(1, 2)))
     opt = optax.adam(float(learning_rate))
     opt_state = opt.init(params)
-    step_fn = _make_step(opt, curve)
+    update = _make_update(opt, curve)
     rng = np.random.default_rng(key)
+    timings = {"prepare": 0.0, "compile": 0.0, "iterations": 0.0, "final": 0.0}
+    steps = _StepPrograms(machine, labels is not None, timings)
     losses = []
-
-    def groups_of(p):  # steps grouped by their (static) window side at the current ℓ
-        sides = [machine.window_size(v) for v in np.asarray(_ells_from(p, curve, tstep))]
-        return tuple((k, tuple(i for i in range(s) if sides[i] == k)) for k in sorted(set(sides)))
-
-    ready = machine
-
-    def prepared(groups):  # banks of the sides in use, accumulated on `ready` (each built once)
-        nonlocal ready
-        ready = ready.prepare(sides=[k for k, _ in groups], conditional=labels is not None)
-        return ready
-
+    t_iter = time.perf_counter()
     for _ in range(iterations):
-        sel = jnp.asarray(np.sort(rng.choice(b, batch, replace=False)) if batch < b else np.arange(b))
+        sel = np.sort(rng.choice(b, batch, replace=False)) if batch < b else np.arange(b)
         lab = None if labels is None else labels[sel]
-        groups = groups_of(params)
-        params, opt_state, loss = step_fn(prepared(groups), params, opt_state, xs[:, sel], targets[:, sel], tstep,
-                                          norms, lab, groups=groups)
-        losses.append(float(loss))
+        ells = np.asarray(_ells_from(params, curve, tstep))
+        # each step at its own window side (the machine's definition), one compiled program per side
+        vals, grads = zip(*(steps.value_and_grad(float(ells[i]), xs[i, sel], targets[i, sel], tstep[i], norms[i], lab)
+                            for i in range(s)), strict=True)
+        params, opt_state = update(params, opt_state, jnp.stack(grads), tstep)
+        losses.append(float(np.sum(np.asarray(vals))))
         if not (np.isfinite(losses[-1]) and bool(jnp.all(jnp.isfinite(params)))):
             raise ValueError(f"network: the loss or ℓ became NaN/inf at iteration {len(losses)}; check the "
                              "network's x̂0 (and learning_rate)")
-    losses = np.asarray(losses)
-    ells = _ells_from(params, curve, tstep)
-    groups = groups_of(params)
-    step_loss = np.asarray(_step_losses(prepared(groups), ells, xs, targets, tstep, norms, labels, groups=groups))
-    return SoftCalibration(np.asarray(traj.ts), tuple(float(v) for v in np.asarray(ells)), machine.support,
-                           machine.padding, machine.window, machine.edge, losses, step_loss, curve)
+    timings["iterations"] = time.perf_counter() - t_iter - timings["prepare"] - timings["compile"]
+    t_final = time.perf_counter()
+    ells = np.asarray(_ells_from(params, curve, tstep))
+    step_loss = np.array([steps.loss(float(ells[i]), xs[i], targets[i], tstep[i], norms[i], labels, batch)
+                          for i in range(s)])
+    timings["final"] = time.perf_counter() - t_final
+    return SoftCalibration(np.asarray(traj.ts), tuple(float(v) for v in ells), machine.support,
+                           machine.padding, machine.window, machine.edge, np.asarray(losses), step_loss, curve,
+                           timings)
 
 
-def _per_step_losses(machine, ells, xs, targets, ts, norms, label, *, groups):
-    """``[S]`` normalised losses; ``groups``: ``((side, step indices), …)``, one ``lax.map`` per side."""
-    b = xs.shape[1]
-    out = jnp.zeros(ts.shape, jnp.float32)
-    for side, idx in groups:
-        idx = jnp.asarray(idx)
-
-        def one(args, side=side):
-            x, target, t, ell = args
-            x0 = machine.denoise_ell(x, jnp.full((b,), t), label, ell, side=side)
-            return jnp.mean((x0 - target) ** 2)
-
-        out = out.at[idx].set(jax.lax.map(one, (xs[idx], targets[idx], ts[idx], ells[idx])))
-    return out / norms
+@partial(jax.jit, static_argnames=("side",))
+def _step_value_and_grad(machine, ell, x, target, t, norm, label, *, side):
+    """One step's normalised loss ``L = mean‖x̂0(ℓ) − x̂0_net‖² / norm`` at window ``side`` and
+    ``dL/dℓ``, in forward mode: ``ℓ`` is one scalar, so a JVP (the tangent carried through the
+    same streaming pass) costs about one more forward pass, where reverse mode would store or
+    recompute every chunk's softmax."""
+    tb = jnp.full((x.shape[0],), t)
+    x0, dx0 = jax.jvp(lambda e: machine.denoise_ell(x, tb, label, e, side=side), (ell,), (jnp.ones_like(ell),))
+    diff = x0 - target
+    return jnp.mean(diff * diff) / norm, 2.0 * jnp.mean(diff * dx0) / norm
 
 
-_step_losses = jax.jit(_per_step_losses, static_argnames=("groups",))
+class _StepPrograms:
+    """Per window side: the machine carrying only that side's bank (a fixed pytree structure, so each
+    side's value-and-gradient program compiles once and is reused by every step and iteration)."""
+
+    def __init__(self, machine, conditional, timings):
+        self.machine, self.conditional, self.timings = machine, conditional, timings
+        self.views, self.compiled = {}, set()
+
+    def view(self, side):
+        if side not in self.views:
+            t0 = time.perf_counter()
+            ready = self.machine.prepare(sides=[side], conditional=self.conditional)
+            self.views[side] = ready
+            self.timings["prepare"] += time.perf_counter() - t0
+        return self.views[side]
+
+    def value_and_grad(self, ell, x, target, t, norm, label):
+        side = self.machine.window_size(ell)
+        args = (self.view(side), jnp.float32(ell), x, target, t, jnp.float32(norm), label)
+        if ("grad", side) not in self.compiled:  # the first call compiles: time it apart
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(_step_value_and_grad(*args, side=side))
+            self.timings["compile"] += time.perf_counter() - t0
+            self.compiled.add(("grad", side))
+            return out
+        return _step_value_and_grad(*args, side=side)
+
+    def loss(self, ell, x, target, t, norm, label, batch):
+        side = self.machine.window_size(ell)
+        m = self.view(side)
+        x0 = map_padded(lambda xc, lc: _step_x0(m, jnp.float32(ell), xc, t, lc, side=side), batch, x, label)
+        return float(jnp.mean((x0 - target) ** 2) / norm)
 
 
-def _make_step(opt, curve):
-    @partial(jax.jit, static_argnames=("groups",))
-    def step(machine, params, opt_state, xs, targets, ts, norms, label, *, groups):
-        def loss_fn(p):
-            return jnp.sum(_per_step_losses(machine, _ells_from(p, curve, ts), xs, targets, ts, norms, label,
-                                            groups=groups))
+@partial(jax.jit, static_argnames=("side",))
+def _step_x0(machine, ell, x, t, label, *, side):
+    return machine.denoise_ell(x, jnp.full((x.shape[0],), t), label, ell, side=side)
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+
+def _make_update(opt, curve):
+    @jax.jit
+    def update(params, opt_state, dloss_dell, ts):
+        # the chain rule from each step's dL/dℓ_i to the parameters (log ℓ per step, or the curve)
+        _, vjp = jax.vjp(lambda p: _ells_from(p, curve, ts), params)
+        grads = vjp(dloss_dell)[0]
         updates, opt_state = opt.update(grads, opt_state, params)
-        return params + updates, opt_state, loss
+        return params + updates, opt_state
 
-    return step
+    return update
 
 
 def save_soft_schedule(

@@ -216,3 +216,39 @@ def test_load_schedule_errors(tmp_path):
     assert cal.calibration_times(2).tolist() == [1.0, 0.5, 0.0]
     with pytest.raises(ValueError, match="nsteps"):
         cal.calibration_times(0)
+
+
+def test_calibration_gradient_equals_one_program_and_finite_differences(imgs, noise):
+    """The per-step programs of the calibration give the gradient of the whole objective (one
+    program over all steps at the same fixed sides), which matches finite differences in log ℓ."""
+    m = ej.machines.soft_els(imgs, support=5)
+    ts = [0.7, 0.4, 0.0]
+    traj = cal.network_trajectory(m, noise, ts, scales=(1.5, 0.8))
+    ells = np.array([1.2, 0.3])
+    sides = [m.window_size(v) for v in ells]
+    assert sides == [5, 3]  # two programs
+    xs, targets, tt = traj.xs[:2], traj.x0s, jnp.asarray(ts[:2], jnp.float32)
+    norms = np.asarray(jnp.mean(targets.reshape(2, 3, -1) ** 2, axis=(1, 2)))
+    progs = cal._StepPrograms(m, False, {"prepare": 0.0, "compile": 0.0})
+    vals, grads = zip(*(progs.value_and_grad(float(ells[i]), xs[i], targets[i], tt[i], norms[i], None)
+                        for i in range(2)), strict=True)
+    new = np.asarray(grads) * ells  # d loss / d log ℓ_i
+    ready = m.prepare(sides=sides)
+
+    def total(log_ells):  # the objective as one program (what the previous calibration step compiled)
+        out = 0.0
+        for i in range(2):
+            x0 = ready.denoise_ell(xs[i], jnp.full((3,), tt[i]), None, jnp.exp(log_ells[i]), side=sides[i])
+            out = out + jnp.mean((x0 - targets[i]) ** 2) / norms[i]
+        return out
+
+    log_ells = jnp.log(jnp.asarray(ells, jnp.float32))
+    old = np.asarray(jax.jit(jax.grad(total))(log_ells))
+    np.testing.assert_allclose(new, old, rtol=1e-4, atol=1e-7)
+    assert float(np.sum(vals)) == pytest.approx(float(jax.jit(total)(log_ells)), rel=1e-5)
+    h = 1e-2  # central differences in log ℓ, inside each step's side
+    for i in range(2):
+        e = jnp.zeros(2).at[i].set(h)
+        fd = float((jax.jit(total)(log_ells + e) - jax.jit(total)(log_ells - e)) / (2 * h))
+        assert new[i] == pytest.approx(fd, rel=2e-2, abs=1e-6)
+    assert np.all(np.abs(new) > 1e-6)

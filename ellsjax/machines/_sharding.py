@@ -52,7 +52,8 @@ def place(machine: Machine, gb: _banks.GroupBank) -> _banks.DeviceBank:
     return _banks.DeviceBank(put(packed.keys_t, 3), put(packed.vv, 2), None if packed.values is None else put(packed.values, 2))
 
 
-def stream_sharded(machine: Machine, queries, bank: _banks.DeviceBank, label, positions_per_image: int):
+def stream_sharded(machine: Machine, queries, bank: _banks.DeviceBank, label, positions_per_image: int,
+                   bank_map=None):
     """Posterior means of one group's queries over a bank split across the machine's mesh."""
     from jax.sharding import PartitionSpec as P
 
@@ -61,7 +62,7 @@ def stream_sharded(machine: Machine, queries, bank: _banks.DeviceBank, label, po
                               None if bank.values is None else P(None, None, ax, None))
 
     def local(q, b, lab):
-        stats = machine._bank_stats(q, b, lab, positions_per_image)
+        stats = machine._bank_stats(q, b, lab, positions_per_image, bank_map)
         return _kernel.finalize(_kernel.merge_across(stats, q.inv_temp, ax))
 
     mesh = machine.policy.mesh

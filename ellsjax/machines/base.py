@@ -48,6 +48,17 @@ __all__ = [
 ]
 
 
+class BankMap(NamedTuple):
+    """A rewrite of every streamed bank chunk (``fn(chunk) -> chunk``) that adds ``extra_rows`` rows
+    to a packed chunk's keys (so that chunks are sized for what the kernel really reads)."""
+
+    fn: Any
+    extra_rows: int
+
+    def __call__(self, chunk):
+        return self.fn(chunk)
+
+
 class PixelProvenance(NamedTuple):
     """Where each output pixel of one denoising call comes from (see
     :meth:`Machine._denoise_provenance` and :func:`ellsjax.explain.provenance`).
@@ -231,23 +242,28 @@ class Machine(Denoiser):
         return {name: _sharding.place(self, _banks.build_group_bank(images, members, bidx, center))
                 for name, (bidx, center) in layout.items()}
 
-    def _stream_bank(self, queries, bank: _banks.DeviceBank, label, positions_per_image: int):
+    def _stream_bank(self, queries, bank: _banks.DeviceBank, label, positions_per_image: int, bank_map=None):
         """Posterior means of one group's queries over its prebuilt bank.
 
         ``queries`` have leading dims ``[G]`` (one bank for the batch) or ``[B, G]`` (``label``:
         each image against its class's bank). With a mesh (:meth:`shard`) every device streams its
         slice of the bank and the partial statistics are merged exactly across devices.
+        ``bank_map`` (optional, a :class:`BankMap`) rewrites each streamed chunk (the soft-window
+        machines' weighted layout); such calls search exactly.
         """
         if self.policy.mesh is not None:
-            return _sharding.stream_sharded(self, queries, bank, label, positions_per_image)
-        return _search.exact_or_search(
-            self, queries, bank, label,
-            lambda: _kernel.finalize(self._bank_stats(queries, bank, label, positions_per_image)),
-        )
+            return _sharding.stream_sharded(self, queries, bank, label, positions_per_image, bank_map)
+        exact = lambda: _kernel.finalize(  # noqa: E731
+            self._bank_stats(queries, bank, label, positions_per_image, bank_map))
+        if bank_map is not None:
+            return exact()
+        return _search.exact_or_search(self, queries, bank, label, exact)
 
-    def _bank_stats(self, queries, bank: _banks.DeviceBank, label, positions_per_image: int):
+    def _bank_stats(self, queries, bank: _banks.DeviceBank, label, positions_per_image: int, bank_map=None):
         """Streaming-softmax statistics of ``queries`` over (this device's part of) a prebuilt bank."""
         kb, ng, d1, u = bank.keys_t.shape
+        if bank_map is not None:
+            d1 += bank_map.extra_rows
         mq = queries.q.shape[-2]
         lead = int(np.prod(queries.q.shape[:-2]))
         v1 = bank.vv.shape[-1]
@@ -258,7 +274,8 @@ class Machine(Denoiser):
             # chunks; stream image by image rather than shrink every chunk by the batch size
             def one(args):
                 q1, lab1 = args
-                st = self._bank_stats(jax.tree.map(lambda v: v[None], q1), bank, lab1[None], positions_per_image)
+                st = self._bank_stats(jax.tree.map(lambda v: v[None], q1), bank, lab1[None], positions_per_image,
+                                      bank_map)
                 return jax.tree.map(lambda v: v[0], st)
 
             return jax.lax.map(one, (queries, label))
@@ -272,7 +289,8 @@ class Machine(Denoiser):
             vv = jax.lax.dynamic_slice_in_dim(bank.vv, start, c, axis=2)
             if u % c:  # the last chunk is clamped into range: entries seen already count zero
                 vv = vv * (start + jnp.arange(c) >= i * c)[:, None].astype(vv.dtype)
-            return _kernel.PackedBank(pick(jax.lax.dynamic_slice_in_dim(bank.keys_t, start, c, axis=3)), pick(vv))
+            chunk = _kernel.PackedBank(pick(jax.lax.dynamic_slice_in_dim(bank.keys_t, start, c, axis=3)), pick(vv))
+            return chunk if bank_map is None else bank_map(chunk)
 
         return _kernel.streaming_softmax(queries, bank_fn, nchunks, query_tile=tile)[1]
 

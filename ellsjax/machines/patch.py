@@ -219,12 +219,11 @@ class _PatchMachine(Machine):
             # per training image: gathered windows plus logits and weights of every query
             # (provenance: two more logits-sized temporaries); large batches in query tiles
             per_query = 4 if provenance else 2
+            per_entry = 2 * d + ch + 2 + (0 if bank_map is None else bank_map.extra_rows)
             tile = None
             if not cond and self.policy.chunk_size is None:
-                tile = query_tile(self.policy.budget, lead, mq, 2 * d + ch + 2, per_query)
-            members, valid, nchunks, c = self._chunking(
-                label, 4 * lead * pb * (2 * d + ch + per_query * (tile or mq) + 2)
-            )
+                tile = query_tile(self.policy.budget, lead, mq, per_entry, per_query)
+            members, valid, nchunks, c = self._chunking(label, 4 * lead * pb * (per_entry + per_query * (tile or mq)))
             chunk = functools.partial(self._image_chunk, g, members, valid, c, cond)
             if bank_map is not None:
                 chunk = lambda i, f=chunk: bank_map(f(i))  # noqa: E731
