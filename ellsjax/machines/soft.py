@@ -14,11 +14,10 @@ bbELS (``padding="zeros"``) machine at patch size ``K`` with queries and keys mu
 per offset; the value is still the center pixel. So ``x̂0`` is a smooth function of ``ℓ`` and can be
 differentiated through the streaming kernel (see :func:`ellsjax.calibration.differentiable_calibrate`).
 
-Implementation: the weights sit on the query side only. Expanding
-``Σ_δ w_δ (q_δ − a k_δ)² = Σ w q² − 2a Σ w q k + a² Σ w k²``, the kernel's augmented GEMM of queries
-``[w⊙q, −(a/2)·w]`` with keys ``[k, k⊙k]`` (and ``‖k‖² := 0``) gives the raw scores; the bank is the
-hard machine's unweighted bank, shared by every ``ℓ``, so a change of ``ℓ`` rewrites no bank and the
-derivative in ``ℓ`` flows through the queries alone (a GEMM of inner size ``2K²C`` instead of ``K²C``).
+Implementation: the stored bank is the hard machine's unweighted bank at side ``K``, shared by every
+``ℓ``; each streamed chunk is multiplied by ``√w`` inside the pass (:func:`_weight_bank`), so a change
+of ``ℓ`` rewrites no bank and a derivative in ``ℓ`` (forward mode: one more GEMM per chunk) never
+touches the stored bank.
 As ``ℓ → ∞`` the machine becomes the hard ELS/bbELS machine at ``k = K``; small ``ℓ`` concentrates
 the weight on the center pixel.
 
@@ -44,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, ClassVar
@@ -78,36 +78,35 @@ def window_weights(
         >>> bool(np.isclose(float(w[4]), 1.0)), bool(np.isclose(float(w[0]), np.exp(-1.0)))
         (True, True)
     """
+    return _sqrt_window(ell, support, window, edge) ** 2
+
+
+def _sqrt_window(ell, support: int, window: str = "gaussian", edge: float = 0.15) -> Array:
+    # √w computed directly (sqrt(w) has an infinite derivative where w underflows to 0)
     r = jnp.arange(support, dtype=jnp.float32) - support // 2
     ell = jnp.asarray(ell, jnp.float32)
     if window == "box":
         cheb = jnp.maximum(jnp.abs(r)[:, None], jnp.abs(r)[None, :]).reshape(-1)
-        return jax.nn.sigmoid((ell + 0.5 - cheb) / edge)
+        return jnp.exp(-0.5 * jax.nn.softplus((cheb - ell - 0.5) / edge))  # √σ(z) = exp(−softplus(−z)/2)
     d2 = (r[:, None] ** 2 + r[None, :] ** 2).reshape(-1)
-    return jnp.exp(-d2 / (2.0 * ell * ell))
+    return jnp.exp(-d2 / (4.0 * ell * ell))
 
 
-def _squared_layout(bank):
-    """A bank chunk in the weighted-distance layout: keys ``[k, k⊙k]`` and ``‖k‖² := 0`` (padding keeps
-    its huge norm), so that the kernel's augmented GEMM with queries ``[w⊙q, −(a/2)·w]`` gives the raw
-    score ``2a·Σ_δ w_δ q_δ k_δ − a²·Σ_δ w_δ k_δ² = ‖√w⊙q‖² − ‖√w⊙(q − a k)‖²`` of the weighted distance.
+def _weight_bank(bank, sw: Float[Array, " d"]):
+    """A bank chunk with every key multiplied by ``√w`` (``sw``) per coordinate; padding unchanged.
 
-    The window weights sit on the query side only: the bank is the unweighted one, shared by every
-    width ``ℓ``, and derivatives in ``ℓ`` never reach the bank."""
+    Applied chunk by chunk inside the streaming pass: the stored bank stays the unweighted one,
+    shared by every ``ℓ``, and a derivative in ``ℓ`` costs one more GEMM per chunk, never a pass
+    over the whole bank."""
     if isinstance(bank, _kernel.Bank):
-        keys = jnp.concatenate([bank.keys, bank.keys * bank.keys], axis=-1)
-        return _kernel.Bank(keys, bank.values, bank.log_count, jnp.zeros_like(bank.sq_norm))
+        keys = bank.keys * sw
+        return _kernel.Bank(keys, bank.values, bank.log_count, jnp.sum(keys * keys, axis=-1))
     keys_t = bank.keys_t
     d = keys_t.shape[-2] - 1
-    k = keys_t[..., :d, :]
-    pad = keys_t[..., d:, :] >= 0.5 * _kernel.PAD_SQ_NORM
-    return type(bank)(jnp.concatenate([k, k * k, jnp.where(pad, _kernel.PAD_SQ_NORM, 0.0)], axis=-2), *bank[1:])
-
-
-def _weighted_queries(queries: _kernel.Queries, w: Float[Array, " d"]) -> _kernel.Queries:
-    """Queries ``[w⊙q, −(a/2)·w]`` for :func:`_squared_layout` banks."""
-    a = queries.a[..., None]
-    return queries._replace(q=jnp.concatenate([queries.q * w, -0.5 * a * jnp.broadcast_to(w, queries.q.shape)], -1))
+    k = keys_t[..., :d, :] * sw[:, None]
+    pad = keys_t[..., d, :] >= 0.5 * _kernel.PAD_SQ_NORM
+    sq = jnp.where(pad, _kernel.PAD_SQ_NORM, jnp.sum(k * k, axis=-2))
+    return type(bank)(jnp.concatenate([k, sq[..., None, :]], axis=-2), *bank[1:])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -182,11 +181,10 @@ class SoftEquivariantLocalScore(EquivariantLocalScore):
         """
         b, h, w, ch = x_t.shape
         k = self.support if side is None else int(side)
-        wts = jnp.repeat(window_weights(ell, k, self.window, self.edge), ch)  # [K·K·C], offset-major like the windows
+        sw = jnp.repeat(_sqrt_window(ell, k, self.window, self.edge), ch)  # [K·K·C], offset-major like the windows
         layout, queries = self._queries(x_t, t, label, k)
-        queries = {n: _weighted_queries(q, wts) for n, q in queries.items()}
-        d = k * k * ch
-        bank_map = BankMap(_squared_layout, d)
+        queries = {n: q._replace(q=q.q * sw) for n, q in queries.items()}
+        bank_map = BankMap(functools.partial(_weight_bank, sw=sw), 0)
         prepared = self.banks.get(bank_key(k, label is not None))
         if prepared is not None:
             means = {name: self._stream_bank(queries[name], prepared[name], label, g.bpos.shape[1], bank_map)

@@ -1,0 +1,22 @@
+"""scripts/device_check.py in its CI-sized form (--quick) runs green on the CPU."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
+
+
+def test_device_check_quick(tmp_path):
+    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "dc.json"
+    assert mod.main(["--quick", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["ok"] and {r["machine"] for r in res["correctness"]} >= {"els", "bbels", "is", "pca", "soft-els"}
+    whats = " ".join(r["what"] for r in res["timings"]["rows"])
+    for part in ("els exact step", "bbels exact step", "is exact step", "pca step", "certified search", "DDIM sample",
+                 "differentiable calibration step", "training step CIFAR10_ResNet", "training step CIFAR10_UNet"):
+        assert part in whats, part
+    assert not res["timings"]["skipped_over_budget"]
