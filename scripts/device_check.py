@@ -108,20 +108,32 @@ def timings(args, deadline):
                     "setup_s": time.perf_counter() - t0 - first - med * repeats})
 
     step = jax.jit(lambda m, xx, tt, k: m._denoise(xx, tt, None, k), static_argnums=3)
+
+    def stepper(build, k):
+        # Building (and preparing) is setup; the returned closure is what is timed.
+        def make():
+            m = build()
+            return lambda: step(m, x, tb, k)
+        return make
+
     for k in (5, 11) if h >= 11 else (3, 5):
         for name in ("els", "bbels"):
-            run(f"{name} exact step k={k}", lambda name=name, k=k: (
-                lambda m=ej.machines.build(name, images).prepare((k,)): step(m, x, tb, k)))
-        run(f"els certified search step k={k} (tolerance 1e-3)", lambda k=k: (
-            lambda m=ej.machines.els(images).with_search(tolerance=1e-3).prepare((k,)): step(m, x, tb, k)))
-    run("is exact step", lambda: (lambda m=ej.machines.ideal(images).prepare(): step(m, x, tb, None)))
-    run("pca step", lambda: (lambda m=ej.machines.pca(images[: min(len(images), 2000)]): step(m, x, tb, None)))
+            run(f"{name} exact step k={k}",
+                stepper(lambda name=name, k=k: ej.machines.build(name, images).prepare((k,)), k))
+        run(f"els certified search step k={k} (tolerance 1e-3)",
+            stepper(lambda k=k: ej.machines.els(images).with_search(tolerance=1e-3).prepare((k,)), k))
+    run("is exact step", stepper(lambda: ej.machines.ideal(images).prepare(), None))
+    run("pca step", stepper(lambda: ej.machines.pca(images[: min(len(images), 2000)]), None))
     sched = ej.scales.ScaleSchedule.load("CIFAR10_ResNet_zeros_conditional")
     if args.quick:
         sched = sched.on_grid(ej.schedules.paper_times(5))
     ts, scales = sched.times(), tuple(min(v, h - 1) for v in sched.values)
-    run(f"bbels {len(scales)}-step DDIM sample", lambda: (
-        lambda m=ej.machines.bbels(images).prepare(scales): ej.samplers.ddim(m, x, ts, scales=scales)), repeats=1)
+
+    def sample():
+        m = ej.machines.bbels(images).prepare(scales)
+        return lambda: ej.samplers.ddim(m, x, ts, scales=scales)
+
+    run(f"bbels {len(scales)}-step DDIM sample", sample, repeats=1)
 
     def calib():
         from ellsjax import calibration as cal

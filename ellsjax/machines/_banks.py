@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["GroupBank", "DeviceBank", "build_group_bank", "pack_group_bank", "pad_multiple", "unique_rows", "bank_nbytes"]
+__all__ = ["GroupBank", "DeviceBank", "BlockIndex", "build_group_bank", "pack_group_bank", "pad_multiple", "unique_rows",
+           "bank_nbytes", "block_order"]
 
 class GroupBank(NamedTuple):
     """A materialized bank of one position group (numpy on the host, jax arrays in a machine).
@@ -140,6 +141,37 @@ def build_group_bank(
     return GroupBank(out_keys, values, out_lc, np.einsum("...d,...d->...", out_keys, out_keys))
 
 
+class BlockIndex(NamedTuple):
+    """Bounds on the blocks of a bank whose entries were ordered by :func:`block_order`: consecutive
+    runs of ``U/nb`` entries. Two lower bounds on ``‖q − a·k‖`` for every key ``k`` of a block hold
+    (float64 on the host, stored loosened by a relative 1e-5):
+
+    * a ball: ``‖k − center‖ ≤ radius``;
+    * a box in the bank's principal subspace (orthonormal ``basis``, ``r`` rows): ``lo ≤ basis·k ≤ hi``,
+      and the norm of the rest of ``k`` within ``[perp_lo, perp_hi]``.
+
+    Attributes:
+        centers: ``[Kb, G, nb, D]`` each block's mean key (padding excluded).
+        radii: ``[Kb, G, nb]``.
+        counts: ``[Kb, G, nb]`` the block's total multiplicity (0: only padding).
+        key_norm: ``[Kb, G]`` the largest ``‖k‖`` of the bank (for the logits' rounding slack).
+        basis: ``[Kb, G, r, D]`` the bank's top principal directions (the first one also orders
+            queries into tiles of similar queries).
+        lo, hi: ``[Kb, G, nb, r]`` the box.
+        perp_lo, perp_hi: ``[Kb, G, nb]`` the range of ``‖k − basisᵀ·basis·k‖``.
+    """
+
+    centers: np.ndarray
+    radii: np.ndarray
+    counts: np.ndarray
+    key_norm: np.ndarray
+    basis: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    perp_lo: np.ndarray
+    perp_hi: np.ndarray
+
+
 class DeviceBank(NamedTuple):
     """A prebuilt bank as a machine stores it: the kernel's packed layout (see
     :class:`ellsjax.kernel.PackedBank`) over ``[Kb, G]`` banks, padded to a multiple of a power of two.
@@ -148,11 +180,88 @@ class DeviceBank(NamedTuple):
         keys_t: ``[Kb, G, D+1, U]`` keys transposed, ``‖k‖²`` as the last row (1e30 for padding).
         vv: ``[Kb, G, U, 1+V]`` ``[c, c·v]``; ``c = 0`` for padding.
         values: ``[Kb, G, U, V]`` the values, or ``None`` where they are the keys themselves.
+        blocks: a :class:`BlockIndex` when the entries are ordered in bounded blocks (for pruned
+            streaming), else ``None``.
     """
 
     keys_t: np.ndarray
     vv: np.ndarray
     values: np.ndarray | None
+    blocks: BlockIndex | None = None
+
+
+def _principal_direction(x: np.ndarray, rng: np.random.Generator, iters: int = 12) -> np.ndarray:
+    """Top principal direction of the rows of ``x`` (power iteration on a sample of at most 4096 rows)."""
+    if len(x) > 4096:
+        x = x[rng.choice(len(x), 4096, replace=False)]
+    xc = (x - x.mean(0)).astype(np.float64)
+    v = rng.standard_normal(x.shape[1])
+    for _ in range(iters):
+        v = xc.T @ (xc @ v)
+        nv = np.linalg.norm(v)
+        if nv == 0:
+            break
+        v /= nv
+    nv = np.linalg.norm(v)
+    return v / nv if nv > 0 else np.eye(x.shape[1])[0]
+
+
+def block_order(keys: np.ndarray, block: int, seed: int = 0) -> np.ndarray:
+    """A permutation of the rows of ``keys`` ``[n, D]`` under which every run of ``block`` rows is
+    compact: recursive splits at a multiple of ``block`` near the median of the projection on the
+    segment's principal direction (a PCA tree whose leaves are the blocks). Deterministic."""
+    rng = np.random.default_rng(seed)
+    order = np.arange(len(keys))
+    segments = [(0, len(keys))]
+    while segments:
+        lo, hi = segments.pop()
+        if hi - lo <= block:
+            continue
+        seg = keys[order[lo:hi]]
+        proj = (seg - seg.mean(0)) @ _principal_direction(seg, rng)
+        half = max(block, int(round((hi - lo) / (2 * block))) * block)
+        if half >= hi - lo:
+            half = hi - lo - block if hi - lo > block else hi - lo
+        part = np.argpartition(proj, half - 1)
+        order[lo:hi] = order[lo:hi][part]
+        segments += [(lo, lo + half), (lo + half, hi)]
+    return order
+
+
+_BASIS_RANK = 16
+
+
+def _block_index(keys: np.ndarray, present: np.ndarray, counts: np.ndarray, block: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """The :class:`BlockIndex` fields of consecutive blocks of ``block`` rows (one bank)."""
+    u, d = keys.shape
+    nb = u // block
+    kb = keys.reshape(nb, block, d).astype(np.float64)
+    pb = present.reshape(nb, block)
+    n_in = pb.sum(1)
+    centers = np.where(n_in[:, None] > 0, (kb * pb[..., None]).sum(1) / np.maximum(n_in, 1)[:, None], 0.0)
+    dist = np.sqrt(((kb - centers[:, None]) ** 2).sum(-1))
+    radii = np.where(pb, dist, 0.0).max(1) * (1 + 1e-5) + 1e-6
+    cnt = (counts.reshape(nb, block) * pb).sum(1)
+    real = keys[present].astype(np.float64)
+    norm = float(np.sqrt((real**2).sum(-1).max())) if len(real) else 0.0
+    r = min(_BASIS_RANK, d)
+    sample = real[rng.choice(len(real), min(len(real), 8192), replace=False)] if len(real) else np.zeros((1, d))
+    _, _, vt = np.linalg.svd(sample - sample.mean(0), full_matrices=False)
+    basis = np.zeros((r, d))
+    basis[: min(r, vt.shape[0])] = vt[:r]
+    proj = kb @ basis.T  # [nb, block, r]
+    perp = np.sqrt(np.maximum((kb**2).sum(-1) - (proj**2).sum(-1), 0.0))
+    inf = np.inf
+    lo = np.where(pb[..., None], proj, inf).min(1)
+    hi = np.where(pb[..., None], proj, -inf).max(1)
+    plo = np.where(pb, perp, inf).min(1)
+    phi = np.where(pb, perp, -inf).max(1)
+    empty = n_in == 0
+    lo[empty], hi[empty], plo[empty], phi[empty] = 0.0, 0.0, 0.0, 0.0
+    slack = 1e-5 * (np.abs(proj).max() if proj.size else 0.0) + 1e-6
+    return (centers, radii, cnt, norm, basis, lo - slack, hi + slack, np.maximum(plo * (1 - 1e-5) - 1e-6, 0.0),
+            phi * (1 + 1e-5) + 1e-6)
 
 
 def pad_multiple(u: int, devices: int = 1, cap: int = 4096) -> int:
@@ -163,22 +272,42 @@ def pad_multiple(u: int, devices: int = 1, cap: int = 4096) -> int:
     return p * devices
 
 
-def pack_group_bank(gb: GroupBank, multiple: int) -> DeviceBank:
-    """Host-side conversion of a :class:`GroupBank` to the packed, padded :class:`DeviceBank`."""
+def pack_group_bank(gb: GroupBank, multiple: int, block: int | None = None) -> DeviceBank:
+    """Host-side conversion of a :class:`GroupBank` to the packed, padded :class:`DeviceBank`.
+
+    With ``block`` (a power of two dividing ``multiple``), each bank's entries are reordered by
+    :func:`block_order` and a :class:`BlockIndex` is attached (same entries, same results; pruned
+    streaming can then skip whole blocks)."""
     kb, g, u, d = gb.keys.shape
     up = -(-u // multiple) * multiple
-    keys_t = np.zeros((kb, g, d + 1, up), np.float32)
-    keys_t[:, :, :d, :u] = np.swapaxes(gb.keys, -1, -2)
-    present = np.isfinite(gb.log_count)
-    keys_t[:, :, d, :] = 1e30
-    keys_t[:, :, d, :u] = np.where(present, gb.sq_norm, 1e30)
-    counts = np.where(present, np.exp(np.where(present, gb.log_count, 0.0)), 0.0).astype(np.float32)
-    values = gb.keys if gb.values is None else gb.values
-    vv = np.zeros((kb, g, up, 1 + values.shape[-1]), np.float32)
-    vv[:, :, :u, 0] = counts
-    vv[:, :, :u, 1:] = counts[..., None] * values
-    vals = None
-    if gb.values is not None:
-        vals = np.zeros((kb, g, up, gb.values.shape[-1]), np.float32)
-        vals[:, :, :u] = gb.values
-    return DeviceBank(keys_t, vv, vals)
+    keys = np.zeros((kb, g, up, d), np.float32)
+    keys[:, :, :u] = gb.keys
+    present = np.zeros((kb, g, up), bool)
+    present[:, :, :u] = np.isfinite(gb.log_count)
+    counts = np.zeros((kb, g, up), np.float32)
+    counts[:, :, :u] = np.where(present[:, :, :u], np.exp(np.where(present[:, :, :u], gb.log_count, 0.0)), 0.0)
+    values = np.zeros((kb, g, up, (gb.keys if gb.values is None else gb.values).shape[-1]), np.float32)
+    values[:, :, :u] = gb.keys if gb.values is None else gb.values
+    blocks = None
+    if block is not None:
+        if up % block:
+            raise ValueError(f"block: {block} does not divide the padded bank size {up}")
+        rng = np.random.default_rng(0)
+        idx = {name: [] for name in BlockIndex._fields}
+        for a in range(kb):
+            for b in range(g):
+                n_real = int(present[a, b].sum())  # real entries first (dedup and padding keep them so)
+                perm = np.concatenate([block_order(keys[a, b, :n_real], block), np.arange(n_real, up)])
+                for arr in (keys, present, counts, values):
+                    arr[a, b] = arr[a, b][perm]
+                for name, v in zip(BlockIndex._fields, _block_index(keys[a, b], present[a, b], counts[a, b],
+                                                                    block, rng), strict=True):
+                    idx[name].append(v)
+        blocks = BlockIndex(*(np.asarray(idx[n], np.float32).reshape(kb, g, *np.shape(idx[n][0]))
+                              for n in BlockIndex._fields))
+    keys_t = np.empty((kb, g, d + 1, up), np.float32)
+    keys_t[:, :, :d] = np.swapaxes(keys, -1, -2)
+    keys_t[:, :, d] = np.where(present, np.einsum("...d,...d->...", keys, keys), 1e30)
+    vv = np.concatenate([counts[..., None], counts[..., None] * values], axis=-1).astype(np.float32)
+    vals = None if gb.values is None else values
+    return DeviceBank(keys_t, vv, vals, blocks)

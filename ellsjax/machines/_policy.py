@@ -48,6 +48,11 @@ class ExecutionPolicy:
             approximate top-``top_k`` search.
         top_k: candidates per query of the approximate search.
         scoring: GEMM input precision of the approximate search's candidate scoring.
+        prune: ``None`` (stream every block), ``0.0`` (skip the bank blocks whose every entry has
+            float32 weight exactly 0: same results) or a tolerance ``ε > 0`` (skip blocks while the
+            error they can cause stays ``≤ ε``); see :mod:`ellsjax.machines._pruning`.
+        prune_block: entries per bounded block of a pruned bank (a power of two).
+        prune_tile: queries per tile of similar queries in a pruned pass.
     """
 
     chunk_size: int | None = None
@@ -58,6 +63,9 @@ class ExecutionPolicy:
     tolerance: float | None = None
     top_k: int = 64
     scoring: str = "bfloat16"
+    prune: float | None = None
+    prune_block: int = 512
+    prune_tile: int = 256
 
     def __post_init__(self):
         for name in ("chunk_size", "memory_budget", "bank_budget"):
@@ -68,6 +76,15 @@ class ExecutionPolicy:
             if not (tol > 0 and math.isfinite(tol)):
                 raise ValueError(f"tolerance: must be positive (or None for exact search), got {self.tolerance!r}")
             object.__setattr__(self, "tolerance", tol)
+        if self.prune is not None:
+            tol = float(self.prune)
+            if not (tol >= 0 and math.isfinite(tol)):
+                raise ValueError(f"tolerance: must be >= 0 (0: exact pruning), got {self.prune!r}")
+            object.__setattr__(self, "prune", tol)
+        blk = _checks.check_positive_int(self.prune_block, "block")
+        if blk & (blk - 1):
+            raise ValueError(f"block: must be a power of two, got {blk}")
+        object.__setattr__(self, "prune_tile", _checks.check_positive_int(self.prune_tile, "tile"))
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring: must be 'bfloat16' or 'float32', got {self.scoring!r}")
 

@@ -28,7 +28,8 @@ def with_search(machine: Machine, *, tolerance: float | None, top_k: int = 64, s
     """``machine`` with approximate search on (``tolerance`` a float) or off (``None``)."""
     if tolerance is not None and not (float(tolerance) > 0):
         raise ValueError(f"tolerance: must be positive (or None for exact search), got {tolerance!r}")
-    policy = dataclasses.replace(machine.policy, tolerance=tolerance, top_k=top_k, scoring=scoring)
+    policy = dataclasses.replace(machine.policy, tolerance=tolerance, top_k=top_k, scoring=scoring,
+                                 prune=None if tolerance is not None else machine.policy.prune)
     return dataclasses.replace(machine, policy=policy)
 
 
@@ -47,7 +48,7 @@ def denoise_with_bound(machine: Machine, x_t: Any, t: Any, *, scale: Any = None,
 
 @partial(jax.jit, static_argnums=(4,))
 def _jit_topk(d, x_t, t, label, scale):
-    return d._denoise_topk(x_t, t, label, scale)
+    return d._denoise_bounded(x_t, t, label, scale)
 
 
 def exact_or_search(machine: Machine, queries, bank: _banks.DeviceBank, label, exact):

@@ -36,11 +36,15 @@ def shard(machine: Machine, mesh: Any = None, *, axis: str = "bank") -> Machine:
 
 def place(machine: Machine, gb: _banks.GroupBank) -> _banks.DeviceBank:
     """Pack a host bank for the kernel and move it to the device(s): whole, or split along its
-    entry axis over the machine's mesh."""
+    entry axis over the machine's mesh. With pruning on, its entries are ordered in bounded blocks."""
     policy = machine.policy
-    packed = _banks.pack_group_bank(gb, _banks.pad_multiple(gb.keys.shape[2], policy.devices))
+    multiple = _banks.pad_multiple(gb.keys.shape[2], policy.devices)
+    block = None
+    if policy.prune is not None:
+        block = min(policy.prune_block, multiple // policy.devices)
+    packed = _banks.pack_group_bank(gb, multiple, block)
     if policy.mesh is None:
-        return _banks.DeviceBank(*(None if v is None else jnp.asarray(v) for v in packed))
+        return jax.tree.map(jnp.asarray, packed)
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -49,7 +53,26 @@ def place(machine: Machine, gb: _banks.GroupBank) -> _banks.DeviceBank:
         spec[axis] = policy.mesh_axis
         return jax.make_array_from_callback(v.shape, NamedSharding(policy.mesh, P(*spec)), lambda idx: v[idx])
 
-    return _banks.DeviceBank(put(packed.keys_t, 3), put(packed.vv, 2), None if packed.values is None else put(packed.values, 2))
+    blocks = None
+    if packed.blocks is not None:  # each device's blocks with its entries; the rest replicated
+        b = packed.blocks
+        rep = lambda v: jax.device_put(v, NamedSharding(policy.mesh, P()))  # noqa: E731
+        blocks = _banks.BlockIndex(put(b.centers, 2), put(b.radii, 2), put(b.counts, 2), rep(b.key_norm),
+                                   rep(b.basis), put(b.lo, 2), put(b.hi, 2), put(b.perp_lo, 2), put(b.perp_hi, 2))
+    return _banks.DeviceBank(put(packed.keys_t, 3), put(packed.vv, 2),
+                             None if packed.values is None else put(packed.values, 2), blocks)
+
+
+def _spec(bank: _banks.DeviceBank, ax: str):
+    from jax.sharding import PartitionSpec as P
+
+    blocks = None
+    if bank.blocks is not None:
+        blocks = _banks.BlockIndex(P(None, None, ax, None), P(None, None, ax), P(None, None, ax), P(), P(),
+                                   P(None, None, ax, None), P(None, None, ax, None), P(None, None, ax),
+                                   P(None, None, ax))
+    return _banks.DeviceBank(P(None, None, None, ax), P(None, None, ax, None),
+                             None if bank.values is None else P(None, None, ax, None), blocks)
 
 
 def stream_sharded(machine: Machine, queries, bank: _banks.DeviceBank, label, positions_per_image: int,
@@ -58,8 +81,7 @@ def stream_sharded(machine: Machine, queries, bank: _banks.DeviceBank, label, po
     from jax.sharding import PartitionSpec as P
 
     ax = machine.policy.mesh_axis
-    bspec = _banks.DeviceBank(P(None, None, None, ax), P(None, None, ax, None),
-                              None if bank.values is None else P(None, None, ax, None))
+    bspec = _spec(bank, ax)
 
     def local(q, b, lab):
         stats = machine._bank_stats(q, b, lab, positions_per_image, bank_map)

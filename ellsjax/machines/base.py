@@ -30,7 +30,7 @@ from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
 from ellsjax.denoiser import Denoiser
-from ellsjax.machines import _banks, _search, _sharding
+from ellsjax.machines import _banks, _pruning, _search, _sharding
 from ellsjax.machines._policy import (
     MIN_CHUNK_ENTRIES,
     MIN_QUERY_TILE,
@@ -220,8 +220,41 @@ class Machine(Denoiser):
         """
         return _search.with_search(self, tolerance=tolerance, top_k=top_k, scoring=scoring)
 
+    def with_pruning(self, tolerance: float | None = 0.0, *, block: int = 512, tile: int = 256) -> Machine:
+        """Return this machine with pruned streaming of its prebuilt banks (or without: ``None``).
+
+        The banks are rebuilt with their entries in blocks lying in balls; each group's queries are
+        sorted into tiles of similar queries, and per tile the blocks are visited best-bound-first
+        until every remaining block is provably invisible (:mod:`ellsjax.machines._pruning`):
+
+        * ``tolerance=0`` (exact): skipped entries would have float32 weight exactly 0, so results
+          equal the unpruned ones up to float32 summation order;
+        * ``tolerance=ε > 0``: blocks are skipped while ``|x̂0 − exact| ≤ ε`` in every output value,
+          a bound :meth:`denoise_with_bound` returns.
+
+        Pruning serves the prebuilt banks of single-bank groups (ELS, the bbELS interior, IS;
+        conditional and sharded banks too); other groups stream exactly.
+
+        Args:
+            tolerance: ``None`` (off), ``0.0`` (exact) or ``ε > 0``.
+            block: entries per bounded block (a power of two).
+            tile: queries per tile of similar queries.
+
+        Example:
+            >>> import jax, ellsjax as ej
+            >>> imgs = jax.random.uniform(jax.random.key(0), (20, 8, 8, 1), minval=-1, maxval=1)
+            >>> m = ej.machines.els(imgs).with_pruning(0.0, block=16).prepare((3,))
+            >>> x = imgs[:1] * 0.9
+            >>> bool(abs(m.denoise(x, 0.05, scale=3) - ej.machines.els(imgs).denoise(x, 0.05, scale=3)).max() < 1e-5)
+            True
+        """
+        policy = dataclasses.replace(self.policy, prune=tolerance, prune_block=block, prune_tile=tile,
+                                     tolerance=None)
+        return dataclasses.replace(self, policy=policy, banks={})
+
     def denoise_with_bound(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None):
-        """Approximate posterior mean by the top-``top_k`` search, and its error bound per pixel.
+        """Certified posterior mean and its error bound per pixel: by pruning
+        (:meth:`with_pruning`) where it is on, else by the top-``top_k`` search (:meth:`with_search`).
 
         Returns:
             ``(x0_hat [B, H, W, C], bound [B, H, W])``: ``|x0_hat − exact| ≤ bound`` in every channel
@@ -255,12 +288,34 @@ class Machine(Denoiser):
             return _sharding.stream_sharded(self, queries, bank, label, positions_per_image, bank_map)
         exact = lambda: _kernel.finalize(  # noqa: E731
             self._bank_stats(queries, bank, label, positions_per_image, bank_map))
-        if bank_map is not None:
+        if bank_map is not None or self.policy.prune is not None:
             return exact()
         return _search.exact_or_search(self, queries, bank, label, exact)
 
+    def _bounded_means(self, queries, bank: _banks.DeviceBank, label):
+        """``(means, bound)`` of one group over its prebuilt bank under the certified mode in use:
+        pruning (:meth:`with_pruning`) or top-k search (:meth:`with_search`); ``bound`` bounds
+        ``max_v |means − exact|`` per query."""
+        if self.policy.prune is not None:
+            if self._prunes(queries, bank, None):
+                st, rest = _pruning.pruned_stats(queries, bank, label, tolerance=self.policy.prune,
+                                                 tile=self.policy.prune_tile)
+                pick = (lambda x: x[label][:, None]) if label is not None else (lambda x: x[0][None])
+                return _kernel.finalize(st), _pruning.error_bound(st, rest, pick(_pruning.value_bound(bank.vv)))
+            mean = self._stream_bank(queries, bank, label, 1)
+            return mean, jnp.zeros(mean.shape[:-1], mean.dtype)
+        res = _search.topk_bank(self, queries, bank, label)
+        return res.mean, res.error_bound
+
+    def _prunes(self, queries, bank: _banks.DeviceBank, bank_map) -> bool:
+        """Whether this group's pass is pruned (:mod:`ellsjax.machines._pruning`)."""
+        return self.policy.prune is not None and bank_map is None and _pruning.prunable(queries, bank)
+
     def _bank_stats(self, queries, bank: _banks.DeviceBank, label, positions_per_image: int, bank_map=None):
         """Streaming-softmax statistics of ``queries`` over (this device's part of) a prebuilt bank."""
+        if self._prunes(queries, bank, bank_map):
+            return _pruning.pruned_stats(queries, bank, label, tolerance=self.policy.prune,
+                                         tile=self.policy.prune_tile)[0]
         kb, ng, d1, u = bank.keys_t.shape
         if bank_map is not None:
             d1 += bank_map.extra_rows

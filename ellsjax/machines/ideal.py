@@ -20,7 +20,7 @@ from jaxtyping import ArrayLike, Float, Int
 
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
-from ellsjax.machines import _registry, _search
+from ellsjax.machines import _registry
 from ellsjax.machines.base import Machine, PixelProvenance, bank_key, build, register
 
 __all__ = ["IdealScore", "ideal"]
@@ -46,10 +46,11 @@ class IdealScore(Machine):
             return _kernel.Queries(q[None], a[None], inv_temp[None])
         return _kernel.Queries(q[:, None, None], a[:, None, None], inv_temp[:, None, None])  # (B, G=1)
 
-    def _denoise_topk(self, x_t, t, label, scale):
+    def _denoise_bounded(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape
-        res = _search.topk_bank(self, self._queries(x_t, t, label, self.schedule), self.banks[bank_key(None, label is not None)]["image"], label)
-        return res.mean.reshape(b, h, w, ch), jnp.broadcast_to(res.error_bound.reshape(b, 1, 1), (b, h, w))
+        queries = self._queries(x_t, t, label, self.schedule)
+        mean, bound = self._bounded_means(queries, self.banks[bank_key(None, label is not None)]["image"], label)
+        return mean.reshape(b, h, w, ch), jnp.broadcast_to(bound.reshape(b, 1, 1), (b, h, w))
 
     def _denoise(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape

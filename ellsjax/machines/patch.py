@@ -39,7 +39,7 @@ from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import presets as _presets
 from ellsjax import schedules as _schedules
-from ellsjax.machines import _registry, _search
+from ellsjax.machines import _registry
 from ellsjax.machines._policy import query_tile
 from ellsjax.machines.base import Machine, PixelProvenance, bank_key, build, register
 
@@ -192,13 +192,13 @@ class _PatchMachine(Machine):
             means = self._stream_images(queries, layout, label)
         return self._assemble(layout, means, b, h, w, label is not None)
 
-    def _denoise_topk(self, x_t, t, label, scale):
+    def _denoise_bounded(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape
         layout, queries = self._queries(x_t, t, label, scale)
         bank = self.banks[bank_key(scale, label is not None)]
-        res = {name: _search.topk_bank(self, queries[name], bank[name], label) for name in layout.groups}
-        x0 = self._assemble(layout, {n: r.mean for n, r in res.items()}, b, h, w, label is not None)
-        bound = self._assemble(layout, {n: r.error_bound[..., None] for n, r in res.items()}, b, h, w, label is not None)
+        res = {name: self._bounded_means(queries[name], bank[name], label) for name in layout.groups}
+        x0 = self._assemble(layout, {n: r[0] for n, r in res.items()}, b, h, w, label is not None)
+        bound = self._assemble(layout, {n: r[1][..., None] for n, r in res.items()}, b, h, w, label is not None)
         return x0, bound[..., 0]
 
     def _stream_images(self, queries, layout, label, provenance=False, bank_map=None):

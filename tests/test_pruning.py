@@ -1,0 +1,78 @@
+"""Pruned streaming (block bounds): same results as the exact pass, and a bound that holds."""
+
+import jax
+import numpy as np
+import pytest
+
+import ellsjax as ej
+from tests import _reference as R
+
+SCHED = ej.schedules.cosine_legacy()
+
+
+def noisy(imgs, idx, t, seed=0):
+    a, s = (float(v) for v in SCHED(t))
+    rng = np.random.default_rng(seed)
+    return (a * imgs[idx] + s * rng.normal(size=imgs[idx].shape)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    imgs, labels = ej.data.load("mnist", limit=60, image_size=12)
+    return imgs, labels
+
+
+@pytest.mark.parametrize("kind,conditional", [("els", False), ("bbels", True), ("is", False), ("ls", False)])
+def test_exact_pruning_equals_the_exact_pass(data, kind, conditional):
+    imgs, labels = data
+    lab = labels if conditional else None
+    label = labels[[2, 5]] if conditional else None
+    k = None if kind == "is" else 5
+    base = ej.machines.build(kind, imgs, lab)
+    exact = base.prepare((k,), conditional=conditional)
+    pruned = base.with_pruning(0.0, block=16, tile=8).prepare((k,), conditional=conditional)
+    if kind != "ls":  # LS groups have one bank per pixel: they stream exactly
+        assert next(iter(pruned.banks.values()))[next(iter(pruned.banks[next(iter(pruned.banks))]))].blocks is not None
+    for t in [1.0, 0.6, 0.3, 0.1, 0.02, 0.0]:
+        x = noisy(imgs, [2, 5], t)
+        want = np.asarray(exact.denoise(x, t, scale=k, label=label))
+        got = np.asarray(pruned.denoise(x, t, scale=k, label=label))
+        # same entries up to float32: the block order changes the summation order only
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"t={t}")
+
+
+@pytest.mark.parametrize("kind", ["els", "is"])
+def test_tolerance_mode_bound_holds(data, kind):
+    imgs, _ = data
+    k = None if kind == "is" else 3
+    m = ej.machines.build(kind, imgs).with_pruning(1e-3, block=16, tile=8)
+    ref64 = (lambda x, t: R.ideal(imgs, x, *ab(t))) if kind == "is" else (lambda x, t: R.els(imgs, x, *ab(t), k))
+    for t in [0.5, 0.2, 0.05]:
+        x = noisy(imgs, [1, 4], t, seed=3)
+        x0, bound = m.denoise_with_bound(x, t, scale=k)
+        want = ref64(x, np.full(2, t, np.float32))
+        err = np.abs(np.asarray(x0, np.float64) - want).max(-1)
+        exact32 = np.asarray(ej.machines.build(kind, imgs).prepare((k,)).denoise(x, t, scale=k), np.float64)
+        rounding = np.abs(exact32 - want).max(-1)
+        assert np.all(err <= np.asarray(bound) + rounding + 1e-6), (t, float(err.max()), float(np.max(bound)))
+        assert np.all(np.asarray(bound) <= 1e-3 + 1e-9)
+
+
+def ab(t):
+    a, s = SCHED(np.asarray(t, np.float32))
+    return np.asarray(a, np.float64), np.asarray(s, np.float64)
+
+
+def test_pruned_sampler_and_options(data):
+    imgs, _ = data
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 1))
+    ts = [0.9, 0.5, 0.2, 0.0]
+    base = ej.machines.bbels(imgs)
+    want = ej.samplers.ddim(base, x, ts, scales=[5, 3, 3])
+    got = ej.samplers.ddim(base.with_pruning(0.0, block=32), x, ts, scales=[5, 3, 3])
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert base.with_pruning(None).policy.prune is None
+    with pytest.raises(ValueError, match="block: must be a power of two"):
+        base.with_pruning(0.0, block=24)
+    with pytest.raises(ValueError, match="tolerance: must be >= 0"):
+        base.with_pruning(-1.0)
