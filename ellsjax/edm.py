@@ -15,6 +15,7 @@ so ``a`` and ``s`` depend on ``σ`` alone; only the clock ``t ↦ σ`` belongs t
 * ``cosine_legacy``: ``t = 1.008 · (2/π) · arctan σ``;
 * ``cosine(offset)``: ``t = (1 + offset) · (2/π) · arctan σ − offset``;
 * ``linear``: ``t = (σ²/(1+σ²) − beta_min)/(beta_max − beta_min)``;
+* ``ddpm_linear``: ``log(1 + σ²) = −log ᾱ(t)`` inverted on the schedule's piecewise-linear table;
 * ``exponential``: ``t = log(1 + σ²)/rate``.
 
 The Karras time grid (EDM eq. 5) is ``σ_i = (σ_max^{1/ρ} + i/(n−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ``,
@@ -103,6 +104,11 @@ def to_time(sigma: Float[ArrayLike, "*s"], schedule: _schedules.Schedule | str) 
     elif schedule.kind == "linear":
         var = 1.0 / (1.0 + 1.0 / jnp.square(sig))  # σ²/(1+σ²), exact at σ = 0 and σ = inf
         t = (var - schedule.beta_min) / (schedule.beta_max - schedule.beta_min)
+    elif schedule.kind == "ddpm_linear":
+        # −log ᾱ = log(1 + σ²) is increasing in t; invert the schedule's piecewise-linear table
+        neg = -schedule._ddpm_log_alpha_bar()
+        grid = np.linspace(0.0, 1.0, schedule.steps + 1)
+        t = jnp.interp(jnp.log1p(jnp.square(sig)), jnp.asarray(neg, jnp.float32), jnp.asarray(grid, jnp.float32))
     else:
         t = jnp.log1p(jnp.square(sig)) / schedule.rate
     return jnp.clip(t, 0.0, 1.0)

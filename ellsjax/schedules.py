@@ -31,6 +31,7 @@ __all__ = [
     "cosine",
     "linear",
     "exponential",
+    "ddpm_linear",
     "get",
     "paper_times",
     "PAPER_SCALES",
@@ -40,22 +41,24 @@ __all__ = [
     "save_scales",
 ]
 
-_Kind = Literal["cosine_legacy", "cosine", "linear", "exponential"]
+_Kind = Literal["cosine_legacy", "cosine", "linear", "exponential", "ddpm_linear"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """A variance-preserving noise schedule ``t ↦ (a(t), s(t))`` with ``a² + s² = 1``.
 
-    Build one with :func:`cosine_legacy` (the paper's), :func:`cosine`, :func:`linear` or
-    :func:`exponential`; the fields are the schedule's parameters and are hashable.
+    Build one with :func:`cosine_legacy` (the paper's), :func:`cosine`, :func:`linear`,
+    :func:`exponential` or :func:`ddpm_linear`; the fields are the schedule's parameters and are
+    hashable.
 
     Attributes:
         kind: which family.
         offset: cosine offset (``cosine`` only).
-        beta_min: ``1 − ᾱ(0)`` (``linear`` only).
-        beta_max: ``1 − ᾱ(1)`` (``linear`` only).
+        beta_min: ``1 − ᾱ(0)`` (``linear``); the first step's ``β`` (``ddpm_linear``).
+        beta_max: ``1 − ᾱ(1)`` (``linear``); the last step's ``β`` (``ddpm_linear``).
         rate: ``ᾱ(t) = exp(−rate·t)`` (``exponential`` only).
+        steps: number of discrete steps ``T`` (``ddpm_linear`` only).
     """
 
     kind: _Kind = "cosine_legacy"
@@ -63,9 +66,10 @@ class Schedule:
     beta_min: float = 0.0
     beta_max: float = 0.0
     rate: float = 2.0
+    steps: int = 1000
 
     def __post_init__(self):
-        if self.kind not in ("cosine_legacy", "cosine", "linear", "exponential"):
+        if self.kind not in ("cosine_legacy", "cosine", "linear", "exponential", "ddpm_linear"):
             raise ValueError(f"kind: unknown schedule {self.kind!r}")
         if self.kind == "cosine" and not (0.0 <= self.offset < 1.0):
             raise ValueError(f"offset: must lie in [0, 1), got {self.offset}")
@@ -73,6 +77,9 @@ class Schedule:
             raise ValueError(
                 f"beta_min, beta_max: need 0 <= beta_min < beta_max <= 1, got {self.beta_min}, {self.beta_max}"
             )
+        if self.kind == "ddpm_linear" and not (0.0 < self.beta_min <= self.beta_max < 1.0 and self.steps >= 2):
+            raise ValueError(f"beta_min, beta_max, steps: need 0 < beta_min <= beta_max < 1 and steps >= 2, got "
+                             f"{self.beta_min}, {self.beta_max}, {self.steps}")
         if self.kind == "exponential" and not self.rate > 0:
             raise ValueError(f"rate: must be positive, got {self.rate}")
 
@@ -89,8 +96,19 @@ class Schedule:
         if self.kind == "linear":
             var = self.beta_min + (self.beta_max - self.beta_min) * t
             return 1.0 - var, var
+        if self.kind == "ddpm_linear":
+            # log ᾱ at the integer steps (float64 on the host), linear in between: exact at t = (i+1)/T
+            log_ab = self._ddpm_log_alpha_bar()
+            grid = np.linspace(0.0, 1.0, self.steps + 1)
+            la = jnp.interp(jnp.clip(t, 0.0, 1.0), jnp.asarray(grid, jnp.float32), jnp.asarray(log_ab, jnp.float32))
+            return jnp.exp(la), -jnp.expm1(la)
         var = -jnp.expm1(-self.rate * t)
         return jnp.exp(-self.rate * t), var
+
+    def _ddpm_log_alpha_bar(self) -> np.ndarray:
+        """``log ᾱ`` at ``t = 0, 1/T, …, 1``: 0 (clean) and then after each of the ``T`` steps."""
+        betas = np.linspace(self.beta_min, self.beta_max, self.steps, dtype=np.float64)
+        return np.concatenate([[0.0], np.cumsum(np.log1p(-betas))])
 
     def alpha_bar(self, t: ArrayLike) -> Float[Array, "*t"]:
         """``ᾱ(t)``, the signal variance."""
@@ -109,6 +127,9 @@ class Schedule:
             return f"1 - abar(t) = 1 - cos^2((t+{self.offset})/{1 + self.offset} * pi/2)"
         if self.kind == "linear":
             return f"1 - abar(t) = {self.beta_min} + {self.beta_max - self.beta_min}*t"
+        if self.kind == "ddpm_linear":
+            return (f"abar((i+1)/{self.steps}) = prod_(j<=i) (1 - beta_j), beta linear from {self.beta_min} to "
+                    f"{self.beta_max} over {self.steps} steps; abar(0) = 1")
         return f"1 - abar(t) = 1 - exp(-{self.rate}*t)"
 
 
@@ -141,7 +162,19 @@ def exponential(rate: float = 2.0) -> Schedule:
     return Schedule("exponential", rate=float(rate))
 
 
-_BUILDERS = {"cosine_legacy": cosine_legacy, "cosine": cosine, "linear": linear, "exponential": exponential}
+def ddpm_linear(beta_start: float = 1e-4, beta_end: float = 0.02, steps: int = 1000) -> Schedule:
+    """Ho et al.'s discrete linear-β DDPM schedule (the locality protocol's: 1e-4 to 0.02 over 1000 steps).
+
+    ``ᾱ_i = Π_{j ≤ i} (1 − β_j)`` with ``β_j`` linear from ``beta_start`` to ``beta_end``
+    (diffusers' ``beta_schedule="linear"``); step ``i = 0 … steps−1`` sits at ``t = (i + 1)/steps``,
+    ``t = 0`` is clean (``ᾱ = 1``, diffusers' ``set_alpha_to_one``: where DDIM's last step lands), and
+    ``log ᾱ`` is linear in between. DDIM's ``t_idx`` 900, 800, …, 0 are ``t = (idx + 1)/1000``.
+    """
+    return Schedule("ddpm_linear", beta_min=float(beta_start), beta_max=float(beta_end), steps=int(steps))
+
+
+_BUILDERS = {"cosine_legacy": cosine_legacy, "cosine": cosine, "linear": linear, "exponential": exponential,
+             "ddpm_linear": ddpm_linear}
 
 
 def get(name: str | Schedule) -> Schedule:

@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import argparse
+import inspect
+import itertools
 import json
 import os
 import platform
@@ -27,6 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import ellsjax as ej
+
+
+def _f(v, fmt=".1f"):
+    return "-" if v is None else format(v, fmt)
 
 
 def median_time(fn, repeats):
@@ -85,30 +91,51 @@ def reference_pixel(images, x, r, c, k, a, s, padding):
     return wts @ vals / wts.sum()
 
 
-def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng, memory_budget=None):
-    m = ej.machines.spec(machine_name).build(images, memory_budget=memory_budget)
+def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng, memory_budget=None, prune="off",
+               queries=None, reference=None, options=None):
+    spec = ej.machines.spec(machine_name)
+    kwargs = dict(options or {})
+    if "memory_budget" in inspect.signature(spec.builder).parameters:
+        kwargs["memory_budget"] = memory_budget
+    m = spec.build(images, **kwargs)
+    if prune != "off":
+        m = m.with_pruning(float(prune))
     # the float64 check and the FLOP count below are those of the ELS/bbELS definitions
     els_like = type(m) is ej.machines.EquivariantLocalScore
     h, w, ch = m.image_shape
     n = images.shape[0]
     x = jax.random.normal(jax.random.key(1), (batch, h, w, ch))
+    if queries is not None:
+        # a noised held-out image (pruning depends on how close queries lie to the data)
+        a_t, s_t = (float(v) for v in m.schedule(t))
+        x = a_t * jnp.asarray(queries[:batch]) + s_t * x
     t0 = time.perf_counter()
     ready = m.prepare((k,))
     t_bank = time.perf_counter() - t0
     step = jax.jit(lambda mm, xx: mm._denoise(xx, jnp.full((batch,), t, jnp.float32), None, k))
     t0 = time.perf_counter()
+    ej.machines._pruning.visit_log = [] if prune != "off" else None
     compiled = step.lower(ready, x).compile()
     t_compile = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     temp_bytes = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
     jax.block_until_ready(compiled(ready, x))
+    jax.effects_barrier()
+    visits = ej.machines._pruning.visit_log
+    ej.machines._pruning.visit_log = None
+    visited = float(np.mean(visits)) if visits else None
     t_med, ts = median_time(lambda: compiled(ready, x), repeats)
-    flops = 2 * h * w * k * k * ch * n * (h - k + 1) * (w - k + 1) * batch
+    flops = 2 * h * w * k * k * ch * n * (h - k + 1) * (w - k + 1) * batch if els_like else None
     entries = None
     if ready.banks:
         bank = next(iter(ready.banks.values()))
         entries = int(sum((np.asarray(gb.vv[..., 0]) > 0).sum() for gb in bank.values()))
     out = np.asarray(compiled(ready, x))
+    ref_err = None
+    if reference:  # error against another registered machine (e.g. golddiff against exact pca)
+        ref = ej.machines.spec(reference).build(images, **{k_: v for k_, v in (options or {}).items()
+                                                          if k_ in ("threshold", "schedule")})
+        ref_err = float(np.abs(out - np.asarray(ref.denoise(x, t, scale=k if ref.needs_scale else None))).max())
     a, s = (float(v) for v in m.schedule(t))
     err = 0.0
     if check_pixels and els_like:
@@ -125,17 +152,21 @@ def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng, me
         "image": [h, w, ch],
         "batch": batch,
         "t": t,
+        "prune": prune,
+        "blocks_skipped": None if visited is None else 1.0 - visited,
         "step_s_median": t_med,
         "step_s_all": ts,
         "compile_s": t_compile,
         "bank_build_s": t_bank,
         "bank_entries": entries,
         "bank_patches_total": n * (h - k + 1) * (w - k + 1) if els_like else None,
-        "gflop": flops / 1e9,
-        "gflops_achieved": flops / t_med / 1e9,
-        "gemm_gflops_same_shape": gemm_rate(batch * h * w, k * k * ch),
+        "gflop": None if flops is None else flops / 1e9,
+        "gflops_achieved": None if flops is None else flops / t_med / 1e9,
+        "gemm_gflops_same_shape": gemm_rate(batch * h * w, k * k * ch) if els_like else None,
         "temp_bytes_compiled": temp_bytes,
-        "max_err_vs_float64": err if check_pixels else None,
+        "max_err_vs_float64": err if check_pixels and els_like else None,
+        "reference": reference,
+        "max_err_vs_reference": ref_err,
         "pixels_checked": check_pixels,
     }
 
@@ -165,15 +196,29 @@ def main():
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--scales", default="3,5,9,15")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--t", type=float, default=0.5)
+    p.add_argument("--t", default="0.5", help="comma-separated noise levels")
+    p.add_argument("--prune", default="off",
+                   help="comma-separated pruning modes per step: off, 0 (exact float32 skip), or a tolerance")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--check-pixels", type=int, default=8, help="pixels compared with float64 numpy (0: skip)")
     p.add_argument("--sample", default=None, help="also time a whole DDIM sample with this scale preset")
     p.add_argument("--sample-only", action="store_true", help="skip the per-step table (with --sample)")
     p.add_argument("--memory-budget", type=float, default=None,
                    help="chunk memory budget in MiB (default: the backend's, ellsjax.machines.default_memory_budget())")
+    p.add_argument("--reference", default=None,
+                   help="also report the max error against this registered machine (e.g. pca for golddiff)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="builder option for the benchmarked machines (repeatable; values parsed as JSON, "
+                        "e.g. --option tolerance=0.01 --option schedule='\"ddpm_linear\"')")
     p.add_argument("--out", default="bench_machines.json")
     args = p.parse_args()
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
     for name in args.machines.split(","):
         ej.machines.spec(name)  # unknown names fail here, listing the registered ones
     budget = None if args.memory_budget is None else int(args.memory_budget * 2**20)
@@ -185,18 +230,25 @@ def main():
             source, path = "npz", path or "../shared/data"
         else:
             source = "bundled"
-    images, _ = ej.data.load(args.dataset, source=source, path=path, limit=args.n, image_size=args.image_size)
+    images, _ = ej.data.load(args.dataset, source=source, path=path, limit=args.n + args.batch,
+                             image_size=args.image_size)
+    images, held_out = images[: args.n], images[args.n:]
     rng = np.random.default_rng(0)
     rows = []
     for name in args.machines.split(",") if not args.sample_only else []:
-        for k in [int(v) for v in args.scales.split(",")]:
-            rows.append(bench_step(name, images, k, args.batch, args.t, args.repeats, args.check_pixels, rng, budget))
+        for k, t, prune in itertools.product([int(v) for v in args.scales.split(",")],
+                                             [float(v) for v in args.t.split(",")], args.prune.split(",")):
+            rows.append(bench_step(name, images, k, args.batch, t, args.repeats, args.check_pixels, rng, budget,
+                                   prune, held_out, args.reference, options))
             r = rows[-1]
-            print(f"{name:6s} k={k:2d} N={r['N']} B={r['batch']}  step {r['step_s_median']:.3f}s  "
-                  f"({r['gflops_achieved']:.1f} GFLOP/s; same-shape GEMM {r['gemm_gflops_same_shape']:.1f})  "
+            skipped = "" if r["blocks_skipped"] is None else f" skipped {100 * r['blocks_skipped']:.0f}% of blocks"
+            print(f"{name:6s} k={k:2d} t={t} prune={prune}{skipped} N={r['N']} B={r['batch']}  "
+                  f"step {r['step_s_median']:.3f}s  "
+                  f"({_f(r['gflops_achieved'])} GFLOP/s; same-shape GEMM {_f(r['gemm_gflops_same_shape'])})  "
                   f"compile {r['compile_s']:.1f}s  bank {r['bank_build_s']:.1f}s ({r['bank_entries']} entries)  "
                   f"temp {None if r['temp_bytes_compiled'] is None else round(r['temp_bytes_compiled'] / 2**20, 1)} MiB  "
-                  f"err {r['max_err_vs_float64']}", flush=True)
+                  f"err {r['max_err_vs_float64']}"
+                  + ("" if r["reference"] is None else f" vs {r['reference']} {r['max_err_vs_reference']:.2e}"), flush=True)
     sample = None
     if args.sample:
         sample = bench_sample(args.machines.split(",")[-1], images, args.sample, args.batch, 0, budget)
@@ -213,13 +265,16 @@ def main():
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\npeak RSS {result['peak_rss_mib']:.0f} MiB; wrote {args.out}")
-    print("\n| machine | k | N | B | step (s) | GFLOP/s | GEMM GFLOP/s | % of GEMM | compile (s) | bank (s) | entries | max err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| machine | k | t | prune | blocks skipped | N | B | step (s) | GFLOP/s | GEMM GFLOP/s | % of GEMM | compile (s) | bank (s) | entries | max err | err vs reference |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['machine']} | {r['k']} | {r['N']} | {r['batch']} | {r['step_s_median']:.3f} | {r['gflops_achieved']:.1f} | "
-              f"{r['gemm_gflops_same_shape']:.1f} | {100 * r['gflops_achieved'] / r['gemm_gflops_same_shape']:.0f}% | "
+        skipped = "-" if r["blocks_skipped"] is None else f"{100 * r['blocks_skipped']:.0f}%"
+        print(f"| {r['machine']} | {r['k']} | {r['t']} | {r['prune']} | {skipped} | {r['N']} | {r['batch']} | {r['step_s_median']:.3f} | {_f(r['gflops_achieved'])} | "
+              f"{_f(r['gemm_gflops_same_shape'])} | "
+              f"{'-' if r['gflops_achieved'] is None else format(100 * r['gflops_achieved'] / r['gemm_gflops_same_shape'], '.0f') + '%'} | "
               f"{r['compile_s']:.1f} | {r['bank_build_s']:.1f} | {r['bank_entries']} | "
-              f"{'-' if r['max_err_vs_float64'] is None else format(r['max_err_vs_float64'], '.1e')} |")
+              f"{'-' if r['max_err_vs_float64'] is None else format(r['max_err_vs_float64'], '.1e')} | "
+              f"{'-' if r['max_err_vs_reference'] is None else r['reference'] + ' ' + format(r['max_err_vs_reference'], '.1e')} |")
 
 
 if __name__ == "__main__":

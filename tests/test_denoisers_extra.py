@@ -163,15 +163,21 @@ def mask_margin(imgs, t, threshold, relative_to, ddof=1):
     return min(out)
 
 
-@pytest.mark.parametrize("relative_to,threshold", [("row", 0.15), ("global", 0.05)])
+@pytest.mark.parametrize("relative_to,threshold", [("row", 0.15), ("global", 0.05), (None, 0.05)])
 def test_pca_matches_reference(relative_to, threshold):
     imgs, x = data((4, 4, 1))
+    kw = {} if relative_to is None else {"relative_to": relative_to}
+    relative_to = relative_to or "global"  # the default is the authors' release's rule
     assert mask_margin(imgs, T, threshold, relative_to) > 1e-4  # float32 resolves every mask entry
-    m = ej.machines.pca(imgs, threshold=threshold, relative_to=relative_to, chunk_size=4)
+    m = ej.machines.pca(imgs, threshold=threshold, chunk_size=4, **kw)
     a, s = ab(T)
     got = m.denoise(x, T)
     want = R.pca(imgs, x, a, s, threshold, relative_to)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # a batch at one t (the samplers' case) takes the one-mask path: same as image by image
+    t1 = np.full(3, T[1], np.float32)
+    a1, s1 = ab(t1)
+    np.testing.assert_allclose(m.denoise(x, t1), R.pca(imgs, x, a1, s1, threshold, relative_to), atol=1e-5, rtol=0)
     # the neighbourhoods really are local: some entries read only part of the image
     nb = ej.machines.pca_neighbourhoods(m.basis, m.eigvals, 0.5, threshold=threshold, relative_to=relative_to)
     assert 0 < float(nb.mean()) < 1
@@ -180,7 +186,7 @@ def test_pca_matches_reference(relative_to, threshold):
 def test_pca_conditional_and_temperature():
     imgs, x = data((4, 4, 1))
     assert mask_margin(imgs, T, 0.25, "row") > 1e-4
-    m = ej.machines.pca(imgs, LABELS, threshold=0.25, temperature=2.0)
+    m = ej.machines.pca(imgs, LABELS, threshold=0.25, temperature=2.0, relative_to="row")
     a, s = ab(T)
     got = m.denoise(x, T, label=LABEL)
     want = np.concatenate([
@@ -192,14 +198,14 @@ def test_pca_conditional_and_temperature():
 
 def test_pca_threshold_zero_is_ideal_score():
     imgs, x = data((4, 4, 1))
-    np.testing.assert_allclose(ej.machines.pca(imgs, threshold=0.0).denoise(x, T),
-                               ej.machines.ideal(imgs).denoise(x, T), atol=2e-6)
+    for rule in ("global", "row"):
+        np.testing.assert_allclose(ej.machines.pca(imgs, threshold=0.0, relative_to=rule).denoise(x, T),
+                                   ej.machines.ideal(imgs).denoise(x, T), atol=2e-6)
 
 
 def test_pca_options_checked():
     imgs, _ = data((4, 4, 1))
     for kw, msg in [(dict(threshold=1.5), "threshold: expected"), (dict(relative_to="col"), "relative_to: must be"),
-                    (dict(relative_to="global", threshold=0.0), "needs threshold > 0"),
                     (dict(temperature=0.0), "temperature: expected"), (dict(ddof=-1), "ddof: expected")]:
         with pytest.raises(ValueError, match=msg):
             ej.machines.pca(imgs, **kw)

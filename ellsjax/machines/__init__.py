@@ -1,5 +1,5 @@
 """Analytic denoisers ("machines"): the ideal score, the local score and the equivariant local score,
-and the other closed-form denoisers of this literature (PSPC, Wiener, PCA locality, σ-CFDM).
+and the other closed-form denoisers of this literature (PSPC, Wiener, PCA locality, GoldDiff, σ-CFDM).
 
 Every machine is a frozen pytree holding its training set; ``denoise``, ``score`` and ``eps`` take a
 noisy batch ``x_t`` ``[B, H, W, C]``, a time ``t`` and (for the local machines) a ``scale``. Each
@@ -29,6 +29,7 @@ from ellsjax.machines.pspc import PSPC_CIFAR10_SCALES, PatchSetPosteriorComposit
 from ellsjax.machines.wiener import Wiener, wiener
 from ellsjax.machines.pca import PCALocality, pca
 from ellsjax.machines.pca import neighbourhoods as pca_neighbourhoods
+from ellsjax.machines.golddiff import GoldDiff, golddiff
 from ellsjax.machines.cfdm import SmoothedClosedForm, cfdm, cfdm_time, from_cfdm_time
 from ellsjax.machines.soft import SoftEquivariantLocalScore, soft_bbels, soft_els
 
@@ -102,6 +103,8 @@ __all__ = [
     "PatchSetPosteriorComposite",
     "Wiener",
     "PCALocality",
+    "GoldDiff",
+    "golddiff",
     "SmoothedClosedForm",
     "pspc",
     "wiener",

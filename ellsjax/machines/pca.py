@@ -8,15 +8,19 @@ At time ``t`` the Wiener (optimal linear) denoiser of the training set is the ma
     W(t) = U\,\mathrm{diag}\Big(\frac{\bar\alpha\lambda}{\bar\alpha\lambda + 1 - \bar\alpha}\Big)\,U^\top
 
 (``Σ = U diag(λ) Uᵀ`` the data covariance; :mod:`ellsjax.machines.wiener`). Its rows say which input
-entries a linear denoiser reads for each output entry. Each output entry ``m`` (a pixel's channel)
-gets the neighbourhood
+entries a linear denoiser reads for each output entry. The default neighbourhood rule
+(``relative_to="global"``) is the rule of the authors' release, which produced the published numbers
+(``local_diffusion/models/pca_locality.py``, ``PCALocalityDenoiser._projection_mask``; the same code in
+GoldDiff's ``methods/ours.py``, ``_compute_projection_mask``): ``W`` is normalised by its diagonal,
+``M_nm = |W_nm / W_nn|`` (diagonal entries below 1e-6 replaced by 1), binarised at ``θ`` times the
+*global* maximum of ``M``, and output ``m`` reads the inputs ``n`` of its column:
 
 .. math::
 
-    N_t(m) = \{\, n : |W_{mn}/W_{mm}| \ge \theta \cdot \max_{n'} |W_{mn'}/W_{mm}| \,\}
+    N_t(m) = \{\, n : |W_{nm}/W_{nn}| \ge \theta \cdot \max_{ij} |W_{ij}/W_{ii}| \,\}
 
-(``relative_to="row"``; the diagonal normalisation cancels, so this is ``|W_mn| ≥ θ·max_n'|W_mn'|``),
-and the posterior over whole training images ``φ_j`` is taken with distances inside it only:
+(the release's distance is ``δ² @ M``, a sum over the first index). The posterior over whole
+training images ``φ_j`` is taken with distances inside the neighbourhood only (the paper's Eq. 8):
 
 .. math::
 
@@ -24,12 +28,12 @@ and the posterior over whole training images ``φ_j`` is taken with distances in
         {2 s^2 T}\Big)\, \phi_j(m)
 
 (``T`` a temperature, 1 in the paper). ``θ = 0`` gives every entry the whole image: the ideal score
-machine. A row of ``W`` that is zero (an entry without variance, or ``ᾱ = 0``) gets an empty
-neighbourhood: uniform weights, the training mean.
+machine (the release instead uses the unthresholded ``M`` as weights there).
 
-``relative_to="global"`` reproduces the authors' release instead: rows of ``W`` are divided by their
-diagonal entry (entries below 1e-6 by 1), the result is thresholded at ``θ`` times its *global*
-maximum, and output ``m`` reads the entries ``n`` whose normalised ``|W_nm/W_nn|`` passes (a column).
+``relative_to="row"`` is the per-row reading of the paper's text, ``|W_mn| ≥ θ·max_n'|W_mn'|`` (the
+diagonal normalisation cancels); outputs differ from the release's rule by up to ~40% on CIFAR-10.
+A row of ``W`` that is zero (an entry without variance, or ``ᾱ = 0``) then gets an empty
+neighbourhood: uniform weights, the training mean.
 
 **Exactness.** The release streams the training set in chunks and averages the per-chunk softmax
 means weighted equally per chunk (its ``WeightedStreamingSoftmax``), which is not the softmax over
@@ -40,8 +44,9 @@ statistics. Results therefore differ from the release whenever it used more than
 Implementation: the masked distance is a GEMM with the mask,
 ``−‖(x − aφ)_N‖² = 2a·N·(φ ⊙ (x − aφ/2)) − N·x² ``, so for each image of the batch (``lax.map``;
 memory ``D²`` for its mask) the queries are the mask rows, the keys ``φ_j ⊙ (x_b − a φ_j/2)`` with
-zero squared norm, and the values each output row's pixels. The mask needs ``W(t)`` at the image's
-``t``: ``O(D²·r)`` per image and call, on top of the ``O(N·D²)`` softmax.
+zero squared norm, and the values each output row's pixels. The mask needs ``W(t)``: ``O(D²·r)``,
+built once per call when the batch shares one ``t`` (what the samplers pass; a cond picks this
+path at run time) and per image otherwise, on top of the ``O(N·D²)`` softmax per image.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ def neighbourhoods(
     alpha_bar: Float[ArrayLike, ""],
     *,
     threshold: float,
-    relative_to: Literal["row", "global"] = "row",
+    relative_to: Literal["row", "global"] = "global",
 ) -> Float[Array, "d d"]:
     """The 0/1 neighbourhood matrix ``N[m, n]`` (output ``m`` reads input ``n``) at signal variance ``ᾱ``.
 
@@ -80,7 +85,8 @@ def neighbourhoods(
         eigvals: ``[r]`` eigenvalues.
         alpha_bar: ``ᾱ(t)`` (scalar).
         threshold: ``θ ∈ [0, 1]``.
-        relative_to: ``"row"`` (``|W_mn| ≥ θ·max_n'|W_mn'|``) or ``"global"`` (the authors' release).
+        relative_to: ``"global"`` (the authors' release, see the module docstring) or ``"row"``
+            (``|W_mn| ≥ θ·max_n'|W_mn'|``).
     """
     ab = jnp.asarray(alpha_bar, jnp.float32)
     pos = eigvals > 0
@@ -106,28 +112,30 @@ class PCALocality(Machine):
         basis: ``[D, r]`` leading covariance eigenvectors of the whole training set.
         eigvals: ``[r]`` their eigenvalues.
         threshold: ``θ``.
-        relative_to: ``"row"`` or ``"global"``.
+        relative_to: ``"global"`` (the release's rule) or ``"row"``.
         temperature: ``T``.
     """
 
     basis: Float[Array, "d r"] | None = None
     eigvals: Float[Array, " r"] | None = None
     threshold: float = 0.02
-    relative_to: Literal["row", "global"] = "row"
+    relative_to: Literal["row", "global"] = "global"
     temperature: float = 1.0
 
     _DATA_FIELDS: ClassVar[tuple[str, ...]] = Machine._DATA_FIELDS + ("basis", "eigvals")
 
+    def _mask(self, t):
+        ab, _ = self.schedule.variances(t)
+        return neighbourhoods(self.basis, self.eigvals, ab, threshold=self.threshold, relative_to=self.relative_to)
+
     def _denoise(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape
         d, row = h * w * ch, w * ch
+        xs = x_t.reshape(b, d)
 
-        def one(args):
-            x, tb, lb = args
+        def one(x, tb, lb, mask):
             ab, var = self.schedule.variances(tb)
             a = jnp.sqrt(ab)
-            mask = neighbourhoods(self.basis, self.eigvals, ab, threshold=self.threshold,
-                                  relative_to=self.relative_to)
             queries = _kernel.Queries(
                 mask.reshape(h, row, d), jnp.full((h, row), a), jnp.full((h, row), 0.5 / (var * self.temperature))
             )
@@ -144,11 +152,20 @@ class PCALocality(Machine):
             means, _ = _kernel.streaming_softmax(queries, bank_fn, nchunks)  # [H, W·C, W·C]
             return jnp.diagonal(means, axis1=1, axis2=2).reshape(d)
 
-        xs = x_t.reshape(b, d)
-        if label is None:
-            out = jax.lax.map(lambda xt: one((xt[0], xt[1], None)), (xs, t))
+        labels = jnp.zeros((b,), jnp.int32) if label is None else label
+        lb = (lambda v: None) if label is None else (lambda v: v)  # noqa: E731
+
+        def shared():  # one W(t) and mask for the whole batch
+            mask = self._mask(t[0])
+            return jax.lax.map(lambda args: one(args[0], t[0], lb(args[1]), mask), (xs, labels))
+
+        def per_image():
+            return jax.lax.map(lambda args: one(args[0], args[1], lb(args[2]), self._mask(args[1])), (xs, t, labels))
+
+        if b == 1:
+            out = shared()
         else:
-            out = jax.lax.map(one, (xs, t, label))
+            out = jax.lax.cond(jnp.all(t == t[0]), shared, per_image)
         return out.reshape(b, h, w, ch)
 
 
@@ -160,7 +177,7 @@ def pca(
     labels: Int[ArrayLike, " n"] | None = None,
     *,
     threshold: float = 0.02,
-    relative_to: Literal["row", "global"] = "row",
+    relative_to: Literal["row", "global"] = "global",
     temperature: float = 1.0,
     rank: int | None = None,
     ddof: int = 1,
@@ -177,8 +194,8 @@ def pca(
         labels: optional ``[N]`` int class ids; then ``denoise(..., label=y)`` searches class ``y``
             only. The neighbourhoods always come from the whole training set's covariance.
         threshold: ``θ ∈ [0, 1]`` (default 0.02, the release's ``mask_threshold``; 0 gives IS).
-        relative_to: ``"row"`` (θ times the row maximum, the paper's rule) or ``"global"`` (the
-            release's rule, see the module docstring; needs ``θ > 0``).
+        relative_to: ``"global"`` (default: the release's rule, which produced the published
+            numbers; see the module docstring) or ``"row"`` (θ times each row's maximum).
         temperature: ``T > 0`` dividing the logits (1 in the paper).
         rank: keep the top ``rank`` covariance components (``None``: all).
         ddof: covariance normalisation ``N − ddof`` (1 as in the release).
@@ -195,26 +212,30 @@ def pca(
         >>> m.denoise(imgs[:2], 0.5).shape
         (2, 6, 6, 1)
     """
+    imgs, _, _ = prepare_training_set(images, labels, image_range=image_range)
+    return build(
+        PCALocality, imgs, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        **pca_fields(imgs, threshold=threshold, relative_to=relative_to, temperature=temperature, rank=rank, ddof=ddof),
+    )
+
+
+def pca_fields(imgs, *, threshold, relative_to, temperature, rank, ddof) -> dict:
+    """Check the PCA options (as :func:`pca` documents them) and fit the covariance of ``imgs``:
+    the machine's own fields (shared with :mod:`ellsjax.machines.golddiff`)."""
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
         raise ValueError(f"threshold: expected a float in [0, 1], got {threshold!r}")
     if relative_to not in ("row", "global"):
         raise ValueError(f"relative_to: must be 'row' or 'global', got {relative_to!r}")
-    if relative_to == "global" and threshold <= 0:
-        raise ValueError("threshold: relative_to='global' needs threshold > 0 (the release then uses unthresholded weights)")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (0 < temperature < np.inf):
         raise ValueError(f"temperature: expected a positive finite float, got {temperature!r}")
     if rank is not None:
         rank = _checks.check_positive_int(rank, "rank")
     if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
         raise ValueError(f"ddof: expected an int >= 0, got {ddof!r}")
-    imgs, _, _ = prepare_training_set(images, labels, image_range=image_range)
     _, basis, lam = gaussian_fit(np.asarray(imgs).reshape(imgs.shape[0], -1), ddof=int(ddof), rank=rank)
-    return build(
-        PCALocality, imgs, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size, memory_budget=memory_budget,
-        basis=jnp.asarray(basis, jnp.float32), eigvals=jnp.asarray(lam, jnp.float32),
-        threshold=float(threshold), relative_to=relative_to, temperature=float(temperature),
-    )
-
+    return dict(basis=jnp.asarray(basis, jnp.float32), eigvals=jnp.asarray(lam, jnp.float32),
+                threshold=float(threshold), relative_to=relative_to, temperature=float(temperature))
 
 
 _registry.register(_registry.MachineSpec(

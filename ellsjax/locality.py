@@ -1,0 +1,313 @@
+"""The locality family's shared benchmark (Lukoianov et al., NeurIPS 2025; reused by GoldDiff, ICML 2026).
+
+The protocol: a 1000-step linear-β DDPM schedule (β from 1e-4 to 0.02,
+:func:`ellsjax.schedules.ddpm_linear`), 10 DDIM steps at ``t_idx`` 900, 800, …, 0 (the last step lands
+on the clean image: the sample is the final ``x̂0``), an attention-free UNet as the reference
+network, and per sample ``r² = 1 − SS_res/(D·Var(network sample))`` and the MSE (on the ``[-1, 1]``
+pixel scale) of each analytic denoiser's sample against the network's from the same noise, with the
+seconds per denoiser step and the peak memory of one step. The denoisers: Optimal (the ideal score),
+Wiener, Kamb & Ganguli's ELS (the machine of the network's padding, grid-calibrated on the
+network's trajectories), PCA locality, GoldDiff as published, and GoldDiff certified.
+
+Presets (:data:`PRESETS`, run with ``ellsjax reproduce --preset NAME``): ``locality-smoke`` (seconds;
+the tests run it), ``locality-mnist-cpu`` and ``locality-cifar-cpu`` (a UNet trained on this CPU in
+minutes, a subset of the data), ``locality-cifar10`` and ``locality-mnist`` (the full training sets,
+for accelerators).
+
+Example:
+    >>> sorted(PRESETS)[:2]
+    ['locality-cifar-cpu', 'locality-cifar10']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ellsjax import calibration as _cal
+from ellsjax import evaluation as _ev
+from ellsjax import machines as _machines
+from ellsjax import schedules as _schedules
+
+__all__ = ["LocalityPreset", "PRESETS", "preset", "run", "protocol_times"]
+
+
+def protocol_times(t_idx=tuple(range(900, -1, -100)), steps: int = 1000) -> np.ndarray:
+    """The protocol's DDIM times on :func:`~ellsjax.schedules.ddpm_linear`: ``(t_idx + 1)/steps`` for
+    each index, then ``0`` (clean), so ``len(t_idx)`` denoiser calls.
+
+    Example:
+        >>> protocol_times((900, 0)).tolist()
+        [0.9010000228881836, 0.0010000000474974513, 0.0]
+    """
+    idx = np.asarray(t_idx)
+    if idx.ndim != 1 or idx.size == 0 or np.any(np.diff(idx) >= 0) or idx.min() < 0 or idx.max() >= steps:
+        raise ValueError(f"t_idx: expected decreasing step indices in [0, {steps}), got {t_idx!r}")
+    return np.concatenate([(idx + 1) / steps, [0.0]]).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalityPreset:
+    """One run of the locality protocol.
+
+    Attributes:
+        name: preset name.
+        net: the reference network (:class:`ellsjax.nets.NetConfig`, an attention-free UNet).
+        train: its training options (:class:`ellsjax.training.TrainConfig`, with the protocol's
+            :func:`~ellsjax.schedules.ddpm_linear` schedule).
+        seeds: samples compared per denoiser.
+        t_idx: the DDIM step indices.
+        candidates: the ELS machine's grid-calibration patch sizes.
+        calib_seeds: network trajectories the ELS calibration uses (other noise than the samples).
+        dataset: a name with GoldDiff release parameters (``"cifar10"``) or ``None``.
+        certified_tolerance: the certified GoldDiff's ``ε``.
+        batch_size: images per denoiser call.
+        description: one line for the report.
+    """
+
+    name: str
+    net: Any
+    train: Any
+    seeds: int = 100
+    t_idx: tuple[int, ...] = tuple(range(900, -1, -100))
+    candidates: tuple[int, ...] = (3, 5, 7, 9, 11, 13, 15)
+    calib_seeds: int = 8
+    dataset: str | None = None
+    certified_tolerance: float = 1e-2
+    batch_size: int = 8
+    description: str = ""
+
+
+def _presets() -> dict[str, LocalityPreset]:
+    from ellsjax import nets, training
+
+    sched = _schedules.ddpm_linear()
+
+    def tc(**kw):
+        return training.TrainConfig(schedule=sched, log_every=100, checkpoint_every=1000, **kw)
+
+    unet = lambda size, ch, width, depth: nets.NetConfig(  # noqa: E731
+        arch="unet", image_size=size, channels=ch, width=width, depth=depth, padding="zeros")
+    return {
+        "locality-smoke": LocalityPreset(
+            name="locality-smoke", net=unet(8, 1, 16, 2),
+            train=tc(steps=10, batch_size=16, lr=2e-3, limit=40), seeds=2, t_idx=(900, 300, 0),
+            candidates=(3,), calib_seeds=1, batch_size=2,
+            description="plumbing check: an 8x8 UNet trained for 10 steps on 40 MNIST images (numbers meaningless)"),
+        "locality-mnist-cpu": LocalityPreset(
+            name="locality-mnist-cpu", net=unet(16, 1, 32, 2),
+            train=tc(steps=3000, batch_size=64, lr=1e-3, limit=2000, ema_decay=0.999), seeds=32,
+            candidates=(3, 5, 7, 9, 11, 13, 15), calib_seeds=8,
+            description="attention-free UNet (width 32, 2 levels) on 2000 MNIST images at 16x16, 3000 steps"),
+        "locality-cifar-cpu": LocalityPreset(
+            name="locality-cifar-cpu", net=unet(32, 3, 32, 2),
+            train=tc(steps=2500, batch_size=32, lr=1e-3, dataset="cifar10", source="auto", limit=1000,
+                     ema_decay=0.999),
+            seeds=16, candidates=(3, 5, 7, 9, 11, 15), calib_seeds=4, dataset="cifar10",
+            description="attention-free UNet (width 32, 2 levels) on 1000 CIFAR-10 images, 2500 steps on a CPU"),
+        "locality-cifar10": LocalityPreset(
+            name="locality-cifar10", net=unet(32, 3, 128, 3),
+            train=tc(steps=200_000, batch_size=128, lr=2e-4, dataset="cifar10", source="auto", ema_decay=0.9999),
+            seeds=100, candidates=tuple(range(1, 32, 2)), calib_seeds=32, dataset="cifar10", batch_size=64,
+            description="the protocol on all of CIFAR-10 (a GPU job)"),
+        "locality-mnist": LocalityPreset(
+            name="locality-mnist", net=unet(32, 1, 64, 3),
+            train=tc(steps=100_000, batch_size=128, lr=2e-4, source="auto", ema_decay=0.9999),
+            seeds=100, candidates=tuple(range(1, 32, 2)), calib_seeds=32, batch_size=64,
+            description="the protocol on all of MNIST at 32x32 (a GPU job)"),
+    }
+
+
+class _LazyPresets(Mapping):
+    """:data:`PRESETS`, built on first access (the network configs import Flax)."""
+
+    _table: dict[str, LocalityPreset] | None = None
+
+    def _get(self) -> dict[str, LocalityPreset]:
+        if self._table is None:
+            type(self)._table = _presets()
+        return self._table
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self):
+        return len(self._get())
+
+
+#: The protocol's presets, by name.
+PRESETS: Mapping[str, LocalityPreset] = _LazyPresets()
+
+
+def preset(name: str) -> LocalityPreset:
+    """Look a protocol run up in :data:`PRESETS`."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown locality preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def _step_cost(den, x, ts, scales):
+    """Median seconds of one denoiser call at the batch ``x`` at the protocol's first, middle and last
+    times (each timed after a warm-up call at that time: the costs differ with ``t`` for the
+    certified search), and the peak bytes of one compiled step (temporaries, arguments, outputs)."""
+    times, peak = [], 0
+    steps = len(ts) - 1
+    for i in sorted({0, steps // 2, steps - 1}):
+        t = ts[i]
+        k = None if scales is None else scales[i]
+        tb = jnp.full((x.shape[0],), t, jnp.float32)
+        fn = jax.jit(lambda d, xx, tt, k=k: d._denoise(xx, tt, None, k))
+        compiled = fn.lower(den, x, tb).compile()
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            peak = max(peak, sum(int(getattr(mem, f, 0) or 0) for f in
+                                 ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")))
+        jax.block_until_ready(compiled(den, x, tb))
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(den, x, tb))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), peak
+
+
+def run(
+    p: LocalityPreset | str,
+    out_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the protocol (train → calibrate ELS → sample every denoiser → table) into ``out_dir``.
+
+    Returns the results (also ``results.json``, ``report.md`` and ``samples.png`` in ``out_dir``).
+    """
+    from ellsjax import models, training
+
+    p = preset(p) if isinstance(p, str) else p
+    if not isinstance(p, LocalityPreset):
+        raise TypeError(f"p: expected a LocalityPreset or a preset name, got {type(p).__name__}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    cfg = p.train
+    images, _ = training.load_data(p.net, cfg)
+    run_dir = out / "net"
+    log(f"[{p.name}] training an attention-free {p.net.arch} for {cfg.steps} steps on {images.shape[0]} images")
+    training.train(run_dir, p.net, cfg, data=(images, None), resume=run_dir.exists(), progress=progress)
+    network = models.load(run_dir)
+    timings["train_s"] = time.perf_counter() - t0
+    sched = network.schedule
+    ts = protocol_times(p.t_idx, sched.steps if sched.kind == "ddpm_linear" else 1000)
+    shape = network.image_shape
+    x_start = jax.random.normal(jax.random.key(0), (p.seeds, *shape))
+    x_cal = jax.random.normal(jax.random.key(10_000), (p.calib_seeds, *shape))
+    bs = p.batch_size
+
+    t1 = time.perf_counter()
+    els_name = _machines.for_network(p.net.padding).name
+    els = _machines.build(els_name, images, schedule=sched)
+    cands = tuple(k for k in p.candidates if k <= min(shape[:2]))
+    log(f"[{p.name}] grid calibration of {els_name} over {cands} on {p.calib_seeds} network trajectories")
+    traj = _cal.network_trajectory(network, x_cal, ts)
+    grid = _cal.grid_calibrate(network, els, None, ts, candidates=cands, trajectory=traj, batch_size=bs)
+    grid.save(out / "scales_grid.json", machine=els_name, preset=p.name)
+    timings["calibration_s"] = time.perf_counter() - t1
+
+    gd_opts = {"dataset": p.dataset}
+    denoisers = [
+        ("Network (UNet)", network, None),
+        ("Optimal (ideal score)", _machines.ideal(images, schedule=sched), None),
+        ("Wiener", _machines.wiener(images, schedule=sched), None),
+        (f"Kamb & Ganguli ({els_name}, calibrated)", els, tuple(grid.scales)),
+        ("PCA locality", _machines.pca(images, schedule=sched), None),
+        ("GoldDiff (published)", _machines.golddiff(images, schedule=sched, **gd_opts), None),
+        (f"GoldDiff (certified, ε = {p.certified_tolerance:g})",
+         _machines.golddiff(images, schedule=sched, tolerance=p.certified_tolerance, **gd_opts), None),
+    ]
+    rows, samples = [], {}
+    t2 = time.perf_counter()
+    for label, den, scales in denoisers:
+        log(f"[{p.name}] sampling {label}")
+        ta = time.perf_counter()
+        samples[label] = _ev.sample(den, x_start, ts, scales=scales, batch_size=bs)
+        wall = time.perf_counter() - ta
+        step_s, peak = _step_cost(den, x_start[:bs], ts, scales)
+        rows.append({"denoiser": label, "step_s": step_s, "peak_bytes": peak, "sample_wall_s": wall})
+    ref = samples["Network (UNet)"]
+    for row in rows:
+        s = samples[row["denoiser"]]
+        r2 = _ev.r_squared(s, ref)
+        mse = np.mean((np.asarray(s, np.float64) - np.asarray(ref, np.float64)) ** 2, axis=(1, 2, 3))
+        row.update(r2_mean=float(np.mean(r2)), r2_median=float(np.median(r2)), mse_mean=float(np.mean(mse)))
+    timings["sampling_s"] = time.perf_counter() - t2
+    timings["total_s"] = time.perf_counter() - t0
+    _grid_figure(samples, out / "samples.png")
+    results = {
+        "preset": p.name, "description": p.description, "net": p.net.to_dict(),
+        "train": {**cfg.to_dict(), "schedule": dataclasses.asdict(cfg.schedule)},
+        "num_train_images": int(images.shape[0]), "t_idx": list(p.t_idx), "ts": ts.tolist(),
+        "els_scales": list(grid.scales), "rows": rows, "timings": timings,
+        "host": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+                 "load_avg_end": os.getloadavg()},
+        "notes": "r2 = 1 - SS_res/(D Var(network sample)) per sample; MSE on the [-1, 1] pixel scale; step_s: "
+                 f"median seconds of one denoiser call on {bs} images at the first, middle and last step; peak_bytes: "
+                 "compiled step temporaries + arguments + outputs.",
+    }
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f, indent=1)
+    (out / "report.md").write_text(_report(p, results))
+    log(f"[{p.name}] done in {timings['total_s']:.0f} s -> {out / 'report.md'}")
+    return results
+
+
+def _report(p: LocalityPreset, res: dict[str, Any]) -> str:
+    lines = [f"# {p.name}: the locality protocol", "", p.description, "",
+             f"{res['num_train_images']} training images; {len(p.t_idx)}-step DDIM at t_idx {list(p.t_idx)} on the linear-β "
+             f"DDPM schedule; {p.seeds} samples from the same noise for every denoiser; ELS patch sizes "
+             f"{res['els_scales']}.", "",
+             "| denoiser | r² (mean) | r² (median) | MSE | s / step | peak memory (MiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['denoiser']} | {r['r2_mean']:.3f} | {r['r2_median']:.3f} | {r['mse_mean']:.4f} | "
+                     f"{r['step_s']:.3f} | {r['peak_bytes'] / 2**20:.1f} |")
+    t = res["timings"]
+    lines += ["", f"Wall time {t['total_s']:.0f} s (training {t['train_s']:.0f} s, calibration "
+              f"{t['calibration_s']:.0f} s, sampling {t['sampling_s']:.0f} s) on {res['host']['backend']}.",
+              "", res["notes"], "", "![samples](samples.png)", ""]
+    return "\n".join(lines)
+
+
+def _grid_figure(samples: dict[str, np.ndarray], path: Path, max_images: int = 8) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = list(samples)
+    n = min(max_images, next(iter(samples.values())).shape[0])
+    fig, axes = plt.subplots(len(names), n, figsize=(1.2 * n + 2.5, 1.2 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        for j in range(n):
+            img = np.clip((np.asarray(samples[name][j]) + 1) / 2, 0, 1)
+            ax = axes[i, j]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
