@@ -69,7 +69,7 @@ from ellsjax.machines import _registry
 from ellsjax.machines.base import build, prepare_training_set, register
 from ellsjax.machines.pca import PCALocality, pca_fields
 
-__all__ = ["GoldDiff", "golddiff", "subset_sizes", "proxy_side_for"]
+__all__ = ["GoldDiff", "golddiff", "certified", "subset_sizes", "proxy_side_for"]
 
 _U32 = 2.0**-24
 _UNDERFLOW_MARGIN = 104.0  # as ellsjax.machines._pruning.UNDERFLOW_MARGIN
@@ -332,6 +332,14 @@ class GoldDiff(PCALocality):
         x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
         return _jit_bounded(self, x_t, t, label)
 
+    def with_search(self, *, tolerance: float | None, chunk: int | None = None, **golddiff_options) -> PCALocality:
+        """The same subset machine with another ``tolerance`` (``None``: the published mode)."""
+        if golddiff_options:
+            raise TypeError(f"with_search: unexpected options {sorted(golddiff_options)} for a GoldDiff machine")
+        tol = None if tolerance is None else _check_tolerance(tolerance)
+        return dataclasses.replace(self, tolerance=tol, chunk=self.chunk if chunk is None else min(
+            self.num_images, _checks.check_positive_int(chunk, "chunk")))
+
     def visited_chunks(self, x_t, t, *, label=None) -> Int[Array, " b"]:
         """Certified mode: how many chunks of ``chunk`` images each image's pass scored (diagnostics)."""
         x_t, t, label, _ = self.check_inputs(x_t, t, scale=None, label=label)
@@ -399,33 +407,56 @@ def golddiff(
     """
     imgs, _, _ = prepare_training_set(images, labels, image_range=image_range)
     n, h, w, _ = imgs.shape
-    rel = RELEASE_DEFAULTS.get(dataset or "", {})
     if dataset is not None and not isinstance(dataset, str):
         raise TypeError(f"dataset: expected a name, got {dataset!r}")
+    rel = RELEASE_DEFAULTS.get(dataset or "", {})
+    k_min, k_max, side = _subset_params(n, h, w, dataset, k_min, k_max, proxy_side)
+    threshold = rel.get("threshold", 0.02) if threshold is None else threshold
+    if tolerance is not None:
+        tolerance = _check_tolerance(tolerance)
+    chunk = min(n, max(k_min, 64)) if chunk is None else min(n, _checks.check_positive_int(chunk, "chunk"))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed: expected an int, got {seed!r}")
+    base = pca_fields(imgs, threshold=threshold, relative_to=relative_to, temperature=temperature, rank=rank,
+                      ddof=ddof)
+    m = build(GoldDiff, imgs, labels, schedule=schedule, image_range=image_range, **base,
+              k_min=k_min, k_max=k_max, proxy_side=side, tolerance=tolerance, seed=int(seed), chunk=chunk)
+    return dataclasses.replace(m, proxy=m._pool(m.images))
+
+
+def _check_tolerance(tolerance) -> float:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 <= tolerance < np.inf:
+        raise ValueError(f"tolerance: expected None or a finite float >= 0, got {tolerance!r}")
+    return float(tolerance)
+
+
+def _subset_params(n, h, w, dataset, k_min, k_max, proxy_side):
+    """The release's defaults and the checks of the subset parameters: ``(k_min, k_max, proxy_side)``."""
+    rel = RELEASE_DEFAULTS.get(dataset or "", {})
     k_min = max(1, round(n * rel.get("k_min_fraction", 1 / 20))) if k_min is None else k_min
     k_max = max(1, round(n * rel.get("k_max_fraction", 1 / 10))) if k_max is None else k_max
     k_min = _checks.check_positive_int(k_min, "k_min")
     k_max = _checks.check_positive_int(k_max, "k_max")
     if k_min > k_max:
         raise ValueError(f"k_min, k_max: need k_min <= k_max, got {k_min} > {k_max}")
-    k_min, k_max = min(k_min, n), min(k_max, n)  # the release clips both to N
-    threshold = rel.get("threshold", 0.02) if threshold is None else threshold
     side = proxy_side_for(h, rel.get("proxy_side", 0)) if proxy_side is None else _checks.check_positive_int(
         proxy_side, "proxy_side")
     if h % side or w % (h // side):
         raise ValueError(f"proxy_side: {side} must divide the image height {h}, and the pooling factor {h // side} "
                          f"the width {w}")
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real)
-                                  or not 0 <= tolerance < np.inf):
-        raise ValueError(f"tolerance: expected None or a finite float >= 0, got {tolerance!r}")
+    return min(k_min, n), min(k_max, n), side  # the release clips both sizes to N
+
+
+def certified(machine: PCALocality, *, tolerance: float, chunk: int | None = None, k_min: int | None = None,
+              k_max: int | None = None, proxy_side: int | None = None, dataset: str | None = None) -> GoldDiff:
+    """The certified search for a PCA-locality machine (its ``with_search``): a :class:`GoldDiff` in
+    certified mode on the machine's images, covariance, θ, rule, temperature, schedule and policy."""
+    n, h, w, _ = machine.images.shape
+    k_min, k_max, side = _subset_params(n, h, w, dataset, k_min, k_max, proxy_side)
     chunk = min(n, max(k_min, 64)) if chunk is None else min(n, _checks.check_positive_int(chunk, "chunk"))
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed: expected an int, got {seed!r}")
-    base = pca_fields(imgs, threshold=threshold, relative_to=relative_to, temperature=temperature, rank=rank,
-                           ddof=ddof)
-    m = build(GoldDiff, imgs, labels, schedule=schedule, image_range=image_range, **base,
-              k_min=k_min, k_max=k_max, proxy_side=side, tolerance=None if tolerance is None else float(tolerance),
-              seed=int(seed), chunk=chunk)
+    fields = {f.name: getattr(machine, f.name) for f in dataclasses.fields(PCALocality)}
+    m = GoldDiff(**fields, k_min=k_min, k_max=k_max, proxy_side=side, tolerance=_check_tolerance(tolerance),
+                 chunk=chunk)
     return dataclasses.replace(m, proxy=m._pool(m.images))
 
 

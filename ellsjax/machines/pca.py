@@ -124,6 +124,20 @@ class PCALocality(Machine):
 
     _DATA_FIELDS: ClassVar[tuple[str, ...]] = Machine._DATA_FIELDS + ("basis", "eigvals")
 
+    def with_search(self, *, tolerance: float | None, chunk: int | None = None, **golddiff_options) -> PCALocality:
+        """This machine with certified image-level search (or exact again with ``tolerance=None``).
+
+        The images are visited coarse to fine and scored exactly until a rigorous bound on the rest
+        is within ``tolerance`` (:mod:`ellsjax.machines.golddiff`, its certified mode, on this
+        machine's covariance, θ, rule and temperature); ``denoise_with_bound`` then returns the
+        bound. ``golddiff_options``: ``k_min``, ``k_max``, ``proxy_side``, ``dataset``.
+        """
+        from ellsjax.machines.golddiff import certified
+
+        if tolerance is None:
+            return self
+        return certified(self, tolerance=tolerance, chunk=chunk, **golddiff_options)
+
     def _mask(self, t):
         ab, _ = self.schedule.variances(t)
         return neighbourhoods(self.basis, self.eigvals, ab, threshold=self.threshold, relative_to=self.relative_to)
