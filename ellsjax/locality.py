@@ -195,18 +195,20 @@ def _step_cost(den, x, ts, scales):
     """Median seconds of one denoiser call at the batch ``x`` at the protocol's first, middle and last
     times (each timed after a warm-up call at that time: the costs differ with ``t`` for the
     certified search), and the peak bytes of one compiled step (temporaries, arguments, outputs)."""
-    times, peak = [], 0
+    times, peak, programs = [], 0, {}
     steps = len(ts) - 1
     for i in sorted({0, steps // 2, steps - 1}):
         t = ts[i]
         k = None if scales is None else scales[i]
         tb = jnp.full((x.shape[0],), t, jnp.float32)
-        fn = jax.jit(lambda d, xx, tt, k=k: d._denoise(xx, tt, None, k))
-        compiled = fn.lower(den, x, tb).compile()
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            peak = max(peak, sum(int(getattr(mem, f, 0) or 0) for f in
-                                 ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")))
+        if k not in programs:  # t is traced: one program per distinct scale
+            fn = jax.jit(lambda d, xx, tt, k=k: d._denoise(xx, tt, None, k))
+            programs[k] = fn.lower(den, x, tb).compile()
+            mem = programs[k].memory_analysis()
+            if mem is not None:
+                peak = max(peak, sum(int(getattr(mem, f, 0) or 0) for f in
+                                     ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")))
+        compiled = programs[k]
         jax.block_until_ready(compiled(den, x, tb))
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(den, x, tb))
