@@ -37,6 +37,7 @@ import numpy as np
 from ellsjax import calibration as _cal
 from ellsjax import evaluation as _ev
 from ellsjax import machines as _machines
+from ellsjax import presets as _presets_mod
 from ellsjax import samplers as _samplers
 from ellsjax import schedules as _schedules
 
@@ -160,28 +161,8 @@ def _presets() -> dict[str, LocalityPreset]:
     }
 
 
-class _LazyPresets(Mapping):
-    """:data:`PRESETS`, built on first access (the network configs import Flax)."""
-
-    _table: dict[str, LocalityPreset] | None = None
-
-    def _get(self) -> dict[str, LocalityPreset]:
-        if self._table is None:
-            type(self)._table = _presets()
-        return self._table
-
-    def __getitem__(self, key):
-        return self._get()[key]
-
-    def __iter__(self):
-        return iter(self._get())
-
-    def __len__(self):
-        return len(self._get())
-
-
 #: The protocol's presets, by name.
-PRESETS: Mapping[str, LocalityPreset] = _LazyPresets()
+PRESETS: Mapping[str, LocalityPreset] = _presets_mod.LazyTable(_presets)
 
 
 def preset(name: str) -> LocalityPreset:

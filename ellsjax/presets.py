@@ -19,9 +19,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal, NamedTuple
 
 __all__ = [
+    "LazyTable",
     "PAPER_SCALES",
     "PAPER_SCALES_SOURCE",
     "paper_scales",
@@ -140,3 +142,26 @@ NETWORKS: dict[str, NetworkSpec] = {
     "CelebA_ResNet_zeros": NetworkSpec("celeb_a", 3, "resnet", "zeros", False),
     "CelebA_UNet_zeros": NetworkSpec("celeb_a", 3, "unet", "zeros", False),
 }
+
+
+class LazyTable(Mapping):
+    """A read-only ``name → entry`` table built by ``factory()`` on first access, once (tables whose
+    entries import heavy modules, e.g. network configs importing Flax)."""
+
+    def __init__(self, factory: Callable[[], dict[str, Any]]):
+        self._factory = factory
+        self._table: dict[str, Any] | None = None
+
+    def _get(self) -> dict[str, Any]:
+        if self._table is None:
+            self._table = self._factory()
+        return self._table
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())

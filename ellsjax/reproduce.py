@@ -47,6 +47,7 @@ from ellsjax import calibration as _cal
 from ellsjax import evaluation as _ev
 from ellsjax import explain as _explain
 from ellsjax import machines as _machines
+from ellsjax import presets as _presets_mod
 from ellsjax import samplers as _samplers
 from ellsjax.presets import paper_scales as _paper_scales
 from ellsjax.scales import ScaleSchedule
@@ -169,29 +170,8 @@ def _presets() -> dict[str, ReproducePreset]:
     return out
 
 
-class _LazyPresets(Mapping):
-    """:data:`PRESETS`, built on first access (the network configs import Flax)."""
-
-    def __init__(self):
-        self._presets: dict[str, ReproducePreset] | None = None
-
-    def _get(self) -> dict[str, ReproducePreset]:
-        if self._presets is None:
-            self._presets = _presets()
-        return self._presets
-
-    def __getitem__(self, k):
-        return self._get()[k]
-
-    def __iter__(self):
-        return iter(self._get())
-
-    def __len__(self):
-        return len(self._get())
-
-
 #: The experiments by name.
-PRESETS: Mapping[str, ReproducePreset] = _LazyPresets()
+PRESETS: Mapping[str, ReproducePreset] = _presets_mod.LazyTable(_presets)
 
 
 def preset(name: str) -> ReproducePreset:
