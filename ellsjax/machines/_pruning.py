@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from ellsjax import kernel as _kernel
 from ellsjax.machines import _banks
 
-__all__ = ["UNDERFLOW_MARGIN", "prunable", "pruned_stats", "error_bound"]
+__all__ = ["UNDERFLOW_MARGIN", "prunable", "pruned_stats", "error_bound", "suffix_bounds"]
 
 #: float32 ``exp(x)`` is 0 for ``x < ln(2^-149) ≈ −103.3``: an entry this far below the running
 #: maximum has weight exactly 0.
@@ -69,6 +69,16 @@ def pruned_stats(queries: _kernel.Queries, bank: _banks.DeviceBank, label, *, to
         return jax.tree.map(lambda v: v[None], st), rest[None]
     st, rest = jax.lax.map(lambda args: one(*args), (jax.tree.map(lambda v: v[:, 0], queries), label))
     return jax.tree.map(lambda v: v[:, None], st), rest[:, None]
+
+
+def suffix_bounds(maxes, lses, *, axis: int):
+    """What is left after visiting the first ``i`` items along ``axis``: the suffix maximum of
+    ``maxes`` and the suffix log-sum-exp of ``lses`` (index ``i`` covers items ``i, i+1, …``), each with
+    one more entry at the end, ``-inf`` (nothing left)."""
+    smax = jnp.flip(jax.lax.cummax(jnp.flip(maxes, axis), axis=axis), axis)
+    slse = jnp.flip(jax.lax.cumlogsumexp(jnp.flip(lses, axis), axis=axis), axis)
+    tail = jnp.full_like(jnp.take(maxes, jnp.array([0]), axis=axis), -jnp.inf)
+    return jnp.concatenate([smax, tail], axis), jnp.concatenate([slse, tail], axis)
 
 
 def value_bound(vv) -> jax.Array:
@@ -141,10 +151,7 @@ def _pruned_tile(q: _kernel.Queries, valid, keys_t, vv, blocks: _banks.BlockInde
     zo = zu[:, order]
     lm = jnp.log(blocks.counts[order])[None] + zo
     # suffix max and suffix log-sum-exp over the visiting order (column nb: nothing left)
-    smax = jnp.flip(jax.lax.cummax(jnp.flip(zo, -1), axis=1), -1)
-    slse = jnp.flip(jax.lax.cumlogsumexp(jnp.flip(lm, -1), axis=1), -1)
-    smax = jnp.concatenate([smax, jnp.full((zo.shape[0], 1), -jnp.inf)], 1)
-    slse = jnp.concatenate([slse, jnp.full((zo.shape[0], 1), -jnp.inf)], 1)
+    smax, slse = suffix_bounds(zo, lm, axis=1)
     eps = tolerance / (2.0 * jnp.maximum(vmax, 1e-30))
 
     def block(i):

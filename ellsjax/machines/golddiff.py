@@ -65,14 +65,13 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
-from ellsjax.machines import _registry
+from ellsjax.machines import _pruning, _registry
 from ellsjax.machines.base import build, prepare_training_set, register
 from ellsjax.machines.pca import PCALocality, pca_fields
 
 __all__ = ["GoldDiff", "golddiff", "certified", "subset_sizes", "proxy_side_for"]
 
-_U32 = 2.0**-24
-_UNDERFLOW_MARGIN = 104.0  # as ellsjax.machines._pruning.UNDERFLOW_MARGIN
+_U32 = _pruning._U32
 
 #: The release's per-dataset parameters (``configs/ours/<dataset>.yaml``): CIFAR-10's file is
 #: ``k_min = 2500 = N/20``, ``k_max = 5000 = N/10``, ``mask_threshold = 0.03``, ``low_res_dim = 16``.
@@ -146,21 +145,9 @@ class GoldDiff(PCALocality):
         keep = jnp.arange(members.shape[0]) < size
         return jnp.zeros((n,), bool).at[members].max(keep)
 
-    def _mask_queries(self, mask, a, var):
-        h, w, ch = self.image_shape
-        d, row = h * w * ch, w * ch
-        tau = 0.5 / (var * self.temperature)
-        return _kernel.Queries(mask.reshape(h, row, d), jnp.full((h, row), a), jnp.full((h, row), tau))
-
     def _subset_bank(self, idx, ok, x, a):
-        """The kernel bank of images ``idx`` (``ok`` marks real ones) for one image ``x`` (see pca)."""
-        h, w, ch = self.image_shape
-        d, row = h * w * ch, w * ch
-        c = idx.shape[0]
-        phi = self.images[idx].reshape(c, d)
-        keys = phi * (x - 0.5 * a * phi)
-        values = phi.reshape(c, h, row).transpose(1, 0, 2)
-        return _kernel.Bank(keys, values, jnp.where(ok, 0.0, -jnp.inf), jnp.zeros((c,), jnp.float32))
+        """:meth:`_image_bank` of the training images ``idx``."""
+        return self._image_bank(self.images[idx].reshape(idx.shape[0], -1), ok, x, a)
 
     def _coarse_fine_order(self, x, a, eligible):
         """Images by proxy distance (ineligible last), the first ``k_max`` re-sorted by full distance."""
@@ -239,10 +226,7 @@ class GoldDiff(PCALocality):
         slack = kappa * 8 * _U32 * (big + xn2)
         ub = jnp.where(real[:, None], kappa * (xn2 - low) + slack, -jnp.inf)  # [N', D] ≥ every score
         cub = ub.reshape(nch, c, d)
-        smax = jnp.flip(jax.lax.cummax(jnp.flip(jnp.max(cub, 1), 0), axis=0), 0)
-        slse = jnp.flip(jax.lax.cumlogsumexp(jnp.flip(jax.nn.logsumexp(cub, 1), 0), axis=0), 0)
-        tail = jnp.full((1, d), -jnp.inf)
-        smax, slse = jnp.concatenate([smax, tail]), jnp.concatenate([slse, tail])  # [nch + 1, D]
+        smax, slse = _pruning.suffix_bounds(jnp.max(cub, 1), jax.nn.logsumexp(cub, 1), axis=0)  # [nch + 1, D]
         spread = (phimax - phimin).reshape(h, row)  # |φ_j(m) − x̂0(m)| ≤ spread
         eps = self.tolerance or 0.0
 
@@ -251,7 +235,7 @@ class GoldDiff(PCALocality):
             up = smax[i].reshape(h, row)
             nearest = (up < mx) | (spread == 0)
             if self.tolerance == 0:
-                ok = jnp.where(finite, (up - mx < -_UNDERFLOW_MARGIN) | (spread == 0), nearest)
+                ok = jnp.where(finite, (up - mx < -_pruning.UNDERFLOW_MARGIN) | (spread == 0), nearest)
             else:
                 ok = jnp.where(finite, jnp.exp(slse[i].reshape(h, row) - mx) * spread <= eps * tot, nearest)
             return jnp.all(ok)
@@ -284,37 +268,19 @@ class GoldDiff(PCALocality):
 
     # ----------------------------------------------------------------------------------- driver
     def _run(self, x_t, t, label):
-        b, h, w, ch = x_t.shape
-        xs = x_t.reshape(b, -1)
-        labels = jnp.zeros((b,), jnp.int32) if label is None else label
-        lb = (lambda v: None) if label is None else (lambda v: v)  # noqa: E731
         base = jax.random.key(self.seed)
 
-        def one(x, tb, lab, idx, mask):
+        def one(x, tb, lb, idx, per_t):
             if self.tolerance is None:
                 key = jax.random.fold_in(jax.random.fold_in(base, jax.lax.bitcast_convert_type(tb, jnp.int32)), idx)
-                out = self._published_one(x, tb, key, lb(lab), mask)
+                out = self._published_one(x, tb, key, lb, per_t)
                 return out, jnp.full_like(out, jnp.inf), jnp.int32(0)
-            return self._certified_one(x, tb, lb(lab), mask, self._bound_structure(mask))
+            return self._certified_one(x, tb, lb, *per_t)
 
-        def shared():  # one W(t), mask and cell groups for the batch (the samplers' case)
-            mask = self._mask(t[0])
-            groups = None if self.tolerance is None else self._bound_structure(mask)
-
-            def f(args):
-                x, lab, idx = args
-                if self.tolerance is None:
-                    return one(x, t[0], lab, idx, mask)
-                return self._certified_one(x, t[0], lb(lab), mask, groups)
-
-            return jax.lax.map(f, (xs, labels, jnp.arange(b)))
-
-        def per_image():
-            return jax.lax.map(lambda args: one(args[0], args[1], args[2], args[3], self._mask(args[1])),
-                               (xs, t, labels, jnp.arange(b)))
-
-        out, bound, visited = shared() if b == 1 else jax.lax.cond(jnp.all(t == t[0]), shared, per_image)
-        return out.reshape(b, h, w, ch), bound.reshape(b, h, w, ch), visited
+        # the certified bounds' structure comes from the mask: built with it, once per distinct t
+        derive = (lambda mask: mask) if self.tolerance is None else (lambda mask: (mask, self._bound_structure(mask)))
+        out, bound, visited = self._map_batch(one, x_t, t, label, derive)
+        return out.reshape(x_t.shape), bound.reshape(x_t.shape), visited
 
     def _denoise(self, x_t, t, label, scale):
         return self._run(x_t, t, label)[0]

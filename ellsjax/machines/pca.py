@@ -142,45 +142,58 @@ class PCALocality(Machine):
         ab, _ = self.schedule.variances(t)
         return neighbourhoods(self.basis, self.eigvals, ab, threshold=self.threshold, relative_to=self.relative_to)
 
-    def _denoise(self, x_t, t, label, scale):
-        b, h, w, ch = x_t.shape
+    def _mask_queries(self, mask, a, var):
+        """One query per output entry: its mask row, at signal ``a`` and variance ``var``."""
+        h, w, ch = self.image_shape
         d, row = h * w * ch, w * ch
-        xs = x_t.reshape(b, d)
+        tau = 0.5 / (var * self.temperature)
+        return _kernel.Queries(mask.reshape(h, row, d), jnp.full((h, row), a), jnp.full((h, row), tau))
 
-        def one(x, tb, lb, mask):
+    def _image_bank(self, phi, ok, x, a):
+        """The kernel bank of training images ``phi`` ``[c, D]`` (``ok`` marks real ones) for one
+        image ``x``: keys ``φ ⊙ (x − aφ/2)`` with zero norm (``N·keys = N·(xφ − aφ²/2)``), values each
+        output row's pixels."""
+        h, w, ch = self.image_shape
+        c = phi.shape[0]
+        values = phi.reshape(c, h, w * ch).transpose(1, 0, 2)  # [H, c, W·C]
+        return _kernel.Bank(phi * (x - 0.5 * a * phi), values, jnp.where(ok, 0.0, -jnp.inf),
+                            jnp.zeros((c,), jnp.float32))
+
+    def _map_batch(self, one, x_t, t, label, derive=lambda mask: mask):
+        """``lax.map`` of ``one(x [D], t, label | None, index, derive(mask))`` over the batch, with the
+        mask (and what ``derive`` builds from it) computed once when every image has the same ``t``
+        (what the samplers pass; a ``lax.cond`` picks the path at run time), else per image."""
+        b = x_t.shape[0]
+        xs = x_t.reshape(b, -1)
+        labels = jnp.zeros((b,), jnp.int32) if label is None else label
+        lb = (lambda v: None) if label is None else (lambda v: v)  # noqa: E731
+        idx = jnp.arange(b)
+
+        def shared():
+            per_t = derive(self._mask(t[0]))
+            return jax.lax.map(lambda a: one(a[0], t[0], lb(a[1]), a[2], per_t), (xs, labels, idx))
+
+        def per_image():
+            return jax.lax.map(lambda a: one(a[0], a[1], lb(a[2]), a[3], derive(self._mask(a[1]))), (xs, t, labels, idx))
+
+        return shared() if b == 1 else jax.lax.cond(jnp.all(t == t[0]), shared, per_image)
+
+    def _denoise(self, x_t, t, label, scale):
+        d = int(np.prod(self.image_shape))
+
+        def one(x, tb, lb, idx, mask):
             ab, var = self.schedule.variances(tb)
             a = jnp.sqrt(ab)
-            queries = _kernel.Queries(
-                mask.reshape(h, row, d), jnp.full((h, row), a), jnp.full((h, row), 0.5 / (var * self.temperature))
-            )
             members, valid, nchunks, c = self._chunking(None if lb is None else lb[None], 4 * (4 * d + 4))
 
             def bank_fn(i):
                 imgs, ok = self._chunk(members, valid, c, i)  # [1, c, H, W, C], [1, c]
-                phi = imgs.reshape(c, d)
-                keys = phi * (x - 0.5 * a * phi)  # N·keys = N·(x φ − a φ²/2)
-                values = phi.reshape(c, h, row).transpose(1, 0, 2)  # [H, c, W·C]
-                log_count = jnp.where(ok[0], 0.0, -jnp.inf)
-                return _kernel.Bank(keys, values, log_count, jnp.zeros((c,), jnp.float32))
+                return self._image_bank(imgs.reshape(c, d), ok[0], x, a)
 
-            means, _ = _kernel.streaming_softmax(queries, bank_fn, nchunks)  # [H, W·C, W·C]
+            means, _ = _kernel.streaming_softmax(self._mask_queries(mask, a, var), bank_fn, nchunks)  # [H, W·C, W·C]
             return jnp.diagonal(means, axis1=1, axis2=2).reshape(d)
 
-        labels = jnp.zeros((b,), jnp.int32) if label is None else label
-        lb = (lambda v: None) if label is None else (lambda v: v)  # noqa: E731
-
-        def shared():  # one W(t) and mask for the whole batch
-            mask = self._mask(t[0])
-            return jax.lax.map(lambda args: one(args[0], t[0], lb(args[1]), mask), (xs, labels))
-
-        def per_image():
-            return jax.lax.map(lambda args: one(args[0], args[1], lb(args[2]), self._mask(args[1])), (xs, t, labels))
-
-        if b == 1:
-            out = shared()
-        else:
-            out = jax.lax.cond(jnp.all(t == t[0]), shared, per_image)
-        return out.reshape(b, h, w, ch)
+        return self._map_batch(one, x_t, t, label).reshape(x_t.shape)
 
 
 register(PCALocality)
