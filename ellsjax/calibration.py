@@ -16,7 +16,7 @@ and the schedule is the per-step median over seeds, ``k_i = \mathrm{median}_b\,k
 lower median, so that it is always one of the candidates).
 
 **Differentiable calibration**: for a soft-window machine (:mod:`ellsjax.machines.soft`), whose
-``x̂0`` is smooth in the window width ``ℓ``, minimise with Adam (optax)
+``x̂0`` is smooth in the window width ``ℓ``, minimise
 
 .. math::
 
@@ -25,7 +25,11 @@ lower median, so that it is always one of the candidates).
 
 over ``log ℓ_i`` per step (``curve="per_step"``) or over a smooth curve
 ``log ℓ(t) = c_0 + c_1 t + c_2 t²`` (``curve="quadratic"``), differentiating through the streaming
-kernel. (Each step's term is normalised by the target's size, so that the steps near ``t = 1``,
+kernel. Per step the objective is a sum of independent one-dimensional terms ``L_i(ℓ_i)``, so the
+default optimizer there is a derivative-based line search per step (bracketing by the sign of
+``dL_i/d log ℓ``, cubic Hermite interpolation inside the bracket, the best point kept): a handful
+of evaluations on a fixed set of seeds instead of dozens of noisy Adam steps. Adam (optax) serves
+the coupled quadratic curve and is available per step. (Each step's term is normalised by the target's size, so that the steps near ``t = 1``,
 where the network's ``x̂0`` is large and noisy, do not dominate the smooth curve; per step the
 normalisation does not move the minimum.)
 
@@ -271,12 +275,14 @@ class SoftCalibration(NamedTuple):
         padding: the machine's padding (``"circular"``: soft ELS, ``"zeros"``: soft bbELS).
         window: the machine's window shape (``"gaussian"`` or ``"box"``).
         edge: the box window's edge width.
-        losses: ``[iters]`` the (minibatch) loss at every optimizer step.
+        losses: ``[iters]`` per round: Adam's minibatch loss, or the line search's sum over steps of
+            each step's best value so far (non-increasing).
         step_loss: ``[S]`` each step's normalised loss at the final ``ℓ`` on all seeds.
         curve: ``"per_step"`` or ``"quadratic"``.
         timings: seconds per phase of the run (``prepare``: bank builds; ``compile``: the first call
-            of each window side's program; ``iterations``: the Adam steps; ``final``: the loss of
-            every step on all seeds), or ``None``.
+            of each window side's program; ``iterations``: the optimizer's rounds; ``final``: the loss of
+            every step on all seeds; 0 when the line search already evaluated all seeds), or ``None``.
+        optimizer: ``"line_search"`` or ``"adam"``.
     """
 
     ts: np.ndarray
@@ -289,12 +295,14 @@ class SoftCalibration(NamedTuple):
     step_loss: np.ndarray
     curve: str
     timings: dict | None = None
+    optimizer: str = "adam"
 
     def save(self, path: str | os.PathLike, **meta: Any) -> None:
         """Write ``{"ts", "ells", "support", "padding", "window", "edge", ...}`` as JSON (read by
         :func:`load_schedule`)."""
         save_soft_schedule(path, self.ts, self.ells, support=self.support, padding=self.padding,
-                           window=self.window, edge=self.edge, method="differentiable", curve=self.curve, **meta)
+                           window=self.window, edge=self.edge, method="differentiable", curve=self.curve,
+                           optimizer=self.optimizer, **meta)
 
 
 def _ells_from(params, curve, ts):
@@ -310,39 +318,53 @@ def differentiable_calibrate(
     ts: Any = None,
     *,
     init: float | Sequence[float] = 2.0,
-    iterations: int = 40,
+    iterations: int | None = None,
     learning_rate: float = 0.1,
     batch: int | None = None,
     curve: Literal["per_step", "quadratic"] = "per_step",
+    optimizer: Literal["auto", "line_search", "adam"] = "auto",
     key: int = 0,
     label: Any = None,
     network_scales: Any = None,
     trajectory: _samplers.Trajectory | None = None,
 ) -> SoftCalibration:
-    """Learn the soft window width ``ℓ`` per step (or a smooth ``ℓ(t)``) by gradient descent.
+    """Learn the soft window width ``ℓ`` per step (or a smooth ``ℓ(t)``) from gradients.
 
     Minimises the normalised ``‖x̂0_machine − x̂0_network‖²`` along the network's trajectories (see
-    the module docstring) with ``optax.adam`` over ``log ℓ``, differentiating through the streaming
-    kernel (rematerialised per chunk, so memory stays bounded by one chunk per step). Each step runs
-    at the window side of its current ``ℓ``
+    the module docstring), differentiating through the streaming kernel in forward mode. Each step
+    runs at the window side of its current ``ℓ``
     (:meth:`~ellsjax.machines.SoftEquivariantLocalScore.window_size`), exactly as the machine
     defines it; the value and gradient of one step are one compiled program per window side (fixed
-    shapes: a minibatch of ``batch`` seeds), reused by every step and iteration, so a change of ``ℓ``
-    never recompiles (at most one compile per side the run visits), and each side's bank is built
-    once. The per-step gradients ``dL_i/dℓ_i`` reach the parameters by the chain rule of the curve.
+    shapes: ``batch`` seeds), reused by every step and iteration, so a change of ``ℓ`` never
+    recompiles (at most one compile per side the run visits), and each side's bank is built once.
+
+    Optimizers (``optimizer``; ``"auto"``: the line search per step, Adam for the quadratic curve):
+
+    - ``"line_search"`` (``curve="per_step"`` only): the objective is a sum of one-dimensional
+      terms ``L_i(ℓ_i)``; per step, from ``init``, expand downhill in ``u = log ℓ`` (steps 0.25,
+      0.5, 1, …) until ``dL_i/du`` changes sign or ``L_i`` rises, then shrink the bracket at the
+      minimiser of the cubic Hermite interpolant of ``(L, dL/du)`` at its ends (kept inside its
+      middle 80%). ``iterations`` (default 6) evaluations per step at most, on one fixed set of
+      ``batch`` seeds; steps whose bracket is narrower than 0.05 or whose gradient vanishes stop
+      early (no more evaluations); each step keeps the best point it evaluated, so the result is
+      never worse than ``init`` on those seeds. ``ℓ`` stays in ``[0.05, support]``.
+    - ``"adam"``: ``optax.adam(learning_rate)`` on ``log ℓ`` (or the curve's coefficients), a
+      fresh random subset of ``batch`` seeds per step (``key``), ``iterations`` (default 40) steps.
 
     Args:
         network: the reference denoiser (network or machine; pass ``network_scales`` for a machine).
         machine: a soft-window machine (:func:`ellsjax.machines.soft_els` / ``soft_bbels``).
         x_start: ``[B, H, W, C]`` starting noise.
         ts: time grid (default :func:`calibration_times` ``(20)``).
-        init: starting ``ℓ``: one float, or one per step.
-        iterations: Adam steps.
-        learning_rate: Adam learning rate (on ``log ℓ``).
-        batch: seeds per optimizer step (a random subset, fixed ``key``); ``None``: all.
+        init: starting ``ℓ``: one float, or one per step (e.g. from :func:`grid_calibrate`).
+        iterations: evaluations per step (line search) or Adam steps; default 6 resp. 40.
+        learning_rate: Adam learning rate (on ``log ℓ``); unused by the line search.
+        batch: seeds per evaluation (line search: a fixed subset; Adam: a random subset per step);
+            ``None``: all.
         curve: ``"per_step"`` (an independent ``ℓ_i`` per step) or ``"quadratic"``
             (``log ℓ(t) = c_0 + c_1 t + c_2 t²``).
-        key: seed of the minibatch draws.
+        optimizer: ``"auto"``, ``"line_search"`` or ``"adam"``.
+        key: seed of the seed subsets.
         label: ``None`` or class ids.
         network_scales: scales passed to ``network`` when it is itself a machine.
         trajectory: a precomputed network trajectory (then ``x_start`` may be ``None``).
@@ -360,13 +382,19 @@ def differentiable_calibrate(
         >>> len(cal.ells), cal.losses.shape
         (2, (2,))
     """
-    import optax
-
     _check_pair(network, machine)
     if not isinstance(machine, SoftEquivariantLocalScore):
         raise TypeError(f"machine: expected a soft-window machine (ej.machines.soft_els), got {type(machine).__name__}")
     if curve not in ("per_step", "quadratic"):
         raise ValueError(f"curve: must be 'per_step' or 'quadratic', got {curve!r}")
+    if optimizer not in ("auto", "line_search", "adam"):
+        raise ValueError(f"optimizer: must be 'auto', 'line_search' or 'adam', got {optimizer!r}")
+    if optimizer == "auto":
+        optimizer = "line_search" if curve == "per_step" else "adam"
+    if optimizer == "line_search" and curve != "per_step":
+        raise ValueError("optimizer: 'line_search' needs curve='per_step' (the quadratic curve couples the steps; "
+                         "use 'adam')")
+    iterations = (6 if optimizer == "line_search" else 40) if iterations is None else iterations
     iterations = _checks.check_positive_int(iterations, "iterations")
     if not (float(learning_rate) > 0):
         raise ValueError(f"learning_rate: must be positive, got {learning_rate!r}")
@@ -383,43 +411,150 @@ def differentiable_calibrate(
     if init_arr.shape != (s,) or not np.all(np.isfinite(init_arr)) or np.any(init_arr <= 0):
         raise ValueError(f"init: expected one positive ℓ or {s} of them, got {init!r}")
     tstep = jnp.asarray(traj.ts[:s], jnp.float32)
-    if curve == "per_step":
-        params = jnp.log(jnp.asarray(init_arr, jnp.float32))
-    else:  # least-squares fit of the quadratic to log(init)
-        coef = np.polynomial.polynomial.polyfit(np.asarray(tstep, np.float64), np.log(init_arr), 2)
-        params = jnp.asarray(coef, jnp.float32)
     xs = traj.xs[:s]
     targets = traj.x0s
     norms = np.asarray(jnp.mean(targets.reshape(s, b, -1) ** 2, axis=(1, 2)))
-    opt = optax.adam(float(learning_rate))
-    opt_state = opt.init(params)
-    update = _make_update(opt, curve)
     rng = np.random.default_rng(key)
     timings = {"prepare": 0.0, "compile": 0.0, "iterations": 0.0, "final": 0.0}
     steps = _StepPrograms(machine, labels is not None, timings)
-    losses = []
-    t_iter = time.perf_counter()
-    for _ in range(iterations):
-        sel = np.sort(rng.choice(b, batch, replace=False)) if batch < b else np.arange(b)
+
+    def evaluate(i, ell, sel):
         lab = None if labels is None else labels[sel]
+        return steps.value_and_grad(float(ell), xs[i, sel], targets[i, sel], tstep[i], norms[i], lab)
+
+    t_iter = time.perf_counter()
+    if optimizer == "line_search":
+        sel = np.sort(rng.choice(b, batch, replace=False)) if batch < b else np.arange(b)
+        search = _LineSearch(np.log(np.minimum(np.maximum(init_arr, _ELL_MIN), machine.support)),
+                             lo=np.log(_ELL_MIN), hi=np.log(float(machine.support)))
+        losses = []
+        for _ in range(iterations):
+            todo = search.pending()
+            if not todo:
+                break
+            u = search.propose()
+            res = {i: evaluate(i, np.exp(u[i]), sel) for i in todo}  # dispatch all, then read back
+            search.update({i: (float(v), float(g) * float(np.exp(u[i]))) for i, (v, g) in res.items()})
+            losses.append(float(np.sum(search.best_f)))
+            if not np.isfinite(losses[-1]):
+                raise ValueError(f"network: the loss became NaN/inf at iteration {len(losses)}; check the "
+                                 "network's x̂0")
+        ells = np.exp(search.best_u)
+        known = search.best_f if batch == b else None  # the search's values are the final losses then
+    else:
+        import optax
+
+        if curve == "per_step":
+            params = jnp.log(jnp.asarray(init_arr, jnp.float32))
+        else:  # least-squares fit of the quadratic to log(init)
+            coef = np.polynomial.polynomial.polyfit(np.asarray(tstep, np.float64), np.log(init_arr), 2)
+            params = jnp.asarray(coef, jnp.float32)
+        opt = optax.adam(float(learning_rate))
+        opt_state = opt.init(params)
+        update = _make_update(opt, curve)
+        losses = []
+        for _ in range(iterations):
+            sel = np.sort(rng.choice(b, batch, replace=False)) if batch < b else np.arange(b)
+            ells = np.asarray(_ells_from(params, curve, tstep))
+            # each step at its own window side (the machine's definition), one compiled program per side
+            vals, grads = zip(*(evaluate(i, ells[i], sel) for i in range(s)), strict=True)
+            params, opt_state = update(params, opt_state, jnp.stack(grads), tstep)
+            losses.append(float(np.sum(np.asarray(vals))))
+            if not (np.isfinite(losses[-1]) and bool(jnp.all(jnp.isfinite(params)))):
+                raise ValueError(f"network: the loss or ℓ became NaN/inf at iteration {len(losses)}; check the "
+                                 "network's x̂0 (and learning_rate)")
         ells = np.asarray(_ells_from(params, curve, tstep))
-        # each step at its own window side (the machine's definition), one compiled program per side
-        vals, grads = zip(*(steps.value_and_grad(float(ells[i]), xs[i, sel], targets[i, sel], tstep[i], norms[i], lab)
-                            for i in range(s)), strict=True)
-        params, opt_state = update(params, opt_state, jnp.stack(grads), tstep)
-        losses.append(float(np.sum(np.asarray(vals))))
-        if not (np.isfinite(losses[-1]) and bool(jnp.all(jnp.isfinite(params)))):
-            raise ValueError(f"network: the loss or ℓ became NaN/inf at iteration {len(losses)}; check the "
-                             "network's x̂0 (and learning_rate)")
+        known = None
     timings["iterations"] = time.perf_counter() - t_iter - timings["prepare"] - timings["compile"]
     t_final = time.perf_counter()
-    ells = np.asarray(_ells_from(params, curve, tstep))
-    step_loss = np.array([steps.loss(float(ells[i]), xs[i], targets[i], tstep[i], norms[i], labels, batch)
-                          for i in range(s)])
+    if known is not None:
+        step_loss = np.asarray(known, np.float64)
+    else:
+        step_loss = np.array([steps.loss(float(ells[i]), xs[i], targets[i], tstep[i], norms[i], labels, batch)
+                              for i in range(s)])
     timings["final"] = time.perf_counter() - t_final
     return SoftCalibration(np.asarray(traj.ts), tuple(float(v) for v in ells), machine.support,
                            machine.padding, machine.window, machine.edge, np.asarray(losses), step_loss, curve,
-                           timings)
+                           timings, optimizer)
+
+
+#: The smallest width the line search visits (a window narrower than this is the centre pixel only).
+_ELL_MIN = 0.05
+
+
+class _LineSearch:
+    """Independent one-dimensional minimisations of ``f_i(u)`` from values and derivatives, run in
+    lockstep (one evaluation per unfinished problem per round; see :func:`differentiable_calibrate`).
+
+    Per problem: the points evaluated, a bracket ``(L, R)`` (``u_L < u_R``) once the minimiser is
+    known to lie between two of them, the expansion step, and the best point so far."""
+
+    _STEP0, _TOL, _GTOL = 0.25, 0.05, 1e-7
+
+    def __init__(self, u0, *, lo, hi):
+        self.n = len(u0)
+        self.lo, self.hi = float(lo), float(hi)
+        self.next_u = np.asarray(u0, np.float64).copy()
+        self.last = [None] * self.n  # (u, f, g) of the latest evaluation
+        self.bracket = [None] * self.n
+        self.step = np.full(self.n, self._STEP0)
+        self.done = np.zeros(self.n, bool)
+        self.best_u = self.next_u.copy()
+        self.best_f = np.full(self.n, np.inf)
+
+    def pending(self):
+        return [i for i in range(self.n) if not self.done[i]]
+
+    def propose(self):
+        return self.next_u.copy()
+
+    def update(self, results):
+        for i, (f, g) in results.items():
+            u = self.next_u[i]
+            if f < self.best_f[i]:
+                self.best_u[i], self.best_f[i] = u, f
+            self._advance(i, (u, f, g))
+
+    def _advance(self, i, pt):
+        u, f, g = pt
+        prev, self.last[i] = self.last[i], pt
+        if not np.isfinite(f) or not np.isfinite(g) or abs(g) < self._GTOL:
+            self.done[i] = True
+            return
+        br = self.bracket[i]
+        if br is None and prev is not None:
+            # moving from prev to pt downhill: the minimiser is between them once the slope turns or f rises
+            right = u > prev[0]
+            if (g > 0) == right or f > prev[1]:
+                br = (prev, pt) if right else (pt, prev)
+        elif br is not None:
+            left, rightpt = br
+            # keep the side on which the slope changes sign (best point tracked separately)
+            br = (left, pt) if g > 0 else (pt, rightpt)
+        self.bracket[i] = br
+        if br is None:  # expand downhill
+            nxt = float(np.clip(u - np.sign(g) * self.step[i], self.lo, self.hi))
+            self.step[i] *= 2.0
+            if nxt == u:  # at the boundary and still pushed outwards
+                self.done[i] = True
+                return
+            self.next_u[i] = nxt
+            return
+        (ul, fl, gl), (ur, fr, gr) = br
+        width = ur - ul
+        if width < self._TOL:
+            self.done[i] = True
+            return
+        self.next_u[i] = ul + width * _hermite_argmin(fl, fr, gl * width, gr * width)
+
+
+def _hermite_argmin(f0, f1, m0, m1):
+    """The minimiser over ``τ ∈ [0.1, 0.9]`` of the cubic Hermite interpolant with values ``f0, f1``
+    and slopes ``m0, m1`` at ``τ = 0, 1`` (a dense evaluation: robust where the cubic is not convex)."""
+    tau = np.linspace(0.1, 0.9, 81)
+    t2, t3 = tau * tau, tau * tau * tau
+    p = (2 * t3 - 3 * t2 + 1) * f0 + (t3 - 2 * t2 + tau) * m0 + (-2 * t3 + 3 * t2) * f1 + (t3 - t2) * m1
+    return float(tau[int(np.argmin(p))])
 
 
 @partial(jax.jit, static_argnames=("side",))

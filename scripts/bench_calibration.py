@@ -8,7 +8,7 @@ call (bank builds and compilation included: what a user waits for). Prints a tab
 
 Example:
     python scripts/bench_calibration.py --model runs/net16 --machine els --n 8 --candidates 1,3,5,7,9 \\
-        --support 9 --iterations 30 --out bench_calibration.json
+        --support 9 --out bench_calibration.json
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def main():
     p.add_argument("--candidates", default="1,3,5,7,9")
     p.add_argument("--support", type=int, default=9)
     p.add_argument("--window", default="box")
-    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--optimizer", default="auto", choices=("auto", "line_search", "adam"))
+    p.add_argument("--iterations", type=int, default=None, help="evaluations per step (line search; default 6) "
+                   "or Adam steps (default 40)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--init", default="2.0", help="a width ℓ, or 'grid' (start from the grid schedule)")
@@ -76,7 +78,7 @@ def main():
         init = float(args.init)
     t0 = time.perf_counter()
     res = cal.differentiable_calibrate(network, soft, None, ts, init=init, iterations=args.iterations,
-                                       learning_rate=args.lr, batch=min(args.batch, args.n), label=label,
+                                       optimizer=args.optimizer, learning_rate=args.lr, batch=min(args.batch, args.n), label=label,
                                        trajectory=traj)
     t_soft = time.perf_counter() - t0
     grid_obj = float(np.sum(cal.trajectory_loss(hard, traj, grid.scales, label=label)))
@@ -89,7 +91,7 @@ def main():
         "load_s": t_load, "trajectory_s": t_traj, "grid_s": t_grid, "soft_s": t_soft,
         "soft_over_grid": t_soft / t_grid, "grid_scales": list(grid.scales), "grid_objective": grid_obj,
         "soft_ells": [float(v) for v in res.ells], "soft_objective": float(np.sum(res.step_loss)),
-        "soft_losses": [float(v) for v in res.losses], "soft_phases": timings,
+        "soft_losses": [float(v) for v in res.losses], "soft_phases": timings, "soft_optimizer": res.optimizer,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     with open(args.out, "w") as f:
@@ -98,7 +100,7 @@ def main():
     print("| phase | wall (s) |\n|---|---|")
     print(f"| network trajectories | {t_traj:.1f} |")
     print(f"| grid calibration ({len(candidates)} candidates) | {t_grid:.1f} |")
-    print(f"| differentiable calibration ({args.iterations} iterations, {args.window}, K ≤ {args.support}) | "
+    print(f"| differentiable calibration ({res.optimizer}, {len(res.losses)} rounds, {args.window}, K ≤ {args.support}) | "
           f"{t_soft:.1f} |")
     print(f"| ratio soft / grid | {t_soft / t_grid:.2f} |")
     if timings:

@@ -42,14 +42,15 @@ def test_box_window_hand_values():
         ej.machines.soft_els(jnp.zeros((2, 8, 8, 1)), window="disk")
 
 
-def test_box_window_recovers_known_half_side(imgs, noise):
+@pytest.mark.parametrize("optimizer", ["line_search", "adam"])
+def test_box_window_recovers_known_half_side(imgs, noise, optimizer):
     ts = [0.7, 0.4, 0.0]
     truth = (1.6, 0.8)
     m = ej.machines.soft_els(imgs, support=5, window="box", edge=0.3)
-    res = cal.differentiable_calibrate(m, m, noise, ts, init=1.2, iterations=50, learning_rate=0.08,
-                                       network_scales=truth)
+    res = cal.differentiable_calibrate(m, m, noise, ts, init=1.2, iterations=50 if optimizer == "adam" else 8,
+                                       learning_rate=0.08, network_scales=truth, optimizer=optimizer)
     np.testing.assert_allclose(res.ells, truth, rtol=0.1)
-    assert res.window == "box"
+    assert res.window == "box" and res.optimizer == optimizer
 
 
 @pytest.mark.parametrize("padding", ["circular", "zeros"])
@@ -179,14 +180,16 @@ def test_grid_errors(imgs, noise):
 
 # -- differentiable calibration -------------------------------------------------------------------
 
-@pytest.mark.parametrize("curve", ["per_step", "quadratic"])
-def test_differentiable_recovers_known_ell(imgs, noise, curve, tmp_path):
+@pytest.mark.parametrize("curve,optimizer", [("per_step", "auto"), ("per_step", "adam"), ("quadratic", "auto")])
+def test_differentiable_recovers_known_ell(imgs, noise, curve, optimizer, tmp_path):
     ts = [0.7, 0.5, 0.3, 0.0]
     truth = (1.6, 1.6, 1.6) if curve == "quadratic" else (1.8, 1.2, 0.7)
     target = ej.machines.soft_els(imgs, support=5)
     res = cal.differentiable_calibrate(target, ej.machines.soft_els(imgs, support=5), noise, ts, init=1.0,
-                                       iterations=60, learning_rate=0.08, curve=curve, network_scales=truth)
-    np.testing.assert_allclose(res.ells, truth, rtol=0.1)
+                                       iterations=None if optimizer == "auto" else 60, learning_rate=0.08,
+                                       curve=curve, network_scales=truth, optimizer=optimizer)
+    assert res.optimizer == ("adam" if optimizer == "adam" or curve == "quadratic" else "line_search")
+    np.testing.assert_allclose(res.ells, truth, rtol=0.1 if res.optimizer == "adam" else 0.03)
     assert res.losses[-1] < 0.05 * res.losses[0]
     res.save(tmp_path / "soft.json")
     ts2, ells, info = cal.load_schedule(tmp_path / "soft.json")
@@ -204,6 +207,36 @@ def test_differentiable_errors(imgs, noise):
         cal.differentiable_calibrate(soft, soft, noise, [0.5, 0.0], batch=9, network_scales=(1.0,))
     with pytest.raises(ValueError, match="curve"):
         cal.differentiable_calibrate(soft, soft, noise, [0.5, 0.0], curve="cubic", network_scales=(1.0,))
+    with pytest.raises(ValueError, match="optimizer"):
+        cal.differentiable_calibrate(soft, soft, noise, [0.5, 0.0], optimizer="lbfgs", network_scales=(1.0,))
+    with pytest.raises(ValueError, match="optimizer"):
+        cal.differentiable_calibrate(soft, soft, noise, [0.5, 0.0], curve="quadratic", optimizer="line_search",
+                                     network_scales=(1.0,))
+    with pytest.raises(ValueError, match="iterations"):
+        cal.differentiable_calibrate(soft, soft, noise, [0.5, 0.0], iterations=0, network_scales=(1.0,))
+
+
+def test_hermite_argmin_and_line_search_on_known_functions():
+    """The search finds the minimiser of smooth 1-D functions from values and slopes, keeps its best
+    point, never leaves its bounds, and stops early where the slope vanishes or at a bound."""
+    assert cal._hermite_argmin(1.0, 1.0, -1.0, 1.0) == pytest.approx(0.5, abs=0.011)
+    fs = [lambda u: (u - 0.7) ** 2, lambda u: np.cosh(u + 1.3), lambda u: -u, lambda u: 0.0 * u,
+          lambda u: (u - 0.2) ** 4 + 0.3 * u]
+    gs = [lambda u: 2 * (u - 0.7), lambda u: np.sinh(u + 1.3), lambda u: -1.0 + 0 * u, lambda u: 0.0 * u,
+          lambda u: 4 * (u - 0.2) ** 3 + 0.3]
+    search = cal._LineSearch(np.zeros(len(fs)), lo=-3.0, hi=2.0)
+    for _ in range(12):
+        todo = search.pending()
+        if not todo:
+            break
+        u = search.propose()
+        search.update({i: (float(fs[i](u[i])), float(gs[i](u[i]))) for i in todo})
+    assert search.best_u[0] == pytest.approx(0.7, abs=0.02)
+    assert search.best_u[1] == pytest.approx(-1.3, abs=0.02)
+    assert search.best_u[2] == 2.0 and search.done[2]  # pushed to the upper bound
+    assert search.best_u[3] == 0.0 and search.done[3]  # flat: stops at once
+    assert search.best_u[4] == pytest.approx(0.2 - (0.3 / 4) ** (1 / 3), abs=0.03)
+    assert np.all(search.best_f <= np.array([f(0.0) for f in fs]))
 
 
 def test_load_schedule_errors(tmp_path):

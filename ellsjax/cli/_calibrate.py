@@ -22,9 +22,9 @@ def register(sub) -> None:
             "over t = i/STEPS, i = STEPS … 0, and calibrate a machine built on the network's own training images "
             "on those trajectories. Machines with an integer scale (els, bbels, ls, pspc): the paper's grid search, "
             "at each step the candidate whose score is most similar to the network's (cosine, or --metric l2), "
-            "then the per-step median over seeds. Soft-window machines (soft-els, soft-bbels; width scale): Adam on log ℓ per "
-            "step (or a quadratic log ℓ(t)) minimising the normalised x̂0 distance to the network, through the "
-            "streaming kernel. Writes OUT, a schedule that `sample --scales`, `evaluate --scales` and "
+            "then the per-step median over seeds. Soft-window machines (soft-els, soft-bbels; width scale): minimise the "
+            "normalised x̂0 distance to the network through the streaming kernel, with gradients: a line search on "
+            "log ℓ per step (default), or Adam on log ℓ per step or on a quadratic log ℓ(t). Writes OUT, a schedule that `sample --scales`, `evaluate --scales` and "
             "ellsjax.calibration.load_schedule read."
         ),
         formatter_class=HelpFormatter,
@@ -41,9 +41,12 @@ def register(sub) -> None:
     s.add_argument("--support", type=int, default=11, help="soft: the largest window side K (odd)")
     s.add_argument("--window", default="box", choices=("gaussian", "box"), help="soft: window shape")
     s.add_argument("--init", type=float, default=2.0, help="soft: starting width ℓ at every step")
-    s.add_argument("--iterations", type=int, default=30, help="soft: Adam steps")
+    s.add_argument("--optimizer", default="auto", choices=("auto", "line_search", "adam"),
+                   help="soft: auto = the line search per step, Adam for --curve quadratic")
+    s.add_argument("--iterations", type=int, default=None,
+                   help="soft: evaluations per step (line search; default 6) or Adam steps (default 40)")
     s.add_argument("--lr", type=float, default=0.1, help="soft: Adam learning rate on log ℓ")
-    s.add_argument("--batch", type=int, default=8, help="soft: seeds per Adam step")
+    s.add_argument("--batch", type=int, default=8, help="soft: seeds per evaluation (line search) or Adam step")
     s.add_argument("--curve", default="per_step", choices=("per_step", "quadratic"), help="soft: ℓ per step or ℓ(t)")
     s.add_argument("--batch-size", type=int, default=16, help="images per machine call")
     s.add_argument("--raw-weights", action="store_true", help="use the trained weights, not their EMA")
@@ -58,7 +61,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from ellsjax import calibration, evaluation
 
     for opt in ("n", "steps", "iterations", "batch", "batch_size"):
-        if getattr(args, opt) <= 0:
+        if getattr(args, opt) is not None and getattr(args, opt) <= 0:
             _fail(f"--{opt.replace('_', '-')} must be positive, got {getattr(args, opt)}")
     if not (args.init > 0 and np.isfinite(args.init)):
         _fail(f"--init must be a positive width, got {args.init}")
@@ -92,7 +95,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         if soft:
             res = calibration.differentiable_calibrate(
                 network, machine, None, ts, init=args.init, iterations=args.iterations, learning_rate=args.lr,
-                batch=min(args.batch, args.n), curve=args.curve, label=label, trajectory=traj,
+                batch=min(args.batch, args.n), curve=args.curve, optimizer=args.optimizer, label=label,
+                trajectory=traj,
             )
             summary = {"ells": [round(float(v), 4) for v in res.ells], "loss": [float(res.losses[0]),
                                                                                  float(res.losses[-1])]}

@@ -15,9 +15,13 @@ per offset; the value is still the center pixel. So ``x̂0`` is a smooth functio
 differentiated through the streaming kernel (see :func:`ellsjax.calibration.differentiable_calibrate`).
 
 Implementation: the stored bank is the hard machine's unweighted bank at side ``K``, shared by every
-``ℓ``; each streamed chunk is multiplied by ``√w`` inside the pass (:func:`_weight_bank`), so a change
-of ``ℓ`` rewrites no bank and a derivative in ``ℓ`` (forward mode: one more GEMM per chunk) never
-touches the stored bank.
+``ℓ``. The whole window rides on the bank side: each streamed chunk becomes keys ``w⊙k`` with the
+"norm" ``Σ_δ w_δ k_δ²`` (:func:`_weight_bank`), and the kernel's raw score
+``2a q·(w⊙k) − a² Σ w k²`` is the weighted distance up to the query's own ``Σ w q²``, which cancels in
+the softmax. So a change of ``ℓ`` rewrites no bank, the queries do not depend on ``ℓ``, and a
+derivative in ``ℓ`` (forward mode) costs one more GEMM per chunk, ``q·(w'⊙k)``, plus elementwise
+work on the chunk (splitting ``√w`` between queries and keys, as the formula above suggests, would
+cost two).
 As ``ℓ → ∞`` the machine becomes the hard ELS/bbELS machine at ``k = K``; small ``ℓ`` concentrates
 the weight on the center pixel.
 
@@ -92,20 +96,22 @@ def _sqrt_window(ell, support: int, window: str = "gaussian", edge: float = 0.15
     return jnp.exp(-d2 / (4.0 * ell * ell))
 
 
-def _weight_bank(bank, sw: Float[Array, " d"]):
-    """A bank chunk with every key multiplied by ``√w`` (``sw``) per coordinate; padding unchanged.
+def _weight_bank(bank, w: Float[Array, " d"]):
+    """A bank chunk with keys ``w⊙k`` and squared norms ``Σ_d w_d k_d²`` (the window on the bank side;
+    see the module docstring); padding unchanged.
 
     Applied chunk by chunk inside the streaming pass: the stored bank stays the unweighted one,
     shared by every ``ℓ``, and a derivative in ``ℓ`` costs one more GEMM per chunk, never a pass
     over the whole bank."""
     if isinstance(bank, _kernel.Bank):
-        keys = bank.keys * sw
-        return _kernel.Bank(keys, bank.values, bank.log_count, jnp.sum(keys * keys, axis=-1))
+        keys = bank.keys * w
+        return _kernel.Bank(keys, bank.values, bank.log_count, jnp.sum(keys * bank.keys, axis=-1))
     keys_t = bank.keys_t
     d = keys_t.shape[-2] - 1
-    k = keys_t[..., :d, :] * sw[:, None]
+    raw = keys_t[..., :d, :]
+    k = raw * w[:, None]
     pad = keys_t[..., d, :] >= 0.5 * _kernel.PAD_SQ_NORM
-    sq = jnp.where(pad, _kernel.PAD_SQ_NORM, jnp.sum(k * k, axis=-2))
+    sq = jnp.where(pad, _kernel.PAD_SQ_NORM, jnp.sum(k * raw, axis=-2))
     return type(bank)(jnp.concatenate([k, sq[..., None, :]], axis=-2), *bank[1:])
 
 
@@ -181,10 +187,10 @@ class SoftEquivariantLocalScore(EquivariantLocalScore):
         """
         b, h, w, ch = x_t.shape
         k = self.support if side is None else int(side)
-        sw = jnp.repeat(_sqrt_window(ell, k, self.window, self.edge), ch)  # [K·K·C], offset-major like the windows
+        sw = _sqrt_window(ell, k, self.window, self.edge)
+        weights = jnp.repeat(sw * sw, ch)  # [K·K·C], offset-major like the windows
         layout, queries = self._queries(x_t, t, label, k)
-        queries = {n: q._replace(q=q.q * sw) for n, q in queries.items()}
-        bank_map = BankMap(functools.partial(_weight_bank, sw=sw), 0)
+        bank_map = BankMap(functools.partial(_weight_bank, w=weights), 0)
         prepared = self.banks.get(bank_key(k, label is not None))
         if prepared is not None:
             means = {name: self._stream_bank(queries[name], prepared[name], label, g.bpos.shape[1], bank_map)
