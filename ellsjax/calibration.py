@@ -345,9 +345,11 @@ def differentiable_calibrate(
       0.5, 1, …) until ``dL_i/du`` changes sign or ``L_i`` rises, then shrink the bracket at the
       minimiser of the cubic Hermite interpolant of ``(L, dL/du)`` at its ends (kept inside its
       middle 80%). ``iterations`` (default 6) evaluations per step at most, on one fixed set of
-      ``batch`` seeds; steps whose bracket is narrower than 0.05 or whose gradient vanishes stop
-      early (no more evaluations); each step keeps the best point it evaluated, so the result is
-      never worse than ``init`` on those seeds. ``ℓ`` stays in ``[0.05, support]``.
+      ``batch`` seeds; a step stops early (no more evaluations) once its bracket is narrower than
+      0.05, its slope is below ``10⁻³·L_i`` (a unit step in ``log ℓ`` would gain less than that) or
+      the interpolant promises less than ``10⁻³·L_i`` below its best value; each step keeps the
+      best point it evaluated, so the result is never worse than ``init`` on those seeds. ``ℓ``
+      stays in ``[0.05, support]``.
     - ``"adam"``: ``optax.adam(learning_rate)`` on ``log ℓ`` (or the curve's coefficients), a
       fresh random subset of ``batch`` seeds per step (``key``), ``iterations`` (default 40) steps.
 
@@ -489,7 +491,9 @@ class _LineSearch:
     Per problem: the points evaluated, a bracket ``(L, R)`` (``u_L < u_R``) once the minimiser is
     known to lie between two of them, the expansion step, and the best point so far."""
 
-    _STEP0, _TOL, _GTOL = 0.25, 0.05, 1e-7
+    # first expansion step, bracket width at which to stop (both in u = log ℓ), and the relative
+    # slope / predicted gain below which one more evaluation is not worth its cost
+    _STEP0, _TOL, _RTOL = 0.25, 0.05, 1e-3
 
     def __init__(self, u0, *, lo, hi):
         self.n = len(u0)
@@ -518,8 +522,8 @@ class _LineSearch:
     def _advance(self, i, pt):
         u, f, g = pt
         prev, self.last[i] = self.last[i], pt
-        if not np.isfinite(f) or not np.isfinite(g) or abs(g) < self._GTOL:
-            self.done[i] = True
+        if not np.isfinite(f) or not np.isfinite(g) or abs(g) <= self._RTOL * abs(f):
+            self.done[i] = True  # flat here: a step of 1 in log ℓ would gain less than RTOL·f
             return
         br = self.bracket[i]
         if br is None and prev is not None:
@@ -542,19 +546,22 @@ class _LineSearch:
             return
         (ul, fl, gl), (ur, fr, gr) = br
         width = ur - ul
-        if width < self._TOL:
-            self.done[i] = True
+        tau, predicted = _hermite_argmin(fl, fr, gl * width, gr * width)
+        if width < self._TOL or self.best_f[i] - predicted <= self._RTOL * abs(self.best_f[i]):
+            self.done[i] = True  # the bracket is tight, or the model promises no worthwhile gain
             return
-        self.next_u[i] = ul + width * _hermite_argmin(fl, fr, gl * width, gr * width)
+        self.next_u[i] = ul + width * tau
 
 
 def _hermite_argmin(f0, f1, m0, m1):
     """The minimiser over ``τ ∈ [0.1, 0.9]`` of the cubic Hermite interpolant with values ``f0, f1``
-    and slopes ``m0, m1`` at ``τ = 0, 1`` (a dense evaluation: robust where the cubic is not convex)."""
+    and slopes ``m0, m1`` at ``τ = 0, 1`` (a dense evaluation: robust where the cubic is not convex),
+    and the interpolant's value there."""
     tau = np.linspace(0.1, 0.9, 81)
     t2, t3 = tau * tau, tau * tau * tau
     p = (2 * t3 - 3 * t2 + 1) * f0 + (t3 - 2 * t2 + tau) * m0 + (-2 * t3 + 3 * t2) * f1 + (t3 - t2) * m1
-    return float(tau[int(np.argmin(p))])
+    j = int(np.argmin(p))
+    return float(tau[j]), float(p[j])
 
 
 @partial(jax.jit, static_argnames=("side",))

@@ -219,7 +219,8 @@ def test_differentiable_errors(imgs, noise):
 def test_hermite_argmin_and_line_search_on_known_functions():
     """The search finds the minimiser of smooth 1-D functions from values and slopes, keeps its best
     point, never leaves its bounds, and stops early where the slope vanishes or at a bound."""
-    assert cal._hermite_argmin(1.0, 1.0, -1.0, 1.0) == pytest.approx(0.5, abs=0.011)
+    tau, value = cal._hermite_argmin(1.0, 1.0, -1.0, 1.0)  # symmetric: minimum in the middle, below 1
+    assert tau == pytest.approx(0.5, abs=0.011) and value == pytest.approx(0.75, abs=1e-3)
     fs = [lambda u: (u - 0.7) ** 2, lambda u: np.cosh(u + 1.3), lambda u: -u, lambda u: 0.0 * u,
           lambda u: (u - 0.2) ** 4 + 0.3 * u]
     gs = [lambda u: 2 * (u - 0.7), lambda u: np.sinh(u + 1.3), lambda u: -1.0 + 0 * u, lambda u: 0.0 * u,
