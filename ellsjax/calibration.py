@@ -346,8 +346,8 @@ def differentiable_calibrate(
       minimiser of the cubic Hermite interpolant of ``(L, dL/du)`` at its ends (kept inside its
       middle 80%). ``iterations`` (default 6) evaluations per step at most, on one fixed set of
       ``batch`` seeds; a step stops early (no more evaluations) once its bracket is narrower than
-      0.05, its slope is below ``10⁻³·L_i`` (a unit step in ``log ℓ`` would gain less than that) or
-      the interpolant promises less than ``10⁻³·L_i`` below its best value; each step keeps the
+      0.05, the interpolant in its bracket promises less than ``10⁻³·L_i`` below its best value,
+      or its slope is exactly zero; each step keeps the
       best point it evaluated, so the result is never worse than ``init`` on those seeds. ``ℓ``
       stays in ``[0.05, support]``.
     - ``"adam"``: ``optax.adam(learning_rate)`` on ``log ℓ`` (or the curve's coefficients), a
@@ -491,8 +491,8 @@ class _LineSearch:
     Per problem: the points evaluated, a bracket ``(L, R)`` (``u_L < u_R``) once the minimiser is
     known to lie between two of them, the expansion step, and the best point so far."""
 
-    # first expansion step, bracket width at which to stop (both in u = log ℓ), and the relative
-    # slope / predicted gain below which one more evaluation is not worth its cost
+    # first expansion step, bracket width at which to stop (both in u = log ℓ), and the gain inside
+    # a bracket (relative to the best value) below which one more evaluation is not worth its cost
     _STEP0, _TOL, _RTOL = 0.25, 0.05, 1e-3
 
     def __init__(self, u0, *, lo, hi):
@@ -522,8 +522,10 @@ class _LineSearch:
     def _advance(self, i, pt):
         u, f, g = pt
         prev, self.last[i] = self.last[i], pt
-        if not np.isfinite(f) or not np.isfinite(g) or abs(g) <= self._RTOL * abs(f):
-            self.done[i] = True  # flat here: a step of 1 in log ℓ would gain less than RTOL·f
+        if not np.isfinite(f) or not np.isfinite(g) or g == 0.0:
+            # only an exactly flat point stops the expansion: a small slope may sit on a plateau
+            # with a lower valley further on (measured: the t = 1 step of a network's trajectory)
+            self.done[i] = True
             return
         br = self.bracket[i]
         if br is None and prev is not None:

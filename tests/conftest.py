@@ -15,6 +15,20 @@ from pathlib import Path
 # the tests check is this library's arithmetic, which the passes do not change beyond float32
 # rounding order; benchmarks and users run fully optimized. Must be set before JAX initializes.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Many tests build the same small programs again (a fresh closure per call, the CLI and multi-process
+# tests in new interpreters): a compilation cache for this session, from the first compile on, turns
+# each repeat into a disk read. A fresh directory per session, removed at its end: nothing persists
+# between runs, so every run still compiles everything it tests at least once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _CACHE = tempfile.mkdtemp(prefix="ellsjax-test-xla-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -222,9 +222,9 @@ def test_hermite_argmin_and_line_search_on_known_functions():
     tau, value = cal._hermite_argmin(1.0, 1.0, -1.0, 1.0)  # symmetric: minimum in the middle, below 1
     assert tau == pytest.approx(0.5, abs=0.011) and value == pytest.approx(0.75, abs=1e-3)
     fs = [lambda u: (u - 0.7) ** 2, lambda u: np.cosh(u + 1.3), lambda u: -u, lambda u: 0.0 * u,
-          lambda u: (u - 0.2) ** 4 + 0.3 * u]
+          lambda u: (u - 0.2) ** 4 + 0.3 * u, lambda u: 1 - np.exp(-(u - 1.5) ** 2 / 0.1)]
     gs = [lambda u: 2 * (u - 0.7), lambda u: np.sinh(u + 1.3), lambda u: -1.0 + 0 * u, lambda u: 0.0 * u,
-          lambda u: 4 * (u - 0.2) ** 3 + 0.3]
+          lambda u: 4 * (u - 0.2) ** 3 + 0.3, lambda u: 20 * (u - 1.5) * np.exp(-(u - 1.5) ** 2 / 0.1)]
     search = cal._LineSearch(np.zeros(len(fs)), lo=-3.0, hi=2.0)
     for _ in range(12):
         todo = search.pending()
@@ -237,6 +237,7 @@ def test_hermite_argmin_and_line_search_on_known_functions():
     assert search.best_u[2] == 2.0 and search.done[2]  # pushed to the upper bound
     assert search.best_u[3] == 0.0 and search.done[3]  # flat: stops at once
     assert search.best_u[4] == pytest.approx(0.2 - (0.3 / 4) ** (1 / 3), abs=0.03)
+    assert search.best_u[5] == pytest.approx(1.5, abs=0.05)  # a plateau (slope ~1e-8) before the valley
     assert np.all(search.best_f <= np.array([f(0.0) for f in fs]))
 
 
