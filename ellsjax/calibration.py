@@ -77,6 +77,7 @@ __all__ = [
     "grid_calibrate",
     "SoftCalibration",
     "differentiable_calibrate",
+    "widths_from_sizes",
     "trajectory_loss",
     "save_soft_schedule",
     "load_schedule",
@@ -379,10 +380,10 @@ def differentiable_calibrate(
         >>> imgs = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1)
         >>> m = ej.machines.soft_els(imgs, support=3)
         >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
-        >>> cal = differentiable_calibrate(m, m, x, [0.8, 0.4, 0.0], init=1.0, iterations=2,
-        ...                                network_scales=(1.0, 1.0))
-        >>> len(cal.ells), cal.losses.shape
-        (2, (2,))
+        >>> cal = differentiable_calibrate(m, m, x, [0.8, 0.4, 0.0], init=1.0, iterations=3,
+        ...                                network_scales=(1.5, 0.8))
+        >>> len(cal.ells), cal.optimizer, bool(cal.losses[-1] < cal.losses[0])
+        (2, 'line_search', True)
     """
     _check_pair(network, machine)
     if not isinstance(machine, SoftEquivariantLocalScore):
@@ -478,6 +479,25 @@ def differentiable_calibrate(
     return SoftCalibration(np.asarray(traj.ts), tuple(float(v) for v in ells), machine.support,
                            machine.padding, machine.window, machine.edge, np.asarray(losses), step_loss, curve,
                            timings, optimizer)
+
+
+def widths_from_sizes(sizes: Sequence[int], window: Literal["gaussian", "box"] = "box") -> list[float]:
+    """Starting widths ``ℓ`` for a soft window from a patch-size schedule (e.g. :func:`grid_calibrate`'s):
+    the box of half-side ``(k − 1)/2`` (the hard ``k×k`` patch up to the soft edges; at least 0.25),
+    or a Gaussian of width ``k/3`` (at least 0.5).
+
+    Example:
+        >>> widths_from_sizes([1, 5, 9]), widths_from_sizes([3], "gaussian")
+        ([0.25, 2.0, 4.0], [1.0])
+    """
+    if window not in ("gaussian", "box"):
+        raise ValueError(f"window: must be 'gaussian' or 'box', got {window!r}")
+    out = []
+    for k in sizes:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"sizes: expected positive int patch sizes, got {k!r}")
+        out.append(max((float(k) - 1.0) / 2.0, 0.25) if window == "box" else max(float(k) / 3.0, 0.5))
+    return out
 
 
 #: The smallest width the line search visits (a window narrower than this is the centre pixel only).

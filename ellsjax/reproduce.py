@@ -186,14 +186,6 @@ def preset(name: str) -> ReproducePreset:
     return PRESETS[name]
 
 
-def _soft_init(grid_scales, window):
-    """Start ℓ from the grid: a Gaussian of width k/3, or the box of half-side (k−1)/2 (the grid's own
-    windows, up to the soft edges)."""
-    if window == "box":
-        return [max((float(k) - 1.0) / 2.0, 0.25) for k in grid_scales]
-    return [max(float(k) / 3.0, 0.5) for k in grid_scales]
-
-
 def run(
     p: ReproducePreset | str,
     out_dir: str | os.PathLike,
@@ -254,7 +246,7 @@ def run(
         log(f"[{p.name}] differentiable calibration of {p.soft_machine}, {window} window (K <= {p.soft_support}, "
             f"{p.soft_optimizer} optimizer, {p.soft_iterations} iterations)")
         diffs[window] = _cal.differentiable_calibrate(
-            network, softs[window], None, ts, init=_soft_init(grid.scales, window), iterations=p.soft_iterations,
+            network, softs[window], None, ts, init=_cal.widths_from_sizes(grid.scales, window), iterations=p.soft_iterations,
             learning_rate=p.soft_lr, batch=min(p.soft_batch, p.calib_seeds), curve=p.soft_curve,
             optimizer=p.soft_optimizer, label=lab_cal,
             trajectory=traj,

@@ -3,6 +3,7 @@
 import json
 
 import matplotlib
+import numpy as np
 import pytest
 
 matplotlib.use("Agg")
@@ -96,6 +97,15 @@ def test_cli_calibrate_grid_and_soft(smoke, tmp_path):
                      "5", "--iterations", "2", "--batch", "2", "--out", str(tmp_path / "s.json")]) == 0
     ts, ells, info = ej.calibration.load_schedule(tmp_path / "s.json")
     assert len(ells) == 4 and all(e > 0 for e in ells) and info["support"] == 5 and info["window"] == "box"
+    # the line search started from the grid schedule: one evaluation keeps exactly its widths
+    assert cli.main(["calibrate", "--model", net, "--machine", "soft-els", "--n", "2", "--steps", "4", "--support",
+                     "5", "--iterations", "1", "--init", str(tmp_path / "g.json"), "--out", str(tmp_path / "s1.json")]) == 0
+    _, ells1, _ = ej.calibration.load_schedule(tmp_path / "s1.json")
+    assert np.allclose(ells1, ej.calibration.widths_from_sizes(scales, "box"))
+    for bad, msg in (("0", "positive width"), (str(tmp_path / "nope.json"), "neither"),
+                     (str(tmp_path / "s.json"), "width schedule")):
+        with pytest.raises(SystemExit, match=msg):
+            cli.main(["calibrate", "--model", net, "--machine", "soft-els", "--steps", "4", "--init", bad])
     # what it wrote, evaluate reads
     assert cli.main(["evaluate", "--model", net, "--machine", "soft-els", "--scales", str(tmp_path / "s.json"),
                      "--n", "2", "--out", str(tmp_path / "ev")]) == 0

@@ -40,7 +40,9 @@ def register(sub) -> None:
     s.add_argument("--metric", default="cosine", choices=("cosine", "l2"), help="grid: score comparison")
     s.add_argument("--support", type=int, default=11, help="soft: the largest window side K (odd)")
     s.add_argument("--window", default="box", choices=("gaussian", "box"), help="soft: window shape")
-    s.add_argument("--init", type=float, default=2.0, help="soft: starting width ℓ at every step")
+    s.add_argument("--init", default="2.0",
+                   help="soft: starting width ℓ at every step, or a patch-size schedule JSON (e.g. the grid "
+                        "calibration of the hard twin, `calibrate --machine els`): ℓ from each step's size")
     s.add_argument("--optimizer", default="auto", choices=("auto", "line_search", "adam"),
                    help="soft: auto = the line search per step, Adam for --curve quadratic")
     s.add_argument("--iterations", type=int, default=None,
@@ -56,15 +58,13 @@ def register(sub) -> None:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import jax
-    import numpy as np
 
     from ellsjax import calibration, evaluation
 
     for opt in ("n", "steps", "iterations", "batch", "batch_size"):
         if getattr(args, opt) is not None and getattr(args, opt) <= 0:
             _fail(f"--{opt.replace('_', '-')} must be positive, got {getattr(args, opt)}")
-    if not (args.init > 0 and np.isfinite(args.init)):
-        _fail(f"--init must be a positive width, got {args.init}")
+    init = _parse_init(args.init, args.window, args.steps)
     spec = machine_spec(args.machine)
     if spec.calibration is None:
         from ellsjax import machines
@@ -94,7 +94,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         meta = {"machine": spec.name, "model": str(args.model), "n": args.n, "seed": args.seed}
         if soft:
             res = calibration.differentiable_calibrate(
-                network, machine, None, ts, init=args.init, iterations=args.iterations, learning_rate=args.lr,
+                network, machine, None, ts, init=init, iterations=args.iterations, learning_rate=args.lr,
                 batch=min(args.batch, args.n), curve=args.curve, optimizer=args.optimizer, label=label,
                 trajectory=traj,
             )
@@ -110,3 +110,32 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     print(json.dumps(summary))
     print(f"wrote {out}")
     return 0
+
+
+def _parse_init(value: str, window: str, steps: int):
+    """``--init``: a positive width, or a patch-size schedule file with ``steps`` steps."""
+    import os
+
+    import numpy as np
+
+    from ellsjax import calibration
+
+    try:
+        width = float(value)
+    except ValueError:
+        width = None
+    if width is not None:
+        if not (width > 0 and np.isfinite(width)):
+            _fail(f"--init must be a positive width or a schedule file, got {value}")
+        return width
+    if not os.path.isfile(value):
+        _fail(f"--init: {value} is neither a number nor a schedule file")
+    try:
+        _, sizes, info = calibration.load_schedule(value, nsteps=steps)
+    except (ValueError, OSError) as e:
+        _fail(f"--init: cannot read {value}: {e}")
+    if info:
+        _fail(f"--init: {value} is a width schedule; give a patch-size schedule (or pass its widths as --init)")
+    if len(sizes) != steps:
+        _fail(f"--init: {value} has {len(sizes)} steps, --steps is {steps}")
+    return calibration.widths_from_sizes(sizes, window)
