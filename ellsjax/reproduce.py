@@ -147,8 +147,8 @@ def _presets() -> dict[str, ReproducePreset]:
             published="MNIST_ResNet_circular",
             candidates=(1, 3, 5, 7, 9, 11, 13, 15), calib_seeds=16, eval_seeds=100, nsteps=20,
             # the box window only (the Gaussian fitted worse: 0.829 vs 0.892 median r, 2026-12-03); the line
-            # search from the grid schedule, 5 evaluations per step on 8 of the 16 seeds: 1.35x the grid's
-            # time with a lower objective than the grid's (4.194 vs 4.263, scripts/bench_calibration.py)
+            # search from the grid schedule, at most 5 evaluations per step on 8 of the 16 seeds: 0.94-0.98x
+            # the grid's time, objective 4.199 vs the grid's 4.263 (scripts/bench_calibration.py, 2026-12-03)
             soft_support=11, soft_iterations=5, soft_batch=8, soft_windows=("box",),
             description="circular ResNet (width 32, 4 layers) on 1000 MNIST images at 16x16, 4000 steps",
         ),

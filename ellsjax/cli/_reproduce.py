@@ -21,7 +21,7 @@ def register(sub) -> None:
             "schedule of its differentiable twin on network trajectories, evaluate both (and the published schedule) "
             "against the network and the ideal score on other seeds, and write OUT/results.json, OUT/report.md, "
             "OUT/figures/*.png and the schedules OUT/scales_grid.json, OUT/scales_soft_WINDOW.json. Presets: smoke "
-            "(seconds), mnist-cpu (about 16 minutes on a 2-core CPU), paper-* (the paper's networks; GPU). "
+            "(seconds), mnist-cpu (about 12 minutes on a 2-core CPU), paper-* (the paper's networks; GPU). "
             "locality-* presets run the locality family's shared protocol instead (ellsjax.locality: linear-beta "
             "DDPM schedule, 10 DDIM steps, an attention-free UNet; Optimal, Wiener, ELS, PCA, GoldDiff published and "
             "certified; r^2, MSE, time per step, peak memory): locality-smoke (seconds), locality-mnist-cpu, "
