@@ -29,9 +29,9 @@ kernel. Per step the objective is a sum of independent one-dimensional terms ``L
 default optimizer there is a derivative-based line search per step (bracketing by the sign of
 ``dL_i/d log ℓ``, cubic Hermite interpolation inside the bracket, the best point kept): a handful
 of evaluations on a fixed set of seeds instead of dozens of noisy Adam steps. Adam (optax) serves
-the coupled quadratic curve and is available per step. (Each step's term is normalised by the target's size, so that the steps near ``t = 1``,
-where the network's ``x̂0`` is large and noisy, do not dominate the smooth curve; per step the
-normalisation does not move the minimum.)
+the coupled quadratic curve and is available per step. (Each step's term is normalised by the
+target's size, so that the steps near ``t = 1``, where the network's ``x̂0`` is large and noisy, do
+not dominate the smooth curve; per step the normalisation does not move the minimum.)
 
 The "network" is any :class:`~ellsjax.machines.Denoiser` — a trained network
 (:func:`ellsjax.models.load`) or a machine with a known schedule (which is how the tests check that

@@ -20,7 +20,7 @@
    ``OUT/scales_grid.json`` / ``OUT/scales_soft_{gaussian,box}.json``.
 
 Presets (:data:`PRESETS`): ``smoke`` (seconds; the test suite runs it), ``mnist-cpu`` (a small
-circular ResNet on 16×16 MNIST; about 16 minutes on a 2-core CPU) and the paper's networks for a
+circular ResNet on 16×16 MNIST; about 12 minutes on a 2-core CPU) and the paper's networks for a
 GPU (``paper-mnist-resnet-zeros``, ``paper-mnist-resnet-circular``, ``paper-mnist-unet-zeros``,
 ``paper-fashion-mnist-resnet``, ``paper-cifar10-resnet``, ``paper-cifar10-unet``; the networks and
 training lengths of :data:`ellsjax.nets.PRESETS`, 100 evaluation seeds).

@@ -72,8 +72,7 @@ def main():
     t_grid = time.perf_counter() - t0
 
     if args.init == "grid":
-        init = [max((float(k) - 1.0) / 2.0, 0.25) if args.window == "box" else max(float(k) / 3.0, 0.5)
-                for k in grid.scales]
+        init = cal.widths_from_sizes(grid.scales, args.window)
     else:
         init = float(args.init)
     t0 = time.perf_counter()

@@ -82,18 +82,13 @@ def window_weights(
         >>> bool(np.isclose(float(w[4]), 1.0)), bool(np.isclose(float(w[0]), np.exp(-1.0)))
         (True, True)
     """
-    return _sqrt_window(ell, support, window, edge) ** 2
-
-
-def _sqrt_window(ell, support: int, window: str = "gaussian", edge: float = 0.15) -> Array:
-    # √w computed directly (sqrt(w) has an infinite derivative where w underflows to 0)
     r = jnp.arange(support, dtype=jnp.float32) - support // 2
     ell = jnp.asarray(ell, jnp.float32)
     if window == "box":
         cheb = jnp.maximum(jnp.abs(r)[:, None], jnp.abs(r)[None, :]).reshape(-1)
-        return jnp.exp(-0.5 * jax.nn.softplus((cheb - ell - 0.5) / edge))  # √σ(z) = exp(−softplus(−z)/2)
+        return jax.nn.sigmoid((ell + 0.5 - cheb) / edge)
     d2 = (r[:, None] ** 2 + r[None, :] ** 2).reshape(-1)
-    return jnp.exp(-d2 / (4.0 * ell * ell))
+    return jnp.exp(-d2 / (2.0 * ell * ell))
 
 
 def _weight_bank(bank, w: Float[Array, " d"]):
@@ -187,8 +182,7 @@ class SoftEquivariantLocalScore(EquivariantLocalScore):
         """
         b, h, w, ch = x_t.shape
         k = self.support if side is None else int(side)
-        sw = _sqrt_window(ell, k, self.window, self.edge)
-        weights = jnp.repeat(sw * sw, ch)  # [K·K·C], offset-major like the windows
+        weights = jnp.repeat(window_weights(ell, k, self.window, self.edge), ch)  # [K·K·C], offset-major
         layout, queries = self._queries(x_t, t, label, k)
         bank_map = BankMap(functools.partial(_weight_bank, w=weights), 0)
         prepared = self.banks.get(bank_key(k, label is not None))
