@@ -1,6 +1,8 @@
 """GoldDiff (published and certified) against the exact PCA-locality machine."""
 
 import importlib
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +113,32 @@ def test_pca_with_search_is_the_certified_mode():
     err = np.abs(out - np.asarray(m.denoise(x, 0.05))).max(-1)
     assert np.all(err <= bound + 2e-5) and bound.max() <= 1e-2
     assert s.with_search(tolerance=None).tolerance is None
+
+
+def test_certified_subset_oracle_sizes_against_brute_force():
+    # scripts/certified_subset_oracle.py: k_m is the smallest prefix (≥ 1) of the weight order whose
+    # complement U satisfies A/(1 + W_U) ≤ ε; checked by brute force on a tiny random problem
+    spec = importlib.util.spec_from_file_location(
+        "oracle", Path(__file__).resolve().parents[1] / "scripts" / "certified_subset_oracle.py")
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    rng = np.random.default_rng(0)
+    n, d, eps = 12, 5, 0.05
+    phi = rng.uniform(-1, 1, (n, d)).astype(np.float32)
+    xt = rng.normal(size=d).astype(np.float32)
+    mask = (rng.random((d, d)) < 0.6) | np.eye(d, dtype=bool)
+    for inv_temp in (0.05, 2.0, 50.0):
+        shared, union = oracle.oracle_sizes(phi, xt, mask.astype(np.float32), 0.8, inv_temp, eps)
+        ks, sets = [], set()
+        for m in range(d):
+            logit = -inv_temp * ((xt[mask[m]][None] - 0.8 * phi[:, mask[m]]) ** 2).sum(1).astype(np.float64)
+            w = np.exp(logit - logit.max())
+            w /= w.sum()
+            mean = w @ phi[:, m]
+            order = np.argsort(-w, kind="stable")
+            k = next((k for k in range(1, n + 1) if k == n or
+                      (w[order[k:]] * np.abs(phi[order[k:], m] - mean)).sum() / (1 + w[order[k:]].sum()) <= eps), n)
+            ks.append(k)
+            sets |= set(order[:k].tolist())
+        assert shared == max(ks) and union == len(sets), (inv_temp, shared, ks, union, len(sets))
+    assert oracle.oracle_sizes(phi, xt, mask.astype(np.float32), 0.8, 1e4, eps)[0] == 1  # one image owns it

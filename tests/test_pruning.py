@@ -1,5 +1,8 @@
 """Pruned streaming (block bounds): same results as the exact pass, and a bound that holds."""
 
+import importlib.util
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -76,3 +79,22 @@ def test_pruned_sampler_and_options(data):
         base.with_pruning(0.0, block=24)
     with pytest.raises(ValueError, match="tolerance: must be >= 0"):
         base.with_pruning(-1.0)
+
+
+def test_pruning_headroom_script_orders_its_fractions():
+    # scripts/pruning_headroom.py: entries within the margin ≤ blocks holding one ≤ blocks the bound
+    # cannot rule out (≤ 1), on a tiny bank; its own assert checks every bound against the block's best logit
+    spec = importlib.util.spec_from_file_location(
+        "headroom", Path(__file__).resolve().parents[1] / "scripts" / "pruning_headroom.py")
+    headroom = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headroom)
+    imgs, _ = ej.data.load("mnist", source="bundled", limit=21, image_size=8)
+    imgs = np.asarray(imgs)
+    rows = headroom.headroom(imgs[:20], imgs[20], 3, [0.05, 0.5], [8, 32], [104.0, 27.0], 16)
+    assert [r["t"] for r in rows] == [0.05, 0.5]
+    for r in rows:
+        for mg in ("104", "27"):
+            e = r[f"entries_within_{mg}"]
+            for b in (8, 32):
+                assert 0 < e <= r[f"blocks{b}_true_within_{mg}"] <= r[f"blocks{b}_bound_within_{mg}"] <= 1
+    assert rows[0]["entries_within_104"] < rows[1]["entries_within_104"]  # more noise, more entries count

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from ellsjax import kernel as _kernel
 from ellsjax.machines import _banks
 
-__all__ = ["UNDERFLOW_MARGIN", "prunable", "pruned_stats", "error_bound", "suffix_bounds"]
+__all__ = ["UNDERFLOW_MARGIN", "prunable", "pruned_stats", "error_bound", "suffix_bounds", "block_score_bounds"]
 
 #: float32 ``exp(x)`` is 0 for ``x < ln(2^-149) ≈ −103.3``: an entry this far below the running
 #: maximum has weight exactly 0.
@@ -93,6 +93,32 @@ def error_bound(stats: _kernel.SoftmaxStats, rest, vmax) -> jax.Array:
     return frac * (vmax + jnp.max(jnp.abs(mean), -1))
 
 
+def block_score_bounds(q, a, blocks: _banks.BlockIndex) -> jax.Array:
+    """``[T, nb]`` upper bounds on the raw score ``‖q‖² − ‖q − a·k‖²`` of every entry ``k`` of each block,
+    for queries ``q`` ``[T, D]`` at signal ``a`` ``[T]``: the larger of the ball and the box-plus-rest
+    lower bounds on ``‖q − a·k‖²`` (see :class:`~ellsjax.machines._banks.BlockIndex`), plus the float32
+    rounding slack of the kernel's logits and of this bound."""
+    d = q.shape[-1]
+    hi = jax.lax.Precision.HIGHEST
+    qn2 = jnp.sum(q * q, -1)
+    qn = jnp.sqrt(qn2)
+    c2 = jnp.sum(blocks.centers * blocks.centers, -1)
+    dist2 = qn2[:, None] - 2 * a[:, None] * jnp.matmul(q, blocks.centers.T, precision=hi) + (a * a)[:, None] * c2
+    ball = jnp.maximum(jnp.sqrt(jnp.maximum(dist2, 0.0)) - a[:, None] * blocks.radii, 0.0)
+    # the box in the principal subspace, and the range of the rest's norm
+    qp = jnp.matmul(q, blocks.basis.T, precision=hi)  # [T, r]
+    qperp = jnp.sqrt(jnp.maximum(qn2 - jnp.sum(qp * qp, -1), 0.0))
+    ah = a[:, None, None]
+    box = jnp.maximum(jnp.maximum(ah * blocks.lo[None] - qp[:, None], qp[:, None] - ah * blocks.hi[None]), 0.0)
+    an = a[:, None]
+    perp = jnp.maximum(jnp.maximum(qperp[:, None] - an * blocks.perp_hi, an * blocks.perp_lo - qperp[:, None]), 0.0)
+    gap2 = jnp.maximum(ball * ball, jnp.sum(box * box, -1) + perp * perp)
+    # rounding slack of the logits (as in kernel.topk_softmax) and of this bound, both float32
+    big = (qn + a * blocks.key_norm) ** 2
+    slack = 16.0 * (d + 2) * _U32 * big
+    return qn2[:, None] - gap2 + slack[:, None]
+
+
 def _pruned_group(q: _kernel.Queries, keys_t, vv, blocks: _banks.BlockIndex, vmax, *, tolerance, tile):
     m, d = q.q.shape
     t = int(min(tile, m))
@@ -122,29 +148,11 @@ def _pruned_group(q: _kernel.Queries, keys_t, vv, blocks: _banks.BlockIndex, vma
 
 def _pruned_tile(q: _kernel.Queries, valid, keys_t, vv, blocks: _banks.BlockIndex, vmax, tolerance):
     nb = blocks.radii.shape[0]
-    d = q.q.shape[-1]
     n = keys_t.shape[-1] // nb
     a, tau = q.a, q.inv_temp
     finite = jnp.isfinite(tau)
     kappa = jnp.where(finite, tau, 1.0)  # scores are raw where τ = ∞ (nearest-entry limit)
-    hi = jax.lax.Precision.HIGHEST
-    qn2 = jnp.sum(q.q * q.q, -1)
-    qn = jnp.sqrt(qn2)
-    c2 = jnp.sum(blocks.centers * blocks.centers, -1)
-    dist2 = qn2[:, None] - 2 * a[:, None] * jnp.matmul(q.q, blocks.centers.T, precision=hi) + (a * a)[:, None] * c2
-    ball = jnp.maximum(jnp.sqrt(jnp.maximum(dist2, 0.0)) - a[:, None] * blocks.radii, 0.0)
-    # the box in the principal subspace, and the range of the rest's norm
-    qp = jnp.matmul(q.q, blocks.basis.T, precision=hi)  # [T, r]
-    qperp = jnp.sqrt(jnp.maximum(qn2 - jnp.sum(qp * qp, -1), 0.0))
-    ah = a[:, None, None]
-    box = jnp.maximum(jnp.maximum(ah * blocks.lo[None] - qp[:, None], qp[:, None] - ah * blocks.hi[None]), 0.0)
-    an = a[:, None]
-    perp = jnp.maximum(jnp.maximum(qperp[:, None] - an * blocks.perp_hi, an * blocks.perp_lo - qperp[:, None]), 0.0)
-    gap2 = jnp.maximum(ball * ball, jnp.sum(box * box, -1) + perp * perp)
-    # rounding slack of the logits (as in kernel.topk_softmax) and of this bound, both float32
-    big = (qn + a * blocks.key_norm) ** 2
-    slack = 16.0 * (d + 2) * _U32 * big
-    upper = qn2[:, None] - gap2 + slack[:, None]
+    upper = block_score_bounds(q.q, a, blocks)
     zu = jnp.where(blocks.counts > 0, kappa[:, None] * upper, -jnp.inf)  # [T, nb] scaled upper bounds
     rel = jnp.where(valid[:, None], zu - jnp.max(zu, -1, keepdims=True), -jnp.inf)
     order = jnp.argsort(-jnp.max(rel, 0))
