@@ -171,8 +171,10 @@ def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng, me
     }
 
 
-def bench_sample(machine_name, images, preset, batch, seed, memory_budget=None):
+def bench_sample(machine_name, images, preset, batch, seed, memory_budget=None, prune="off"):
     m = ej.machines.spec(machine_name).build(images, memory_budget=memory_budget)
+    if prune != "off":
+        m = m.with_pruning(float(prune))
     schedule = ej.scales.ScaleSchedule.load(preset)
     ts, scales = schedule.times(), schedule.values
     x = jax.random.normal(jax.random.key(seed), (batch, *m.image_shape))
@@ -181,9 +183,9 @@ def bench_sample(machine_name, images, preset, batch, seed, memory_budget=None):
     jax.block_until_ready(out)
     # process CPU time (all threads) next to wall time: on a shared machine wall time also counts
     # other processes' turns, CPU time does not
-    return {"machine": machine_name, "preset": preset, "N": int(images.shape[0]), "batch": batch,
+    return {"machine": machine_name, "preset": preset, "N": int(images.shape[0]), "batch": batch, "prune": prune,
             "sample_s_total": time.perf_counter() - t0, "sample_cpu_s": time.process_time() - c0,
-            "load_avg_after": os.getloadavg(), "note": "includes bank builds and compilation"}
+            "load_avg_after": os.getloadavg(), "note": "includes bank builds and compilation"}, np.asarray(out)
 
 
 def main():
@@ -249,11 +251,16 @@ def main():
                   f"temp {None if r['temp_bytes_compiled'] is None else round(r['temp_bytes_compiled'] / 2**20, 1)} MiB  "
                   f"err {r['max_err_vs_float64']}"
                   + ("" if r["reference"] is None else f" vs {r['reference']} {r['max_err_vs_reference']:.2e}"), flush=True)
-    sample = None
-    if args.sample:
-        sample = bench_sample(args.machines.split(",")[-1], images, args.sample, args.batch, 0, budget)
-        print(f"whole sample ({sample['preset']}, {sample['machine']}, N={sample['N']}): {sample['sample_s_total']:.1f}s "
-              f"wall, {sample['sample_cpu_s']:.1f}s CPU; load average after {sample['load_avg_after']}")
+    samples, first = [], None
+    for prune in args.prune.split(",") if args.sample else []:
+        sample, out = bench_sample(args.machines.split(",")[-1], images, args.sample, args.batch, 0, budget, prune)
+        first = out if first is None else first
+        sample["max_diff_vs_first"] = float(np.abs(out - first).max())  # pruning modes against the first mode
+        samples.append(sample)
+        print(f"whole sample ({sample['preset']}, {sample['machine']}, N={sample['N']}, prune={prune}): "
+              f"{sample['sample_s_total']:.1f}s wall, {sample['sample_cpu_s']:.1f}s CPU, max |diff| vs the first "
+              f"mode {sample['max_diff_vs_first']:.2e}; load average after {sample['load_avg_after']}", flush=True)
+    sample = samples[0] if len(samples) == 1 else (samples or None)
     result = {
         "host": {"platform": platform.platform(), "processor": platform.processor(), "cpus": jax.local_device_count(),
                  "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
