@@ -113,6 +113,10 @@ def test_pca_with_search_is_the_certified_mode():
     err = np.abs(out - np.asarray(m.denoise(x, 0.05))).max(-1)
     assert np.all(err <= bound + 2e-5) and bound.max() <= 1e-2
     assert s.with_search(tolerance=None).tolerance is None
+    # the exact machine itself: its own estimate, bound 0 (it scores every image)
+    out, bound = (np.asarray(v) for v in m.denoise_with_bound(x, 0.05))
+    np.testing.assert_array_equal(out, np.asarray(m.denoise(x, 0.05)))
+    assert bound.shape == out.shape[:-1] and not bound.any()
 
 
 def test_certified_subset_oracle_sizes_against_brute_force():

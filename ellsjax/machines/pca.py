@@ -138,6 +138,13 @@ class PCALocality(Machine):
             return self
         return certified(self, tolerance=tolerance, chunk=chunk, **golddiff_options)
 
+    def denoise_with_bound(self, x_t, t, *, scale=None, label=None):
+        """``(x̂0 [B, H, W, C], bound [B, H, W])`` with ``bound = 0``: this machine scores every image, so
+        its estimate is the exact one (up to float32 rounding, as every bound in ellsjax). For a
+        certified estimate that scores fewer images, :meth:`with_search` (``tolerance=ε``)."""
+        out = self.denoise(x_t, t, scale=scale, label=label)
+        return out, jnp.zeros(out.shape[:-1], out.dtype)
+
     def _mask(self, t):
         ab, _ = self.schedule.variances(t)
         return neighbourhoods(self.basis, self.eigvals, ab, threshold=self.threshold, relative_to=self.relative_to)
