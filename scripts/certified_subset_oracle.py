@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -33,8 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import ellsjax as ej
-
-_pca = importlib.import_module("ellsjax.machines.pca")
 
 
 def oracle_sizes(phi, xt, mask, a, inv_temp, eps):
@@ -87,8 +84,7 @@ def main(argv=None):
     rows = []
     for i, t in enumerate(np.asarray(ts[:-1])):
         ab, var = (float(v) for v in sched.variances(jnp.float32(t)))
-        mask = np.asarray(_pca.neighbourhoods(machine.basis, machine.eigvals, ab, threshold=machine.threshold,
-                                              relative_to=machine.relative_to))
+        mask = np.asarray(machine._mask(jnp.float32(t)))  # the machine's own N_t (its rule, θ, covariance)
         a, inv_temp = np.sqrt(ab), 0.5 / (var * machine.temperature)
         sizes = [oracle_sizes(phi, np.asarray(traj.xs[i, b]).reshape(-1), mask, a, inv_temp, args.tolerance)
                  for b in range(args.batch)]

@@ -32,21 +32,16 @@ import ellsjax as ej
 
 _banks = importlib.import_module("ellsjax.machines._banks")
 _pruning = importlib.import_module("ellsjax.machines._pruning")
-
-
-def _windows(x, k, circular):
-    hk = k // 2
-    xp = np.pad(x, ((hk, hk), (hk, hk), (0, 0)), mode="wrap" if circular else "constant")
-    w = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(0, 1))  # [H, W, C, k, k]
-    return np.moveaxis(w, 2, -1).reshape(-1, k * k * x.shape[-1])
+_patch = importlib.import_module("ellsjax.machines.patch")
+_explain = importlib.import_module("ellsjax.explain")
 
 
 def headroom(images, held_out, k, ts, blocks, margins, queries, seed=0):
     """One row per ``t`` in ``ts`` for patch size ``k`` (the block orders are built once per ``k``)."""
     rng = np.random.default_rng(seed)
     n, h, w, c = images.shape
-    keys = np.concatenate([_windows(img, k, False).reshape(h, w, -1)[k // 2: h - k // 2, k // 2: w - k // 2]
-                           .reshape(-1, k * k * c) for img in images]).astype(np.float32)
+    keys = _explain._interior_patches(images, k).reshape(-1, k * k * c).astype(np.float32)  # the ELS bank
+    qwin = _patch._window_index(h, w, k, k, "circular")  # [H·W, k·k] the ELS query windows
     norms = np.einsum("nd,nd->n", keys, keys)
     indexed = []
     for b in blocks:
@@ -57,7 +52,7 @@ def headroom(images, held_out, k, ts, blocks, margins, queries, seed=0):
     for t in ts:
         a, s = (float(v) for v in ej.schedules.cosine_legacy()(t))
         x = a * held_out + s * rng.standard_normal(held_out.shape).astype(np.float32)
-        q = _windows(x, k, True)
+        q = x.reshape(h * w, c)[qwin].reshape(h * w, k * k * c)
         q = q[rng.choice(len(q), min(queries, len(q)), replace=False)].astype(np.float32)
         tau = 1.0 / (2 * s * s)
         z = tau * (2 * a * (q @ keys.T) - a * a * norms[None])  # τ(‖q‖² − ‖q − a·k‖²)

@@ -52,6 +52,16 @@ def needs_shared(filename: str = "mnist.npz"):
     )
 
 
+def load_script(name: str):
+    """The module ``scripts/<name>.py`` (scripts are not a package), loaded for a test to call."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def random_images(n: int, shape=(8, 8, 1), *, b: int = 2, seed: int = 0):
     """``n`` uniform training images in [-1, 1] and ``b`` standard-normal queries of ``shape``."""
     rng = np.random.default_rng(seed)

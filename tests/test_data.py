@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import struct
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 import ellsjax.data as data
-from tests.conftest import REPO, SHARED
+from tests.conftest import REPO, SHARED, load_script
 from tests.conftest import needs_shared as _needs_shared
 
 BUNDLED_DIR = REPO / "ellsjax" / "data" / "_bundled"
@@ -115,9 +114,7 @@ def test_bundled_size_and_info():
 
 @needs_shared
 def test_make_bundled_data_script_is_reproducible(tmp_path):
-    spec = importlib.util.spec_from_file_location("mbd", REPO / "scripts" / "make_bundled_data.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("make_bundled_data")
     assert script.main(["--out-dir", str(tmp_path)]) == 0
     for f in ("mnist.npz", "fashion_mnist.npz", "LICENSES.md"):
         assert (tmp_path / f).read_bytes() == (BUNDLED_DIR / f).read_bytes(), f

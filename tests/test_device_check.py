@@ -1,16 +1,12 @@
 """scripts/device_check.py in its CI-sized form (--quick) runs green on the CPU."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
+from tests.conftest import load_script
 
 
 def test_device_check_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("device_check")
     out = tmp_path / "dc.json"
     assert mod.main(["--quick", "--out", str(out)]) == 0
     res = json.loads(out.read_text())

@@ -1,13 +1,12 @@
 """GoldDiff (published and certified) against the exact PCA-locality machine."""
 
 import importlib
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ellsjax as ej
+from tests.conftest import load_script
 
 gd = importlib.import_module("ellsjax.machines.golddiff")
 
@@ -122,10 +121,7 @@ def test_pca_with_search_is_the_certified_mode():
 def test_certified_subset_oracle_sizes_against_brute_force():
     # scripts/certified_subset_oracle.py: k_m is the smallest prefix (≥ 1) of the weight order whose
     # complement U satisfies A/(1 + W_U) ≤ ε; checked by brute force on a tiny random problem
-    spec = importlib.util.spec_from_file_location(
-        "oracle", Path(__file__).resolve().parents[1] / "scripts" / "certified_subset_oracle.py")
-    oracle = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oracle)
+    oracle = load_script("certified_subset_oracle")
     rng = np.random.default_rng(0)
     n, d, eps = 12, 5, 0.05
     phi = rng.uniform(-1, 1, (n, d)).astype(np.float32)

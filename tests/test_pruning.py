@@ -1,14 +1,12 @@
 """Pruned streaming (block bounds): same results as the exact pass, and a bound that holds."""
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 
 import ellsjax as ej
 from tests import _reference as R
+from tests.conftest import load_script
 
 SCHED = ej.schedules.cosine_legacy()
 
@@ -84,10 +82,7 @@ def test_pruned_sampler_and_options(data):
 def test_pruning_headroom_script_orders_its_fractions():
     # scripts/pruning_headroom.py: entries within the margin ≤ blocks holding one ≤ blocks the bound
     # cannot rule out (≤ 1), on a tiny bank; its own assert checks every bound against the block's best logit
-    spec = importlib.util.spec_from_file_location(
-        "headroom", Path(__file__).resolve().parents[1] / "scripts" / "pruning_headroom.py")
-    headroom = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(headroom)
+    headroom = load_script("pruning_headroom")
     imgs, _ = ej.data.load("mnist", source="bundled", limit=21, image_size=8)
     imgs = np.asarray(imgs)
     rows = headroom.headroom(imgs[:20], imgs[20], 3, [0.05, 0.5], [8, 32], [104.0, 27.0], 16)
