@@ -117,6 +117,9 @@ class Denoiser(abc.ABC):
     #: ``x̂0`` is defined only where ``ᾱ(t)`` exceeds this (a network divides by ``a``; the machines'
     #: softmax is defined everywhere, hence ``-1``). Samplers check their grids against it.
     min_signal_var: ClassVar[float] = -1.0
+    #: Whether it reports which training patch each output pixel comes from
+    #: (:func:`ellsjax.explain.provenance`; softmax machines over training patches).
+    supports_provenance: ClassVar[bool] = False
 
     @property
     def needs_scale(self) -> bool:
@@ -179,23 +182,30 @@ class Denoiser(abc.ABC):
             label: ``None``, a class id, or one per image (``[B]``), for conditional denoising.
         """
         x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
-        return _jit_denoise(self._ready(scale, label), x_t, t, label, scale)
+        return _jit_denoise(self._ready(scale, label), x_t, t, label, *self._split_scale(scale))
 
     def score(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None) -> Float[Array, "b h w c"]:
         """Score ``∇ log p_t(x_t) = (a·x̂0 − x_t)/s²``. Undefined at ``s(t) = 0`` (raises)."""
         x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
         self._check_noisy(t, "score")
-        return _jit_score(self._ready(scale, label), x_t, t, label, scale)
+        return _jit_score(self._ready(scale, label), x_t, t, label, *self._split_scale(scale))
 
     def eps(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None) -> Float[Array, "b h w c"]:
         """Noise prediction ``ε̂ = (x_t − a·x̂0)/s``. Undefined at ``s(t) = 0`` (raises)."""
         x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
         self._check_noisy(t, "eps")
-        return _jit_eps(self._ready(scale, label), x_t, t, label, scale)
+        return _jit_eps(self._ready(scale, label), x_t, t, label, *self._split_scale(scale))
 
     def _ready(self, scale: Any, label: Any) -> Denoiser:
         """What one checked call runs: ``self`` (the default; machines may prepare what the call needs)."""
         return self
+
+    def _split_scale(self, scale: Any) -> tuple[Any, Any]:
+        """``(static, traced)`` parts of a checked scale for the compiled call: by default the whole
+        scale is static (one program per patch size); a width machine keeps only its window side
+        static and passes ``ℓ`` as an array (one program per side, differentiable in ``ℓ``).
+        ``_denoise`` receives ``static`` where ``traced`` is ``None``, else the pair."""
+        return scale, None
 
     def _check_noisy(self, t: Array, what: str) -> None:
         if _checks.is_concrete(t) and bool(jnp.any(self.schedule.variances(t)[1] <= 0)):
@@ -220,16 +230,20 @@ def _ab(schedule, t):
     return jnp.sqrt(ab)[:, None, None, None], var[:, None, None, None]
 
 
-@partial(jax.jit, static_argnums=(4,))
-def _jit_denoise(d, x_t, t, label, scale):
-    return d._denoise(x_t, t, label, scale)
+def _join(static, traced):
+    return static if traced is None else (static, traced)
 
 
 @partial(jax.jit, static_argnums=(4,))
-def _jit_score(d, x_t, t, label, scale):
-    return d._score(x_t, t, label, scale)
+def _jit_denoise(d, x_t, t, label, static, traced):
+    return d._denoise(x_t, t, label, _join(static, traced))
 
 
 @partial(jax.jit, static_argnums=(4,))
-def _jit_eps(d, x_t, t, label, scale):
-    return d._eps(x_t, t, label, scale)
+def _jit_score(d, x_t, t, label, static, traced):
+    return d._score(x_t, t, label, _join(static, traced))
+
+
+@partial(jax.jit, static_argnums=(4,))
+def _jit_eps(d, x_t, t, label, static, traced):
+    return d._eps(x_t, t, label, _join(static, traced))

@@ -99,7 +99,7 @@ def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng, me
         kwargs["memory_budget"] = memory_budget
     m = spec.build(images, **kwargs)
     if prune != "off":
-        m = m.with_pruning(float(prune))
+        m = m.with_search(ej.machines.Pruned(float(prune)))
     # the float64 check and the FLOP count below are those of the ELS/bbELS definitions
     els_like = type(m) is ej.machines.EquivariantLocalScore
     h, w, ch = m.image_shape
@@ -174,7 +174,7 @@ def bench_step(machine_name, images, k, batch, t, repeats, check_pixels, rng, me
 def bench_sample(machine_name, images, preset, batch, seed, memory_budget=None, prune="off"):
     m = ej.machines.spec(machine_name).build(images, memory_budget=memory_budget)
     if prune != "off":
-        m = m.with_pruning(float(prune))
+        m = m.with_search(ej.machines.Pruned(float(prune)))
     schedule = ej.scales.ScaleSchedule.load(preset)
     ts, scales = schedule.times(), schedule.values
     x = jax.random.normal(jax.random.key(seed), (batch, *m.image_shape))
@@ -206,7 +206,7 @@ def main():
     p.add_argument("--sample", default=None, help="also time a whole DDIM sample with this scale preset")
     p.add_argument("--sample-only", action="store_true", help="skip the per-step table (with --sample)")
     p.add_argument("--memory-budget", type=float, default=None,
-                   help="chunk memory budget in MiB (default: the backend's, ellsjax.machines.default_memory_budget())")
+                   help="chunk memory budget in MiB (default: the platform's, ellsjax.machines.memory_budget_for(platform))")
     p.add_argument("--reference", default=None,
                    help="also report the max error against this registered machine (e.g. pca for golddiff)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

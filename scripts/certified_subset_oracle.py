@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """How much work ANY certified subset method could save over the exact PCA-locality machine.
 
-A certified subset method (GoldDiff's coarse-to-fine retrieval with a bound, ``golddiff(tolerance=ε)``,
-``pca.with_search``) scores a subset ``S`` of the training images exactly and bounds what the others
+A certified subset method (GoldDiff's coarse-to-fine retrieval with a bound,
+``pca(...).with_search(CertifiedSubset(ε))``) scores a subset ``S`` of the training images exactly and bounds what the others
 could change: for output ``m`` with posterior weights ``w_mn`` and mean ``x̂(m)``, leaving out the
 images outside ``S`` moves the mean by at most ``Σ_{n∉S} w_mn·|φ_n(m) − x̂(m)|`` (the quantity a
 rigorous mass bound must cover, however tight). This script runs the exact machine along the
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ellsjax as ej
+from ellsjax.machines.pca import release_threshold
 
 
 def oracle_sizes(phi, xt, mask, a, inv_temp, eps):
@@ -75,7 +76,7 @@ def main(argv=None):
     sched = ej.schedules.ddpm_linear()
     ts = ej.locality.protocol_times()
     gd_opts = {"dataset": args.dataset if args.dataset == "cifar10" else None}
-    machine = ej.machines.pca(images, schedule=sched, threshold=ej.machines.golddiff(images[:2], **gd_opts).threshold)
+    machine = ej.machines.pca(images, schedule=sched, threshold=release_threshold(gd_opts["dataset"]))
     x = jax.random.normal(jax.random.key(0), (args.batch, *images.shape[1:]))
     t0 = time.perf_counter()
     _, traj = ej.locality.protocol_sample(machine, x, ts, batch_size=args.batch, return_trajectory=True)

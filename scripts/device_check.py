@@ -7,7 +7,7 @@
 2. **Timings** on CIFAR-10-shaped data (32×32×3): the real CIFAR-10 subset where ``--cifar`` points to
    one (``cifar10_subset.npz``, 4000 images), else synthetic images (``--n``, 50 000 by default):
    one step of exact ELS and bbELS (k = 5 and 11), IS and PCA; the same ELS step with certified search
-   (``with_search(tolerance=1e-3)``: top-k candidates, exact rescoring and a rigorous bound); a
+   (``with_search(TopK(1e-3))``: top-k candidates, exact rescoring and a rigorous bound); a
    20-step bbELS DDIM sample with the paper's CIFAR-10 schedule; one step of the differentiable
    calibration (soft-window ELS, value and derivative in ℓ); one training step of the paper's
    CIFAR-10 ResNet and UNet (batch 128).
@@ -121,7 +121,7 @@ def timings(args, deadline):
             run(f"{name} exact step k={k}",
                 stepper(lambda name=name, k=k: ej.machines.build(name, images).prepare((k,)), k))
         run(f"els certified search step k={k} (tolerance 1e-3)",
-            stepper(lambda k=k: ej.machines.els(images).with_search(tolerance=1e-3).prepare((k,)), k))
+            stepper(lambda k=k: ej.machines.els(images).with_search(ej.machines.TopK(1e-3)).prepare((k,)), k))
     run("is exact step", stepper(lambda: ej.machines.ideal(images).prepare(), None))
     run("pca step", stepper(lambda: ej.machines.pca(images[: min(len(images), 2000)]), None))
     sched = ej.scales.ScaleSchedule.load("CIFAR10_ResNet_zeros_conditional")

@@ -1,4 +1,4 @@
-"""GoldDiff (published and certified) against the exact PCA-locality machine."""
+"""GoldDiff (published) and the PCA machine's certified search against the exact PCA-locality machine."""
 
 import importlib
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import ellsjax as ej
+from ellsjax.machines.search import CertifiedSubset
 from tests.conftest import load_script
 
 gd = importlib.import_module("ellsjax.machines.golddiff")
@@ -29,7 +30,7 @@ def test_certified_bound_holds_against_exact_pca(n, theta):
     imgs, x0 = bank(n)
     exact = ej.machines.pca(imgs, schedule=SCHED, threshold=theta)
     for tol in (0.0, 1e-3, 0.3):
-        g = ej.machines.golddiff(imgs, schedule=SCHED, threshold=theta, tolerance=tol, chunk=8)
+        g = exact.with_search(CertifiedSubset(tol, chunk=8))
         for t in (0.02, 0.3, 0.9):
             x = noised(x0, t)
             ref = np.asarray(exact.denoise(x, t))
@@ -51,7 +52,7 @@ def test_certified_skips_work_at_low_noise_and_not_at_high():
     exact = ej.machines.pca(imgs, schedule=SCHED, threshold=0.02)
     total = -(-imgs.shape[0] // 8)
     for tol in (0.05,):
-        g = ej.machines.golddiff(imgs, schedule=SCHED, threshold=0.02, tolerance=tol, chunk=8)
+        g = exact.with_search(CertifiedSubset(tol, chunk=8))
         x = noised(imgs[:2], 0.002)  # queries next to training images
         assert np.asarray(g.visited_chunks(x, 0.002)).max() == 1
         out, bound = g.denoise_with_bound(x, 0.002)
@@ -76,19 +77,24 @@ def test_published_mode_schedules_and_limits():
     xh = noised(x0, 0.95)
     np.testing.assert_array_equal(g0.denoise(xh, 0.95), g0.denoise(xh, 0.95))
     assert float(np.abs(np.asarray(g0.denoise(xh, 0.95)) - np.asarray(g1.denoise(xh, 0.95))).max()) > 1e-3
-    with pytest.raises(ValueError, match="tolerance: the published GoldDiff bounds nothing"):
-        g0.denoise_with_bound(xh, 0.95)
+    # the published machine bounds nothing: it has no such method (the certified search is PCA's)
+    assert not hasattr(g0, "denoise_with_bound") and not hasattr(g0, "with_search")
 
 
 def test_defaults_and_checks():
     imgs, _ = bank(40)
     g = ej.machines.golddiff(imgs)
-    assert (g.k_min, g.k_max, g.proxy_side, g.threshold, g.relative_to) == (2, 4, 4, 0.02, "global")
+    assert (g.k_min, g.k_max, g.proxy_side, g.threshold, g.pca.relative_to) == (2, 4, 4, 0.02, "global")
     assert gd.proxy_side_for(32, 16) == 16 and gd.proxy_side_for(28) == 14 and gd.proxy_side_for(32) == 16
     for kw, msg in [(dict(k_min=5, k_max=3), "k_min, k_max"), (dict(proxy_side=3), "proxy_side"),
-                    (dict(tolerance=-1.0), "tolerance"), (dict(chunk=0), "chunk"), (dict(threshold=2.0), "threshold")]:
+                    (dict(threshold=2.0), "threshold")]:
         with pytest.raises(ValueError, match=msg):
             ej.machines.golddiff(imgs, **kw)
+    for kw, msg in [(dict(tolerance=-1.0), "tolerance"), (dict(chunk=0), "chunk")]:
+        with pytest.raises(ValueError, match=msg):
+            CertifiedSubset(**kw)
+    with pytest.raises(ValueError, match="proxy_side"):
+        ej.machines.pca(imgs).with_search(CertifiedSubset(0.0, proxy_side=3))
     assert ej.machines.spec("golddiff").builder is ej.machines.golddiff
 
 
@@ -96,7 +102,7 @@ def test_conditional_certified_matches_class_pca():
     imgs, x0 = bank(60)
     labels = np.arange(60) % 3
     exact = ej.machines.pca(imgs, labels, schedule=SCHED, threshold=0.05)
-    g = ej.machines.golddiff(imgs, labels, schedule=SCHED, threshold=0.05, tolerance=0.0, chunk=8)
+    g = exact.with_search(CertifiedSubset(0.0, chunk=8))
     x, lab = noised(x0, 0.2), np.array([0, 2, 1])
     np.testing.assert_allclose(g.denoise(x, 0.2, label=lab), exact.denoise(x, 0.2, label=lab), atol=2e-5)
 
@@ -104,18 +110,25 @@ def test_conditional_certified_matches_class_pca():
 def test_pca_with_search_is_the_certified_mode():
     imgs, x0 = bank(60)
     m = ej.machines.pca(imgs, schedule=SCHED, threshold=0.05)
-    assert m.with_search(tolerance=None) is m
-    s = m.with_search(tolerance=1e-2, chunk=8)
-    assert isinstance(s, ej.machines.GoldDiff) and s.tolerance == 1e-2 and s.threshold == m.threshold
+    s = m.with_search(CertifiedSubset(1e-2, chunk=8))
+    assert isinstance(s, ej.machines.PCALocality) and s.search.tolerance == 1e-2 and s.threshold == m.threshold
+    assert (s.search.chunk, s.search.k_max, s.search.proxy_side) == (8, 6, 4) and s.proxy.shape == (60, 16)
     x = noised(x0, 0.05)
     out, bound = (np.asarray(v) for v in s.denoise_with_bound(x, 0.05))
     err = np.abs(out - np.asarray(m.denoise(x, 0.05))).max(-1)
     assert np.all(err <= bound + 2e-5) and bound.max() <= 1e-2
-    assert s.with_search(tolerance=None).tolerance is None
+    np.testing.assert_array_equal(out, np.asarray(s.denoise(x, 0.05)))  # one rule: denoise is the bounded estimate
+    back = s.with_search(ej.machines.Exact())
+    assert isinstance(back.search, ej.machines.Exact) and back.proxy is None
     # the exact machine itself: its own estimate, bound 0 (it scores every image)
     out, bound = (np.asarray(v) for v in m.denoise_with_bound(x, 0.05))
     np.testing.assert_array_equal(out, np.asarray(m.denoise(x, 0.05)))
     assert bound.shape == out.shape[:-1] and not bound.any()
+    # a bank machine's search is refused, naming both
+    with pytest.raises(TypeError, match="PCA-locality machine takes Exact"):
+        m.with_search(ej.machines.TopK(1e-3))
+    with pytest.raises(ValueError, match="visited_chunks reports the certified search"):
+        m.visited_chunks(x, 0.05)
 
 
 def test_certified_subset_oracle_sizes_against_brute_force():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import ellsjax as ej
+from ellsjax.machines.search import CertifiedSubset, Exact, TopK
 from tests import _reference as R
 
 SCHED = ej.schedules.cosine_legacy()
@@ -392,28 +393,40 @@ def test_approximate_search_stays_within_its_bound(kind, conditional):
         x = (a * imgs[[1, 2]] + s * rng.normal(size=imgs[:2].shape)).astype(np.float32)
         exact = np.asarray(m.denoise(x, t, scale=3, label=label))
         for scoring in ["float32", "bfloat16"]:
-            x0, bound = m.with_search(tolerance=1e-3, top_k=8, scoring=scoring).denoise_with_bound(x, t, scale=3, label=label)
+            s = m.with_search(TopK(1e-3, k=8, scoring=scoring)).prepare((3,), conditional=conditional)
+            x0, bound = s.denoise_with_bound(x, t, scale=3, label=label)
             err = np.abs(np.asarray(x0) - exact).max(-1)
             assert np.all(err <= np.asarray(bound) + 2e-5), (t, scoring, float(err.max()))
-        auto = m.with_search(tolerance=1e-3, top_k=8).denoise(x, t, scale=3, label=label)
-        np.testing.assert_allclose(auto, exact, atol=1e-3 + 2e-5)
+            assert np.asarray(bound).max() <= 1e-3
+            # one rule: denoise returns exactly the estimate whose bound denoise_with_bound states
+            np.testing.assert_array_equal(np.asarray(s.denoise(x, t, scale=3, label=label)), np.asarray(x0))
 
 
 def test_approximate_search_options():
     imgs, x = _dup_data()
     m = ej.machines.els(imgs)
-    with pytest.raises(ValueError, match="tolerance: must be positive"):
-        m.with_search(tolerance=0.0)
-    with pytest.raises(ValueError, match="top_k"):
-        m.with_search(tolerance=1e-3, top_k=0)
+    with pytest.raises(ValueError, match="tolerance: TopK needs a finite tolerance > 0"):
+        TopK(0.0)
+    with pytest.raises(ValueError, match="k: expected a positive int"):
+        TopK(1e-3, k=0)
     with pytest.raises(ValueError, match="scoring"):
-        m.with_search(tolerance=1e-3, scoring="int8")
-    assert m.with_search(tolerance=1e-3).with_search(tolerance=None).tolerance is None
-    with pytest.raises(ValueError, match="exceeds bank_budget"):
-        ej.machines.els(imgs, bank_budget=1).denoise_with_bound(x, 0.1, scale=3)
-    # a bank too large to prebuild keeps the exact streamed path, even with a tolerance
-    lazy = ej.machines.els(imgs, bank_budget=1).with_search(tolerance=1e-6)
-    np.testing.assert_allclose(lazy.denoise(x, 0.3, scale=3), m.denoise(x, 0.3, scale=3), atol=1e-5)
+        TopK(1e-3, scoring="int8")
+    assert isinstance(m.with_search(TopK(1e-3)).with_search(Exact()).search, Exact)
+    with pytest.raises(TypeError, match="search: expected a search strategy"):
+        m.with_search(1e-3)
+    with pytest.raises(TypeError, match="CertifiedSubset is not a search of EquivariantLocalScore"):
+        m.with_search(CertifiedSubset(1e-3))
+    # no prebuilt bank (unprepared, or too large to prebuild): the exact streamed path, bound 0
+    for lazy in (ej.machines.els(imgs, bank_budget=1).with_search(TopK(1e-6)).prepare((3,)),
+                 m.with_search(TopK(1e-6))):
+        assert not lazy.banks
+        x0, bound = lazy.denoise_with_bound(x, 0.3, scale=3)
+        np.testing.assert_allclose(x0, m.denoise(x, 0.3, scale=3), atol=1e-5)
+        assert not np.asarray(bound).any()
+    # the exact search: its own estimate, bound 0
+    x0, bound = m.prepare((3,)).denoise_with_bound(x, 0.3, scale=3)
+    np.testing.assert_array_equal(np.asarray(x0), np.asarray(m.prepare((3,)).denoise(x, 0.3, scale=3)))
+    assert not np.asarray(bound).any()
 
 
 @pytest.mark.parametrize("kind", ["els", "bbels"])

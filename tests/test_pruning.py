@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import ellsjax as ej
+from ellsjax.machines.search import Exact, Pruned
 from tests import _reference as R
 from tests.conftest import load_script
 
@@ -31,7 +32,7 @@ def test_exact_pruning_equals_the_exact_pass(data, kind, conditional):
     k = None if kind == "is" else 5
     base = ej.machines.build(kind, imgs, lab)
     exact = base.prepare((k,), conditional=conditional)
-    pruned = base.with_pruning(0.0, block=16, tile=8).prepare((k,), conditional=conditional)
+    pruned = base.with_search(Pruned(0.0, block=16, tile=8)).prepare((k,), conditional=conditional)
     if kind != "ls":  # LS groups have one bank per pixel: they stream exactly
         assert next(iter(pruned.banks.values()))[next(iter(pruned.banks[next(iter(pruned.banks))]))].blocks is not None
     for t in [1.0, 0.6, 0.3, 0.1, 0.02, 0.0]:
@@ -46,7 +47,7 @@ def test_exact_pruning_equals_the_exact_pass(data, kind, conditional):
 def test_tolerance_mode_bound_holds(data, kind):
     imgs, _ = data
     k = None if kind == "is" else 3
-    m = ej.machines.build(kind, imgs).with_pruning(1e-3, block=16, tile=8)
+    m = ej.machines.build(kind, imgs).with_search(Pruned(1e-3, block=16, tile=8)).prepare((k,))
     ref64 = (lambda x, t: R.ideal(imgs, x, *ab(t))) if kind == "is" else (lambda x, t: R.els(imgs, x, *ab(t), k))
     for t in [0.5, 0.2, 0.05]:
         x = noisy(imgs, [1, 4], t, seed=3)
@@ -70,13 +71,13 @@ def test_pruned_sampler_and_options(data):
     ts = [0.9, 0.5, 0.2, 0.0]
     base = ej.machines.bbels(imgs)
     want = ej.samplers.ddim(base, x, ts, scales=[5, 3, 3])
-    got = ej.samplers.ddim(base.with_pruning(0.0, block=32), x, ts, scales=[5, 3, 3])
+    got = ej.samplers.ddim(base.with_search(Pruned(0.0, block=32)), x, ts, scales=[5, 3, 3])
     np.testing.assert_allclose(got, want, atol=2e-5)
-    assert base.with_pruning(None).policy.prune is None
+    assert isinstance(base.with_search(Pruned()).with_search(Exact()).search, Exact)
     with pytest.raises(ValueError, match="block: must be a power of two"):
-        base.with_pruning(0.0, block=24)
-    with pytest.raises(ValueError, match="tolerance: must be >= 0"):
-        base.with_pruning(-1.0)
+        Pruned(0.0, block=24)
+    with pytest.raises(ValueError, match="tolerance: Pruned needs a finite tolerance >= 0"):
+        Pruned(-1.0)
 
 
 def test_pruning_headroom_script_orders_its_fractions():

@@ -55,7 +55,7 @@ def _default_scales(dataset, image_shape, schedule):
 
 
 SPEC = ej.machines.MachineSpec(
-    name="toy", builder=blurred_wiener, scale_kind="size", calibration="grid", default_scales=_default_scales,
+    name="toy", builder=blurred_wiener, machine=BlurredWiener, calibration="grid", default_scales=_default_scales,
     summary="a blurred isotropic Wiener filter (test machine)",
 )
 
@@ -105,7 +105,7 @@ def test_registry_contract():
     assert list(ej.machines.MACHINES) == list(names)
     for s in ej.machines.specs():
         m = s.build(np.zeros((3, 8, 8, 1), np.float32))
-        assert m.scale_kind == s.scale_kind, s.name
+        assert type(m) is s.machine and m.scale_kind == s.scale_kind, s.name
         if s.padding is not None:
             assert getattr(m, "padding", s.padding) == s.padding
         assert m.supports_provenance == s.provenance, s.name
@@ -117,9 +117,12 @@ def test_registry_contract():
     with pytest.raises(ValueError, match="registered already"):
         ej.machines.register(dataclasses.replace(ej.machines.spec("els"), summary="another"))
     with pytest.raises(ValueError, match="grid calibration needs integer scales"):
-        ej.machines.MachineSpec(name="x", builder=blurred_wiener, scale_kind="none", calibration="grid", summary="")
+        ej.machines.MachineSpec(name="x", builder=ej.machines.wiener, machine=ej.machines.Wiener, calibration="grid",
+                                summary="")
     with pytest.raises(ValueError, match="padding: must be one of zeros, circular"):
-        ej.machines.MachineSpec(name="x", builder=blurred_wiener, scale_kind="none", padding="reflect", summary="")
+        ej.machines.MachineSpec(name="x", builder=blurred_wiener, machine=BlurredWiener, padding="reflect", summary="")
+    with pytest.raises(TypeError, match="machine: expected the Denoiser class"):
+        ej.machines.MachineSpec(name="x", builder=blurred_wiener, machine="size", summary="")
 
 
 def test_published_defaults_come_from_the_specs():

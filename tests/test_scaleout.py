@@ -31,10 +31,10 @@ SHARDED = textwrap.dedent(
         for cond in [False, True]:
             m = ej.machines.build(name, imgs, labels if cond else None)
             lab = np.array([1, 0, 2]) if cond else None
-            sm = m.shard()
+            sm = m.shard().prepare((3,), conditional=cond)
             one = m.denoise(x, [0.5, 0.7, 0.9], scale=3, label=lab)
             many = sm.denoise(x, [0.5, 0.7, 0.9], scale=3, label=lab)
-            banks = next(iter(sm.prepare((3,), conditional=cond).banks.values()))
+            banks = next(iter(sm.banks.values()))
             out[f"{name}/{cond}"] = {
                 "diff": float(np.abs(np.asarray(one) - np.asarray(many)).max()),
                 "devices": min(len(gb.keys_t.sharding.device_set) for gb in banks.values()),
@@ -61,7 +61,14 @@ def test_shard_argument_checks():
     with pytest.raises(ValueError, match="axis: 'bank' is not an axis"):
         ej.machines.els(imgs).shard(mesh)
     sm = ej.machines.els(imgs).shard(mesh, axis="data")
-    assert sm.mesh is mesh and sm.tolerance is None
+    assert sm.mesh is mesh and isinstance(sm.search, ej.machines.Exact)
+    with pytest.raises(ValueError, match="search, placement: TopK search is not combined with Sharded"):
+        sm.with_search(ej.machines.TopK(1e-3))
+    with pytest.raises(ValueError, match=r"search, placement: Pruned\(tolerance=0.001\) is not combined with Sharded"):
+        ej.machines.els(imgs).with_search(ej.machines.Pruned(1e-3)).shard(mesh, axis="data")
+    assert sm.with_search(ej.machines.Pruned(0.0)).search.tolerance == 0.0  # exact pruning shards
+    with pytest.raises(ValueError, match="no prepared bank for scale 3"):
+        sm.denoise(imgs[:1], 0.5, scale=3)
 
 
 @pytest.mark.parametrize("kind,prebuilt", [("els", True), ("els", False), ("bbels", True), ("is", False)])

@@ -2,7 +2,9 @@
 and the other closed-form denoisers of this literature (PSPC, Wiener, PCA locality, GoldDiff, σ-CFDM).
 
 Every machine is a frozen pytree holding its training set; ``denoise``, ``score`` and ``eps`` take a
-noisy batch ``x_t`` ``[B, H, W, C]``, a time ``t`` and (for the local machines) a ``scale``. Each
+noisy batch ``x_t`` ``[B, H, W, C]``, a time ``t`` and (for the local machines) a ``scale``. Bank
+machines (:class:`BankMachine`: IS, LS, ELS, bbELS) also take a search strategy and a placement
+(:mod:`ellsjax.machines.search`: :class:`Exact`, :class:`TopK`, :class:`Pruned`, :class:`Sharded`). Each
 machine module registers a :class:`MachineSpec` (:func:`register`); the command line, calibration,
 evaluation and the reproduction presets read their choices from the registry (:func:`spec`,
 :func:`specs`, :func:`names`).
@@ -19,9 +21,18 @@ Example:
 from collections.abc import Iterator, Mapping
 
 from ellsjax.denoiser import Denoiser
-from ellsjax.machines._policy import ExecutionPolicy, default_memory_budget, memory_budgets
+from ellsjax.machines import search
+from ellsjax.machines._policy import ExecutionPolicy, bank_budget_for, memory_budget_for, memory_budgets
 from ellsjax.machines._registry import MachineSpec, for_network, names, register, spec, specs, unregister, variant
-from ellsjax.machines.base import Machine
+from ellsjax.machines.base import BankMachine, Machine
+from ellsjax.machines.search import (
+    CertifiedSubset,
+    Exact,
+    Pruned,
+    Sharded,
+    Single,
+    TopK,
+)
 
 from ellsjax.machines.ideal import IdealScore, ideal
 from ellsjax.machines.patch import EquivariantLocalScore, LocalScore, bbels, els, local
@@ -41,7 +52,7 @@ def _discover() -> None:
     import pkgutil
 
     for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_") and info.name != "base":
+        if not info.name.startswith("_") and info.name not in ("base", "search"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 
@@ -84,7 +95,15 @@ def build(name: str, images, labels=None, **options) -> Machine:
 __all__ = [
     "Denoiser",
     "Machine",
+    "BankMachine",
     "ExecutionPolicy",
+    "search",
+    "Exact",
+    "TopK",
+    "Pruned",
+    "CertifiedSubset",
+    "Single",
+    "Sharded",
     "MachineSpec",
     "register",
     "unregister",
@@ -119,6 +138,7 @@ __all__ = [
     "SoftEquivariantLocalScore",
     "soft_els",
     "soft_bbels",
-    "default_memory_budget",
+    "memory_budget_for",
+    "bank_budget_for",
     "memory_budgets",
 ]

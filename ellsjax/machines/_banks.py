@@ -16,8 +16,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["GroupBank", "DeviceBank", "BlockIndex", "build_group_bank", "pack_group_bank", "pad_multiple", "unique_rows",
+__all__ = ["bank_key", "GroupBank", "DeviceBank", "BlockIndex", "build_group_bank", "pack_group_bank", "pad_multiple", "unique_rows",
            "bank_nbytes", "block_order"]
+
+def bank_key(scale: int | None, conditional: bool) -> str:
+    """Key of a prebuilt bank in a bank machine's ``banks``."""
+    return f"k{scale}" + ("/class" if conditional else "")
+
 
 class GroupBank(NamedTuple):
     """A materialized bank of one position group (numpy on the host, jax arrays in a machine).

@@ -1,33 +1,45 @@
-"""How a machine runs: the execution policy (chunking, memory, banks, devices, search) and the
-chunk planning derived from it. Nothing here changes a result beyond float32 summation order.
+"""How a machine runs: the execution policy (chunking, memory and bank budgets, target platform)
+and the chunk planning derived from it. Nothing here changes a result beyond float32 summation order.
 
 :class:`ExecutionPolicy` is one small frozen record carried by every machine (static in its pytree).
-The backend budgets are computed lazily, once per process (:func:`default_memory_budget`,
-:func:`default_bank_budget`): nothing is read from the system at import time.
+Its budgets follow its ``platform`` — the platform of the devices the machine's arrays (or its
+mesh) live on, fixed when the machine is built, or an explicit ``platform=`` — never the host's
+default backend at trace time, so a program compiled for a TPU or an H100 from a CPU host gets the
+accelerator's chunks. Search and placement are strategies of their own
+(:mod:`ellsjax.machines.search`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any
 
 from ellsjax import _checks
 
 __all__ = [
     "ExecutionPolicy",
-    "default_memory_budget",
-    "default_bank_budget",
+    "PLATFORMS",
+    "memory_budget_for",
+    "bank_budget_for",
     "memory_budgets",
     "query_tile",
     "MIN_CHUNK_ENTRIES",
     "MIN_QUERY_TILE",
-    "SCORINGS",
 ]
 
-#: GEMM input precisions of the approximate search's candidate scoring.
-SCORINGS: tuple[str, ...] = ("bfloat16", "float32")
+#: Platforms with their own budgets (``cuda``/``rocm`` devices count as ``gpu``).
+PLATFORMS: tuple[str, ...] = ("cpu", "gpu", "tpu")
+
+
+def check_platform(value, name: str = "platform") -> str | None:
+    """``None`` or one of :data:`PLATFORMS` (``cuda``/``rocm`` accepted as ``gpu``)."""
+    if value is None:
+        return None
+    p = str(value).lower() if isinstance(value, str) else None
+    p = "gpu" if p in ("cuda", "rocm") else p
+    if p not in PLATFORMS:
+        raise ValueError(f"{name}: must be one of {', '.join(PLATFORMS)} (or None), got {value!r}")
+    return p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,70 +50,34 @@ class ExecutionPolicy:
         chunk_size: training images per streamed chunk (prebuilt banks: that many images' worth of
             entries); ``None`` picks it from ``memory_budget``.
         memory_budget: bytes of temporaries allowed per chunk when ``chunk_size`` is ``None``
-            (``None``: :func:`default_memory_budget` of the backend).
+            (``None``: :func:`memory_budget_for` the platform).
         bank_budget: bytes a materialized bank of one scale may take (``None``:
-            :func:`default_bank_budget`); larger banks are gathered from the images chunk by chunk at
-            every call instead (same result, slower).
-        mesh: a ``jax.sharding.Mesh`` the prebuilt banks are split over, or ``None``.
-        mesh_axis: the mesh axis the banks are split along.
-        tolerance: ``None`` (exact search) or the largest error allowed per output value for the
-            approximate top-``top_k`` search.
-        top_k: candidates per query of the approximate search.
-        scoring: GEMM input precision of the approximate search's candidate scoring.
-        prune: ``None`` (stream every block), ``0.0`` (skip the bank blocks whose every entry has
-            float32 weight exactly 0: same results) or a tolerance ``ε > 0`` (skip blocks while the
-            error they can cause stays ``≤ ε``); see :mod:`ellsjax.machines._pruning`.
-        prune_block: entries per bounded block of a pruned bank (a power of two).
-        prune_tile: queries per tile of similar queries in a pruned pass.
+            :func:`bank_budget_for` the platform); larger banks are gathered from the images chunk
+            by chunk at every call instead (same result, slower).
+        platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``: whose budgets apply. Machines set it when they
+            are built (the platform of their images' devices, or of a ``Sharded`` mesh); ``None``
+            only in a bare policy (then ``"cpu"``).
     """
 
     chunk_size: int | None = None
     memory_budget: int | None = None
     bank_budget: int | None = None
-    mesh: Any = None
-    mesh_axis: str = "bank"
-    tolerance: float | None = None
-    top_k: int = 64
-    scoring: str = "bfloat16"
-    prune: float | None = None
-    prune_block: int = 512
-    prune_tile: int = 256
+    platform: str | None = None
 
     def __post_init__(self):
         for name in ("chunk_size", "memory_budget", "bank_budget"):
             object.__setattr__(self, name, _checks.check_positive_int(getattr(self, name), name, allow_none=True))
-        object.__setattr__(self, "top_k", _checks.check_positive_int(self.top_k, "top_k"))
-        if self.tolerance is not None:
-            tol = float(self.tolerance)
-            if not (tol > 0 and math.isfinite(tol)):
-                raise ValueError(f"tolerance: must be positive (or None for exact search), got {self.tolerance!r}")
-            object.__setattr__(self, "tolerance", tol)
-        if self.prune is not None:
-            tol = float(self.prune)
-            if not (tol >= 0 and math.isfinite(tol)):
-                raise ValueError(f"tolerance: must be >= 0 (0: exact pruning), got {self.prune!r}")
-            object.__setattr__(self, "prune", tol)
-        blk = _checks.check_positive_int(self.prune_block, "block")
-        if blk & (blk - 1):
-            raise ValueError(f"block: must be a power of two, got {blk}")
-        object.__setattr__(self, "prune_tile", _checks.check_positive_int(self.prune_tile, "tile"))
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring: must be 'bfloat16' or 'float32', got {self.scoring!r}")
+        object.__setattr__(self, "platform", check_platform(self.platform))
 
     @property
     def budget(self) -> int:
-        """Bytes of temporaries per chunk: ``memory_budget`` or the backend default."""
-        return self.memory_budget or default_memory_budget()
+        """Bytes of temporaries per chunk: ``memory_budget`` or the platform's default."""
+        return self.memory_budget or memory_budget_for(self.platform or "cpu")
 
     @property
     def bank_bytes(self) -> int:
-        """Bytes one scale's prebuilt bank may take: ``bank_budget`` or the backend default."""
-        return self.bank_budget or default_bank_budget()
-
-    @property
-    def devices(self) -> int:
-        """Devices the banks are split over (1 without a mesh)."""
-        return 1 if self.mesh is None else int(self.mesh.shape[self.mesh_axis])
+        """Bytes one scale's prebuilt bank may take: ``bank_budget`` or the platform's default."""
+        return self.bank_budget or bank_budget_for(self.platform or "cpu")
 
 
 @functools.cache
@@ -130,7 +106,7 @@ def _cpu_chunk_budget() -> int:
 
 
 def memory_budgets() -> dict[str, int]:
-    """Default bytes of temporaries per streamed chunk, per backend: on CPU half the last-level
+    """Default bytes of temporaries per streamed chunk, per platform: on CPU half the last-level
     cache; accelerators want large chunks to fill the device."""
     return {"cpu": _cpu_chunk_budget(), "gpu": 1024 * 2**20, "tpu": 1024 * 2**20}
 
@@ -138,21 +114,19 @@ def memory_budgets() -> dict[str, int]:
 _BANK_BUDGETS = {"cpu": 2**30, "gpu": 4 * 2**30, "tpu": 4 * 2**30}
 
 
-def default_memory_budget() -> int:
-    """The chunk memory budget used when a policy's ``memory_budget`` is ``None`` (this backend)."""
-    import jax
+def memory_budget_for(platform: str) -> int:
+    """The chunk memory budget of ``platform`` (see :func:`memory_budgets`).
 
-    backend = jax.default_backend()
-    if backend == "cpu":
-        return _cpu_chunk_budget()
-    return memory_budgets().get(backend, 256 * 2**20)
+    Example:
+        >>> memory_budget_for("tpu") == 2**30
+        True
+    """
+    return memory_budgets()[check_platform(platform) or "cpu"]
 
 
-def default_bank_budget() -> int:
-    """Bytes one scale's prebuilt bank may take when a policy's ``bank_budget`` is ``None``."""
-    import jax
-
-    return _BANK_BUDGETS.get(jax.default_backend(), 2**30)
+def bank_budget_for(platform: str) -> int:
+    """Bytes one scale's prebuilt bank may take on ``platform`` (host-built, device-resident)."""
+    return _BANK_BUDGETS[check_platform(platform) or "cpu"]
 
 
 #: A batch's queries are streamed together while the memory budget still leaves chunks of at least

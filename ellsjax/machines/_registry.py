@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from ellsjax import _checks
-from ellsjax.denoiser import SCALE_KINDS, ScaleKind
+from ellsjax.denoiser import SCALE_KINDS, Denoiser, ScaleKind
 
 __all__ = ["MachineSpec", "register", "unregister", "spec", "specs", "names", "for_network", "variant"]
 
@@ -33,7 +33,8 @@ class MachineSpec:
     Attributes:
         name: the registry name (``ellsjax sample --machine NAME``).
         builder: ``builder(images, labels=None, **options) -> Machine``.
-        scale_kind: what its per-step ``scale`` is (:data:`ellsjax.denoiser.ScaleKind`).
+        machine: the class its builder returns; what its per-step scale is (:attr:`scale_kind`) and
+            whether it reports provenance (:attr:`provenance`) are read from it, never restated.
         summary: one line for listings and help.
         padding: its boundary rule (:data:`ellsjax._checks.Padding`), ``None`` where it has none.
         family: machines that differ only in ``padding`` share a family (``els``: ELS and bbELS),
@@ -46,13 +47,12 @@ class MachineSpec:
         default_scales: ``(dataset, image_shape, schedule) -> ScaleSchedule``: the published scale
             schedule to use when none is given, for a dataset, an image shape and a noise schedule;
             raises ``ValueError`` (with the reason) where none is published. ``None``: no default.
-        provenance: whether :func:`ellsjax.explain.provenance` can replay it.
         reference: where the method comes from (paper, release).
     """
 
     name: str
     builder: Callable[..., Any]
-    scale_kind: ScaleKind
+    machine: type
     summary: str
     padding: str | None = None
     family: str | None = None
@@ -60,14 +60,25 @@ class MachineSpec:
     explains: str | None = None
     soft_twin: str | None = None
     default_scales: Callable[[str, tuple[int, int, int], Any], Any] | None = None
-    provenance: bool = False
     reference: str = ""
+
+    @property
+    def scale_kind(self) -> ScaleKind:
+        """What its per-step ``scale`` is (:data:`ellsjax.denoiser.ScaleKind`): the class's."""
+        return self.machine.scale_kind
+
+    @property
+    def provenance(self) -> bool:
+        """Whether :func:`ellsjax.explain.provenance` can replay it: the class's ``supports_provenance``."""
+        return bool(getattr(self.machine, "supports_provenance", False))
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or "," in self.name or self.name.strip() != self.name:
             raise ValueError(f"name: expected a non-empty name without commas or spaces, got {self.name!r}")
         if not callable(self.builder):
             raise TypeError(f"builder: expected a callable, got {self.builder!r}")
+        if not (isinstance(self.machine, type) and issubclass(self.machine, Denoiser)):
+            raise TypeError(f"machine: expected the Denoiser class its builder returns, got {self.machine!r}")
         if self.scale_kind not in SCALE_KINDS:
             raise ValueError(f"scale_kind: must be one of {', '.join(SCALE_KINDS)}, got {self.scale_kind!r}")
         if self.padding is not None:

@@ -81,7 +81,7 @@ def from_cfdm_time(tau: Float[ArrayLike, "*t"], schedule: _schedules.Schedule | 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SmoothedClosedForm(Machine):
-    """σ-CFDM. Build with :func:`cfdm`. ``scale`` is accepted and ignored.
+    """σ-CFDM. Build with :func:`cfdm`. It has no scale.
 
     Attributes (beyond :class:`~ellsjax.machines.Machine`):
         noise: ``[M, H, W, C]`` the fixed perturbations ``ε_m``.
@@ -150,6 +150,7 @@ def cfdm(
     image_range: tuple[float, float] | None = (-1.0, 1.0),
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    platform: str | None = None,
 ) -> SmoothedClosedForm:
     """The σ-CFDM machine: ideal-score softmax weights averaged over ``M`` perturbed queries.
 
@@ -168,6 +169,8 @@ def cfdm(
             (``None``: any real data, e.g. samples of a Gaussian).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
+        platform: whose budgets apply, ``"cpu"``, ``"gpu"`` or ``"tpu"`` (``None``: the platform of the
+            devices the images live on).
 
     Example:
         >>> import jax, ellsjax as ej
@@ -184,12 +187,12 @@ def cfdm(
     noise = _draw(key, num_noise, tuple(imgs.shape[1:]))
     return build(
         SmoothedClosedForm, imgs, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size, memory_budget=memory_budget,
-        noise=noise, sigma=sigma_f,
+        noise=noise, sigma=sigma_f, platform=platform,
     )
 
 
 _registry.register(_registry.MachineSpec(
-    name="cfdm", builder=cfdm, scale_kind="none",
+    name="cfdm", builder=cfdm, machine=SmoothedClosedForm,
     summary="σ-CFDM: ideal-score weights averaged over perturbed queries",
     reference="Scarvelis, Borde & Solomon, TMLR 2025",
 ))

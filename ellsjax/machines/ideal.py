@@ -21,14 +21,14 @@ from jaxtyping import ArrayLike, Float, Int
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
 from ellsjax.machines import _registry
-from ellsjax.machines.base import Machine, PixelProvenance, bank_key, build, register
+from ellsjax.machines.base import BankMachine, PixelProvenance, bank_key, build, register
 
 __all__ = ["IdealScore", "ideal"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class IdealScore(Machine):
-    """The ideal score machine. Build with :func:`ideal`. ``scale`` is accepted and ignored."""
+class IdealScore(BankMachine):
+    """The ideal score machine. Build with :func:`ideal`. It has no scale (``scale`` must be ``None``)."""
 
     supports_provenance: ClassVar[bool] = True
 
@@ -48,17 +48,12 @@ class IdealScore(Machine):
 
     def _denoise_bounded(self, x_t, t, label, scale):
         b, h, w, ch = x_t.shape
-        queries = self._queries(x_t, t, label, self.schedule)
-        mean, bound = self._bounded_means(queries, self.banks[bank_key(None, label is not None)]["image"], label)
-        return mean.reshape(b, h, w, ch), jnp.broadcast_to(bound.reshape(b, 1, 1), (b, h, w))
-
-    def _denoise(self, x_t, t, label, scale):
-        b, h, w, ch = x_t.shape
         d = h * w * ch
         queries = self._queries(x_t, t, label, self.schedule)
         prepared = self.banks.get(bank_key(None, label is not None))
         if prepared is not None:
-            return self._stream_bank(queries, prepared["image"], label, 1).reshape(b, h, w, ch)
+            mean, bound = self._run_bank(queries, prepared["image"], label, 1)
+            return mean.reshape(b, h, w, ch), jnp.broadcast_to(bound.reshape(b, 1, 1), (b, h, w))
         per_image = 4 * (3 * d + 2 * b + 2)
         members, valid, nchunks, c = self._chunking(label, per_image)
 
@@ -70,7 +65,7 @@ class IdealScore(Machine):
             return _kernel.make_bank(flat, flat, ok)
 
         mean, _ = _kernel.streaming_softmax(queries, bank_fn, nchunks)
-        return mean.reshape(b, h, w, ch)
+        return mean.reshape(b, h, w, ch), jnp.zeros((b, h, w), mean.dtype)
 
     def _denoise_provenance(self, x_t, t, label, scale):
         # The images streamed one chunk at a time (no deduplicated bank), each entry named by its
@@ -109,6 +104,7 @@ def ideal(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     bank_budget: int | None = None,
+    platform: str | None = None,
 ) -> IdealScore:
     """The ideal score machine (IS): posterior mean over whole training images.
 
@@ -121,6 +117,8 @@ def ideal(
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
         bank_budget: bytes the prebuilt, deduplicated image bank may take (``None``: default).
+        platform: whose budgets apply, ``"cpu"``, ``"gpu"`` or ``"tpu"`` (``None``: the platform of the
+            devices the images live on).
 
     Example:
         >>> import jax, ellsjax as ej
@@ -131,12 +129,12 @@ def ideal(
     """
     return build(
         IdealScore, images, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size, memory_budget=memory_budget,
-        bank_budget=bank_budget,
+        bank_budget=bank_budget, platform=platform,
     )
 
 
 _registry.register(_registry.MachineSpec(
-    name="is", builder=ideal, scale_kind="none", provenance=True,
+    name="is", builder=ideal, machine=IdealScore,
     summary="ideal score: the exact posterior over whole training images (memorizes)",
     reference="Kamb & Ganguli, arXiv 2412.20292, eq. 5",
 ))

@@ -41,7 +41,7 @@ from ellsjax import presets as _presets
 from ellsjax import schedules as _schedules
 from ellsjax.machines import _registry
 from ellsjax.machines._policy import query_tile
-from ellsjax.machines.base import Machine, PixelProvenance, bank_key, build, register
+from ellsjax.machines.base import BankMachine, PixelProvenance, bank_key, build, register
 
 __all__ = ["LocalScore", "EquivariantLocalScore", "local", "els", "bbels"]
 
@@ -130,7 +130,7 @@ def _full_layout(kind: str, h: int, w: int, k: int) -> _Layout:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _PatchMachine(Machine):
+class _PatchMachine(BankMachine):
     """Common code of the patch machines (see module docstring)."""
 
     scale_kind: ClassVar[str] = "size"
@@ -179,26 +179,24 @@ class _PatchMachine(Machine):
             outs.append(m.reshape(b, ng * pq, v))
         return jnp.concatenate(outs, axis=1)[:, layout.inverse].reshape(b, h, w, -1)
 
-    def _denoise(self, x_t, t, label, scale):
+    def _denoise_bounded(self, x_t, t, label, scale, bank_map=None, side=None):
+        """``(x̂0, bound)``: every group through the machine's search over its prebuilt bank, or, where
+        there is none (unprepared, or over ``bank_budget``), its windows streamed from the images
+        (exact, bound 0). ``bank_map`` rewrites every chunk and ``side`` sets the window (the soft
+        window machines; default ``scale``)."""
         b, h, w, ch = x_t.shape
-        layout, queries = self._queries(x_t, t, label, scale)
-        prepared = self.banks.get(bank_key(scale, label is not None))
+        k = scale if side is None else side
+        layout, queries = self._queries(x_t, t, label, k)
+        prepared = self.banks.get(bank_key(k, label is not None))
         if prepared is not None:
-            means = {
-                name: self._stream_bank(queries[name], prepared[name], label, g.bpos.shape[1])
-                for name, g in layout.groups.items()
-            }
+            res = {name: self._run_bank(queries[name], prepared[name], label, g.bpos.shape[1], bank_map)
+                   for name, g in layout.groups.items()}
         else:
-            means = self._stream_images(queries, layout, label)
-        return self._assemble(layout, means, b, h, w, label is not None)
-
-    def _denoise_bounded(self, x_t, t, label, scale):
-        b, h, w, ch = x_t.shape
-        layout, queries = self._queries(x_t, t, label, scale)
-        bank = self.banks[bank_key(scale, label is not None)]
-        res = {name: self._bounded_means(queries[name], bank[name], label) for name in layout.groups}
-        x0 = self._assemble(layout, {n: r[0] for n, r in res.items()}, b, h, w, label is not None)
-        bound = self._assemble(layout, {n: r[1][..., None] for n, r in res.items()}, b, h, w, label is not None)
+            res = {name: (m, jnp.zeros(m.shape[:-1], m.dtype))
+                   for name, m in self._stream_images(queries, layout, label, bank_map=bank_map).items()}
+        cond = label is not None
+        x0 = self._assemble(layout, {n: r[0] for n, r in res.items()}, b, h, w, cond)
+        bound = self._assemble(layout, {n: r[1][..., None] for n, r in res.items()}, b, h, w, cond)
         return x0, bound[..., 0]
 
     def _stream_images(self, queries, layout, label, provenance=False, bank_map=None):
@@ -379,6 +377,7 @@ def local(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     bank_budget: int | None = None,
+    platform: str | None = None,
 ) -> LocalScore:
     """The local score machine (LS, zero padding).
 
@@ -396,6 +395,8 @@ def local(
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
         bank_budget: bytes one scale's prebuilt, deduplicated bank may take (``None``: per-backend
             default); beyond it windows are gathered from the images at every call.
+        platform: whose budgets apply, ``"cpu"``, ``"gpu"`` or ``"tpu"`` (``None``: the platform of the
+            devices the images live on).
 
     Example:
         >>> import jax, ellsjax as ej
@@ -406,7 +407,7 @@ def local(
     """
     return build(
         LocalScore, images, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size, memory_budget=memory_budget,
-        bank_budget=bank_budget,
+        bank_budget=bank_budget, platform=platform,
     )
 
 
@@ -420,6 +421,7 @@ def els(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     bank_budget: int | None = None,
+    platform: str | None = None,
 ) -> EquivariantLocalScore:
     """The equivariant local score machine: ELS (``padding="circular"``) or bbELS (``"zeros"``).
 
@@ -442,6 +444,8 @@ def els(
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
         bank_budget: bytes one scale's prebuilt, deduplicated bank may take (``None``: per-backend
             default); beyond it windows are gathered from the images at every call.
+        platform: whose budgets apply, ``"cpu"``, ``"gpu"`` or ``"tpu"`` (``None``: the platform of the
+            devices the images live on).
 
     Example:
         >>> import jax, ellsjax as ej
@@ -453,7 +457,7 @@ def els(
     _checks.check_padding(padding)
     return build(
         EquivariantLocalScore, images, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size,
-        memory_budget=memory_budget, bank_budget=bank_budget, padding=padding,
+        memory_budget=memory_budget, bank_budget=bank_budget, padding=padding, platform=platform,
     )
 
 
@@ -478,20 +482,20 @@ def _published(padding: str):
 
 
 _registry.register(_registry.MachineSpec(
-    name="els", builder=els, scale_kind="size", padding="circular", family="els", calibration="grid",
-    explains="circular", soft_twin="soft-els", default_scales=_published("circular"), provenance=True,
+    name="els", builder=els, machine=EquivariantLocalScore, padding="circular", family="els", calibration="grid",
+    explains="circular", soft_twin="soft-els", default_scales=_published("circular"),
     summary="equivariant local score (circular padding): every k×k patch of every training image",
     reference="Kamb & Ganguli, arXiv 2412.20292, §4",
 ))
 _registry.register(_registry.MachineSpec(
-    name="bbels", builder=bbels, scale_kind="size", padding="zeros", family="els", calibration="grid",
-    explains="zeros", soft_twin="soft-bbels", default_scales=_published("zeros"), provenance=True,
+    name="bbels", builder=bbels, machine=EquivariantLocalScore, padding="zeros", family="els", calibration="grid",
+    explains="zeros", soft_twin="soft-bbels", default_scales=_published("zeros"),
     summary="boundary-broken ELS (zero padding): border pixels meet patches with the same border offset",
     reference="Kamb & Ganguli, arXiv 2412.20292, §4",
 ))
 _registry.register(_registry.MachineSpec(
-    name="ls", builder=local, scale_kind="size", padding="zeros", calibration="grid",
-    default_scales=_published("zeros"), provenance=True,
+    name="ls", builder=local, machine=LocalScore, padding="zeros", calibration="grid",
+    default_scales=_published("zeros"),
     summary="local score: each pixel's k×k window against the same window of every training image",
     reference="Kamb & Ganguli, arXiv 2412.20292, §3",
 ))

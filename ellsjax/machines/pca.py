@@ -47,13 +47,41 @@ memory ``D²`` for its mask) the queries are the mask rows, the keys ``φ_j ⊙ 
 zero squared norm, and the values each output row's pixels. The mask needs ``W(t)``: ``O(D²·r)``,
 built once per call when the batch shares one ``t`` (what the samplers pass; a cond picks this
 path at run time) and per image otherwise, on top of the ``O(N·D²)`` softmax per image.
+
+**Certified search** (``m.with_search(CertifiedSubset(tolerance=ε))``, ``ε ≥ 0``; the retrieval order
+of GoldDiff, :mod:`ellsjax.machines.golddiff`, without its random pre-sample): the images are visited in the
+coarse-to-fine order (proxy distance, the first ``k_max`` re-sorted by full-resolution distance),
+in chunks of ``chunk`` images, each scored exactly, and the pass stops once the mass of every image
+not yet visited is provably negligible for every output. The proof: for each output group ``g`` (the
+``f×f`` pixels and channels of one proxy cell) let ``I_g = ∩_{m∈g} N_t(m)``. Every output of the
+group reads at least ``I_g`` and (when ``m ∈ N_t(m)``) its own entry, so with ``e = x_t − aφ_j``
+
+.. math::
+
+    \|e_{N_t(m)}\|^2 \;\ge\; L_{mj} = \sum_{n \in I_g} e_n^2 + [m \in N_t(m) \setminus I_g]\, e_m^2 ,
+
+a ``[N, D]×[D, G]`` product per step (``G = D/(f²C)`` groups: ``1/(f²C)`` of the exact pass). The kernel's score of image
+``j`` for output ``m`` is ``τ(‖x_{N(m)}‖² − ‖(x − aφ_j)_{N(m)}‖²)``, so the unvisited images' scores are
+at most ``τ(‖x_{N(m)}‖² − L_gj) + δ_m``, and with ``R_m`` their total mass and ``Z_m`` the mass seen.
+``δ_m = 8u·τ·Σ_{n∈N(m)} (|x_n| + a·max_j|φ_j(n)|)²`` (``u = 2⁻²⁴``) allows for the float32 rounding of the
+kernel's scores as XLA's GEMMs accumulate them (in blocks; the worst-case bound ``γ_{|N(m)|}`` is
+``|N(m)|/8`` times larger and, at ``τ = 5000``, larger than the whole underflow margin). The bound is
+on the posterior mean of the scores as the kernel computes them:
+
+* ``ε = 0``: the pass stops when every unvisited score is more than 104 below the running maximum
+  (float32 ``exp`` gives exactly 0): the result is the exact PCA machine's up to summation order;
+* ``ε > 0``: it stops when ``R_m ≤ ε/(2·max_j|φ_j(m)|)·Z_m``; then
+  ``|x̂0(m) − exact| ≤ R_m/(Z_m + R_m)·(max_j|φ_j(m)| + |x̂0(m)|) ≤ ε``, the bound
+  :meth:`PCALocality.denoise_with_bound` returns per output.
+
+When nothing certifies early the pass visits every image: the exact machine, never a wrong answer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +91,59 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
-from ellsjax.machines import _registry
+from ellsjax.machines import _pruning, _registry
 from ellsjax.machines.base import Machine, build, prepare_training_set, register
-from ellsjax.machines.wiener import gaussian_fit
+from ellsjax.machines.search import AbstractSearch, CertifiedSubset, Exact
+from ellsjax.machines.wiener import check_rank, fit_images
 
-__all__ = ["PCALocality", "pca", "neighbourhoods"]
+__all__ = ["PCALocality", "pca", "neighbourhoods", "proxy_side_for", "subset_params", "release_threshold",
+           "RELEASE_DEFAULTS"]
+
+_U32 = _pruning._U32
+
+#: The release's per-dataset parameters (``configs/ours/<dataset>.yaml``): CIFAR-10's file is
+#: ``k_min = 2500 = N/20``, ``k_max = 5000 = N/10``, ``mask_threshold = 0.03``, ``low_res_dim = 16``.
+#: Other datasets use the same fractions of their ``N`` (the config's own comments) and θ = 0.02 (the
+#: PCA release's default).
+RELEASE_DEFAULTS = {"cifar10": {"threshold": 0.03, "proxy_side": 16, "k_min_fraction": 1 / 20, "k_max_fraction": 1 / 10}}
+
+
+def proxy_side_for(resolution: int, preferred: int = 0) -> int:
+    """The release's proxy side (``BaseDenoiser._choose_low_res_dim``): ``preferred`` if it divides
+    ``resolution``, else its largest divisor below it; ``0``: the largest divisor ``4 ≤ d ≤ res/2``."""
+    def best(res):
+        cand = [d for d in range(4, res // 2 + 1) if res % d == 0] or [d for d in range(1, res // 2 + 1) if res % d == 0]
+        return cand[-1] if cand else res
+
+    if preferred <= 0:
+        return best(resolution)
+    if resolution % preferred == 0:
+        return preferred
+    divs = [d for d in range(1, preferred + 1) if resolution % d == 0]
+    return divs[-1] if divs else best(resolution)
+
+
+def release_threshold(dataset: str | None) -> float:
+    """The mask threshold ``θ`` the GoldDiff release uses for ``dataset`` (0.03 for CIFAR-10, else the
+    PCA release's 0.02)."""
+    return RELEASE_DEFAULTS.get(dataset or "", {}).get("threshold", 0.02)
+
+
+def subset_params(n, h, w, dataset, k_min, k_max, proxy_side):
+    """The release's defaults and the checks of the subset parameters: ``(k_min, k_max, proxy_side)``."""
+    rel = RELEASE_DEFAULTS.get(dataset or "", {})
+    k_min = max(1, round(n * rel.get("k_min_fraction", 1 / 20))) if k_min is None else k_min
+    k_max = max(1, round(n * rel.get("k_max_fraction", 1 / 10))) if k_max is None else k_max
+    k_min = _checks.check_positive_int(k_min, "k_min")
+    k_max = _checks.check_positive_int(k_max, "k_max")
+    if k_min > k_max:
+        raise ValueError(f"k_min, k_max: need k_min <= k_max, got {k_min} > {k_max}")
+    side = proxy_side_for(h, rel.get("proxy_side", 0)) if proxy_side is None else _checks.check_positive_int(
+        proxy_side, "proxy_side")
+    if h % side or w % (h // side):
+        raise ValueError(f"proxy_side: {side} must divide the image height {h}, and the pooling factor {h // side} "
+                         f"the width {w}")
+    return min(k_min, n), min(k_max, n), side  # the release clips both sizes to N
 
 
 def neighbourhoods(
@@ -106,7 +182,7 @@ def neighbourhoods(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PCALocality(Machine):
-    """The PCA-locality machine. Build with :func:`pca`. ``scale`` is accepted and ignored.
+    """The PCA-locality machine. Build with :func:`pca`. It has no scale.
 
     Attributes (beyond :class:`~ellsjax.machines.Machine`):
         basis: ``[D, r]`` leading covariance eigenvectors of the whole training set.
@@ -114,6 +190,10 @@ class PCALocality(Machine):
         threshold: ``θ``.
         relative_to: ``"global"`` (the release's rule) or ``"row"``.
         temperature: ``T``.
+        search: :class:`~ellsjax.machines.search.Exact` (every image scored) or
+            :class:`~ellsjax.machines.search.CertifiedSubset` (see the module docstring).
+        proxy: ``[N, D̄]`` the training images pooled to the certified search's proxy side
+            (``None`` with the exact search).
     """
 
     basis: Float[Array, "d r"] | None = None
@@ -121,29 +201,51 @@ class PCALocality(Machine):
     threshold: float = 0.02
     relative_to: Literal["row", "global"] = "global"
     temperature: float = 1.0
+    search: AbstractSearch = Exact()
+    proxy: Float[Array, "n dl"] | None = None
 
-    _DATA_FIELDS: ClassVar[tuple[str, ...]] = Machine._DATA_FIELDS + ("basis", "eigvals")
+    _DATA_FIELDS: ClassVar[tuple[str, ...]] = Machine._DATA_FIELDS + ("basis", "eigvals", "proxy")
 
-    def with_search(self, *, tolerance: float | None, chunk: int | None = None, **golddiff_options) -> PCALocality:
-        """This machine with certified image-level search (or exact again with ``tolerance=None``).
+    def with_search(self, search: AbstractSearch) -> PCALocality:
+        """This machine with another search: :class:`~ellsjax.machines.search.Exact` (every image
+        scored) or :class:`~ellsjax.machines.search.CertifiedSubset` (images visited coarse to fine
+        until a rigorous bound on the rest is within its tolerance; unset options take the GoldDiff
+        release's defaults for this training set). :meth:`denoise_with_bound` then returns the bound.
 
-        The images are visited coarse to fine and scored exactly until a rigorous bound on the rest
-        is within ``tolerance`` (:mod:`ellsjax.machines.golddiff`, its certified mode, on this
-        machine's covariance, θ, rule and temperature); ``denoise_with_bound`` then returns the
-        bound. ``golddiff_options``: ``k_min``, ``k_max``, ``proxy_side``, ``dataset``.
+        Example:
+            >>> import jax, ellsjax as ej
+            >>> from ellsjax.machines.search import CertifiedSubset
+            >>> imgs = jax.random.uniform(jax.random.key(0), (40, 8, 8, 1), minval=-1, maxval=1)
+            >>> m = ej.machines.pca(imgs).with_search(CertifiedSubset(1e-3, chunk=8))
+            >>> x0, bound = m.denoise_with_bound(imgs[:2] * 0.9, 0.1)
+            >>> bool((bound <= 1e-3).all())
+            True
         """
-        from ellsjax.machines.golddiff import certified
+        if isinstance(search, Exact):
+            return dataclasses.replace(self, search=search, proxy=None)
+        if not isinstance(search, CertifiedSubset):
+            raise TypeError(f"search: the PCA-locality machine takes Exact() or CertifiedSubset(...), got {search!r}")
+        if self.shape_only:
+            raise ValueError("images: the certified search pools the training images; build from data, not shapes")
+        n, h, w, _ = self.images.shape
+        k_min, k_max, side = subset_params(n, h, w, search.dataset, None, search.k_max, search.proxy_side)
+        chunk = min(n, max(k_min, 64) if search.chunk is None else search.chunk)
+        resolved = dataclasses.replace(search, chunk=chunk, k_max=k_max, proxy_side=side)
+        return dataclasses.replace(self, search=resolved, proxy=pool(self.images, side))
 
-        if tolerance is None:
-            return self
-        return certified(self, tolerance=tolerance, chunk=chunk, **golddiff_options)
+    def denoise_with_bound(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None):
+        """``(x̂0 [B, H, W, C], bound [B, H, W])``: what :meth:`denoise` returns, with
+        ``|x̂0 − exact| ≤ bound`` in every channel (plus float32 rounding): 0 with the exact search,
+        the certified search's bound with :class:`~ellsjax.machines.search.CertifiedSubset`."""
+        x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
+        return _jit_bounded(self._ready(scale, label), x_t, t, label)
 
-    def denoise_with_bound(self, x_t, t, *, scale=None, label=None):
-        """``(x̂0 [B, H, W, C], bound [B, H, W])`` with ``bound = 0``: this machine scores every image, so
-        its estimate is the exact one (up to float32 rounding, as every bound in ellsjax). For a
-        certified estimate that scores fewer images, :meth:`with_search` (``tolerance=ε``)."""
-        out = self.denoise(x_t, t, scale=scale, label=label)
-        return out, jnp.zeros(out.shape[:-1], out.dtype)
+    def visited_chunks(self, x_t: Any, t: Any, *, label: Any = None) -> Int[Array, " b"]:
+        """Certified search: how many chunks of images each image's pass scored (diagnostics)."""
+        if not isinstance(self.search, CertifiedSubset):
+            raise ValueError("search: visited_chunks reports the certified search; this machine scores every image")
+        x_t, t, label, _ = self.check_inputs(x_t, t, scale=None, label=label)
+        return _jit_visits(self._ready(None, label), x_t, t, label)
 
     def _mask(self, t):
         ab, _ = self.schedule.variances(t)
@@ -185,22 +287,170 @@ class PCALocality(Machine):
 
         return shared() if b == 1 else jax.lax.cond(jnp.all(t == t[0]), shared, per_image)
 
-    def _denoise(self, x_t, t, label, scale):
+    def _members_ok(self, lb):
+        n = self.num_images
+        if lb is None:
+            return jnp.ones((n,), bool)
+        size = jnp.asarray(self.class_sizes, jnp.int32)[lb]
+        members = self.class_members[lb]
+        keep = jnp.arange(members.shape[0]) < size
+        return jnp.zeros((n,), bool).at[members].max(keep)
+
+    def _subset_bank(self, idx, ok, x, a):
+        """:meth:`_image_bank` of the training images ``idx``."""
+        return self._image_bank(self.images[idx].reshape(idx.shape[0], -1), ok, x, a)
+
+    def _coarse_fine_order(self, x, a, eligible, proxy, proxy_side, k_max):
+        """Images by proxy distance (ineligible last), the first ``k_max`` re-sorted by full distance."""
+        n = self.num_images
+        h, w, ch = self.image_shape
+        d_proxy = jnp.sum((pool(x.reshape(h, w, ch), proxy_side)[None] - a * proxy) ** 2, -1)
+        d_proxy = jnp.where(eligible, d_proxy, jnp.inf)
+        order = jnp.argsort(d_proxy)
+        head = order[:k_max]
+        phi = self.images[head].reshape(k_max, -1)
+        d_fine = jnp.sum((x[None] - a * phi) ** 2, -1)
+        d_fine = jnp.where(jnp.isfinite(d_proxy[head]), d_fine, jnp.inf)
+        head = head[jnp.argsort(d_fine)]
+        order = jnp.concatenate([head, order[k_max:]]) if k_max < n else head
+        return order, jnp.isfinite(d_proxy[order])
+
+    # ----------------------------------------------------------------------------- certified search
+    def _bound_structure(self, mask):
+        """What the certified lower bounds read of ``N_t``: ``I [G, D]``, the intersection of the
+        neighbourhoods of every output of group ``g`` (the ``f×f`` pixels and channels of one proxy
+        cell), and each output's group."""
+        h, w, ch = self.image_shape
+        f = h // self.search.proxy_side
+        pw = w // f
+        spatial = (np.arange(h)[:, None] // f * pw + np.arange(w)[None, :] // f)  # [H, W] cell of each pixel
+        group = np.broadcast_to(spatial[:, :, None], (h, w, ch)).reshape(-1)  # output → group
+        inter = jax.ops.segment_min(mask, jnp.asarray(group), num_segments=int(group.max()) + 1)
+        return inter, jnp.asarray(group)
+
+    def _certified_one(self, x, t, lb, mask, structure):
+        """``(x̂0 [D], bound [D], chunks visited)`` for one image (see the module docstring)."""
+        inter, group = structure
+        h, w, ch = self.image_shape
+        d, row = h * w * ch, w * ch
+        n, c = self.num_images, self.search.chunk
+        ab, var = self.schedule.variances(t)
+        a = jnp.sqrt(ab)
+        queries = self._mask_queries(mask, a, var)
+        tau = queries.inv_temp[0, 0]
+        finite = jnp.isfinite(tau)
+        kappa = jnp.where(finite, tau, 1.0)  # scores are raw where τ = ∞ (nearest-image limit)
+        order, real = self._coarse_fine_order(x, a, self._members_ok(lb), self.proxy, self.search.proxy_side,
+                                              self.search.k_max)
+        nch = -(-n // c)
+        pad = nch * c - n
+        order = jnp.pad(order, (0, pad))
+        real = jnp.pad(real, (0, pad))
+        phi = self.images[order].reshape(nch * c, d)  # in visiting order
+        # every output of group g reads at least the pixels of I_g, and output m its own pixel when
+        # m ∈ N(m): Σ_{n∈I_g} e_n² + [m ∈ N(m) \ I_g]·e_m² ≤ ‖e_{N(m)}‖²
+        e2 = (x[None] - a * phi) ** 2
+        low_g = jnp.matmul(e2, inter.T, precision="highest")  # [N', G]
+        own = (jnp.diagonal(mask) > 0.5) & (inter[group, jnp.arange(d)] < 0.5)
+        low = (low_g[:, group] + jnp.where(own[None], e2, 0.0)) * (1.0 - 4 * (d + 4) * _U32)  # float32 sums
+        # τ‖x_N(m)‖² and the rounding slack δ_m of the kernel's scores: 8u·Σ|terms| (see the module
+        # docstring: the blocked accumulation of float32 GEMMs; the worst case γ_n would forbid any skip)
+        phimax, phimin = jnp.max(self.images.reshape(n, d), 0), jnp.min(self.images.reshape(n, d), 0)
+        xn2 = jnp.matmul(mask, x * x, precision="highest")
+        big = jnp.matmul(mask, (jnp.abs(x) + a * jnp.maximum(phimax, -phimin)) ** 2, precision="highest")
+        slack = kappa * 8 * _U32 * (big + xn2)
+        ub = jnp.where(real[:, None], kappa * (xn2 - low) + slack, -jnp.inf)  # [N', D] ≥ every score
+        cub = ub.reshape(nch, c, d)
+        smax, slse = _pruning.suffix_bounds(jnp.max(cub, 1), jax.nn.logsumexp(cub, 1), axis=0)  # [nch + 1, D]
+        spread = (phimax - phimin).reshape(h, row)  # |φ_j(m) − x̂0(m)| ≤ spread
+        eps = self.search.tolerance
+
+        def done(i, st):
+            mx, tot = st.max, st.total  # [H, W·C]: one query per output
+            up = smax[i].reshape(h, row)
+            nearest = (up < mx) | (spread == 0)
+            if eps == 0:
+                ok = jnp.where(finite, (up - mx < -_pruning.UNDERFLOW_MARGIN) | (spread == 0), nearest)
+            else:
+                ok = jnp.where(finite, jnp.exp(slse[i].reshape(h, row) - mx) * spread <= eps * tot, nearest)
+            return jnp.all(ok)
+
+        def chunk_stats(i):
+            idx = jax.lax.dynamic_slice_in_dim(order, i * c, c)
+            ok = jax.lax.dynamic_slice_in_dim(real, i * c, c)
+            return _kernel.chunk_stats(queries, self._subset_bank(idx, ok, x, a))
+
+        def cond(carry):
+            i, st = carry
+            return (i < nch) & ~done(i, st)
+
+        def body(carry):
+            i, st = carry
+            return i + 1, _kernel.merge_stats(st, chunk_stats(i), queries.inv_temp)
+
+        i, st = jax.lax.while_loop(cond, body, (jnp.int32(1), chunk_stats(0)))
+        mean = jnp.diagonal(_kernel.finalize(st), axis1=1, axis2=2).reshape(d)  # each output's own value
+        mx, tot = st.max.reshape(d), st.total.reshape(d)
+        # |x̂ − x̂_S| = |Σ_U w_j (φ_j − x̂_S)| / (Z_S + Z_U) ≤ Σ_U ŵ_j |φ_j − x̂_S| / Z_S, ŵ_j = e^{ub_j − max}
+        unvisited = (jnp.arange(nch * c) >= i * c)[:, None] & real[:, None]
+        dev = jnp.abs(phi - mean[None])
+        contrib = jnp.where(unvisited & (dev > 0), jnp.exp(jnp.minimum(ub - mx[None], 80.0)) * dev, 0.0)
+        bound = jnp.sum(contrib, 0) / tot
+        nearest = jnp.where(jnp.any(unvisited & (dev > 0) & (ub >= mx[None]), 0), jnp.inf, 0.0)
+        bound = jnp.where(finite, jnp.where(jnp.max(jnp.where(unvisited, ub - mx[None], -jnp.inf), 0) >= 80.0,
+                                            jnp.inf, bound), nearest)
+        return mean, jnp.where(i >= nch, 0.0, bound), i
+
+    # ----------------------------------------------------------------------------------- driver
+    def _exact_one(self, x, tb, lb, idx, mask):
         d = int(np.prod(self.image_shape))
+        ab, var = self.schedule.variances(tb)
+        a = jnp.sqrt(ab)
+        members, valid, nchunks, c = self._chunking(None if lb is None else lb[None], 4 * (4 * d + 4))
 
-        def one(x, tb, lb, idx, mask):
-            ab, var = self.schedule.variances(tb)
-            a = jnp.sqrt(ab)
-            members, valid, nchunks, c = self._chunking(None if lb is None else lb[None], 4 * (4 * d + 4))
+        def bank_fn(i):
+            imgs, ok = self._chunk(members, valid, c, i)  # [1, c, H, W, C], [1, c]
+            return self._image_bank(imgs.reshape(c, d), ok[0], x, a)
 
-            def bank_fn(i):
-                imgs, ok = self._chunk(members, valid, c, i)  # [1, c, H, W, C], [1, c]
-                return self._image_bank(imgs.reshape(c, d), ok[0], x, a)
+        means, _ = _kernel.streaming_softmax(self._mask_queries(mask, a, var), bank_fn, nchunks)  # [H, W·C, W·C]
+        out = jnp.diagonal(means, axis1=1, axis2=2).reshape(d)
+        return out, jnp.zeros_like(out), jnp.int32(0)
 
-            means, _ = _kernel.streaming_softmax(self._mask_queries(mask, a, var), bank_fn, nchunks)  # [H, W·C, W·C]
-            return jnp.diagonal(means, axis1=1, axis2=2).reshape(d)
+    def _run(self, x_t, t, label):
+        """``(x̂0, bound per value, chunks visited)`` under the machine's search."""
+        if isinstance(self.search, CertifiedSubset):
+            # the certified bounds' structure comes from the mask: built with it, once per distinct t
+            out, bound, visited = self._map_batch(lambda x, tb, lb, idx, per_t: self._certified_one(x, tb, lb, *per_t),
+                                                  x_t, t, label, lambda mask: (mask, self._bound_structure(mask)))
+        else:
+            out, bound, visited = self._map_batch(self._exact_one, x_t, t, label)
+        return out.reshape(x_t.shape), bound.reshape(x_t.shape), visited
 
-        return self._map_batch(one, x_t, t, label).reshape(x_t.shape)
+    def _denoise(self, x_t, t, label, scale):
+        return self._run(x_t, t, label)[0]
+
+    def _denoise_bounded(self, x_t, t, label, scale):
+        out, bound, _ = self._run(x_t, t, label)
+        return out, jnp.max(bound, -1)
+
+
+@jax.jit
+def _jit_bounded(m, x_t, t, label):
+    return m._denoise_bounded(x_t, t, label, None)
+
+
+@jax.jit
+def _jit_visits(m, x_t, t, label):
+    return m._run(x_t, t, label)[2]
+
+
+def pool(x: Float[Array, "*n h w c"], side: int) -> Float[Array, "*n dl"]:
+    """``[..., H, W, C]`` → ``[..., D̄]``: the average over ``f×f`` cells, ``f = H/side`` (per
+    channel), flattened — the coarse screen's proxy."""
+    h, w, ch = x.shape[-3:]
+    f = h // side
+    y = x.reshape(*x.shape[:-3], h // f, f, w // f, f, ch).mean(axis=(-4, -2))
+    return y.reshape(*x.shape[:-3], -1)
 
 
 register(PCALocality)
@@ -219,6 +469,7 @@ def pca(
     image_range: tuple[float, float] | None = (-1.0, 1.0),
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    platform: str | None = None,
 ) -> PCALocality:
     """The PCA-locality machine (Lukoianov et al., NeurIPS 2025): an LS-type softmax over whole
     training images with each output entry's distance taken over its Wiener-matrix neighbourhood.
@@ -238,6 +489,8 @@ def pca(
             (``None``: any real data, e.g. samples of a Gaussian).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
+        platform: whose budgets apply, ``"cpu"``, ``"gpu"`` or ``"tpu"`` (``None``: the platform of the
+            devices the images live on).
 
     Example:
         >>> import jax, ellsjax as ej
@@ -249,7 +502,7 @@ def pca(
     imgs, _, _ = prepare_training_set(images, labels, image_range=image_range)
     return build(
         PCALocality, imgs, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size,
-        memory_budget=memory_budget,
+        memory_budget=memory_budget, platform=platform,
         **pca_fields(imgs, threshold=threshold, relative_to=relative_to, temperature=temperature, rank=rank, ddof=ddof),
     )
 
@@ -263,17 +516,16 @@ def pca_fields(imgs, *, threshold, relative_to, temperature, rank, ddof) -> dict
         raise ValueError(f"relative_to: must be 'row' or 'global', got {relative_to!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (0 < temperature < np.inf):
         raise ValueError(f"temperature: expected a positive finite float, got {temperature!r}")
-    if rank is not None:
-        rank = _checks.check_positive_int(rank, "rank")
+    rank = check_rank(rank, imgs.shape)
     if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
         raise ValueError(f"ddof: expected an int >= 0, got {ddof!r}")
-    _, basis, lam = gaussian_fit(np.asarray(imgs).reshape(imgs.shape[0], -1), ddof=int(ddof), rank=rank)
-    return dict(basis=jnp.asarray(basis, jnp.float32), eigvals=jnp.asarray(lam, jnp.float32),
+    _, basis, lam = fit_images(imgs, ddof=int(ddof), rank=rank)
+    return dict(basis=basis, eigvals=lam,
                 threshold=float(threshold), relative_to=relative_to, temperature=float(temperature))
 
 
 _registry.register(_registry.MachineSpec(
-    name="pca", builder=pca, scale_kind="none",
+    name="pca", builder=pca, machine=PCALocality,
     summary="PCA locality: a softmax over training images with Wiener-matrix neighbourhoods per output",
     reference="Lukoianov, Yuan, Solomon & Sitzmann, NeurIPS 2025 (arXiv 2509.09672)",
 ))

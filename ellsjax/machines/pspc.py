@@ -130,6 +130,7 @@ def pspc(
     image_range: tuple[float, float] | None = (-1.0, 1.0),
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    platform: str | None = None,
 ) -> PatchSetPosteriorComposite:
     """The PSPC-Square machine (Niedoba et al., ICML 2025, eq. 11 with square patch sets).
 
@@ -144,6 +145,8 @@ def pspc(
             (``None``: any real data, e.g. samples of a Gaussian).
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk (``None``: a per-backend default).
+        platform: whose budgets apply, ``"cpu"``, ``"gpu"`` or ``"tpu"`` (``None``: the platform of the
+            devices the images live on).
 
     Example:
         >>> import jax, ellsjax as ej
@@ -154,7 +157,7 @@ def pspc(
     """
     return build(
         PatchSetPosteriorComposite, images, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size,
-        memory_budget=memory_budget,
+        memory_budget=memory_budget, platform=platform,
     )
 
 
@@ -172,7 +175,7 @@ def _published(dataset: str, image_shape: tuple[int, int, int], schedule: Any):
 
 
 _registry.register(_registry.MachineSpec(
-    name="pspc", builder=pspc, scale_kind="side", calibration="grid", default_scales=_published,
+    name="pspc", builder=pspc, machine=PatchSetPosteriorComposite, calibration="grid", default_scales=_published,
     summary="PSPC-Square: posterior means of every k×k window inside the image, averaged per pixel",
     reference="Niedoba et al., ICML 2025",
 ))

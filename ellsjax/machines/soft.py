@@ -25,16 +25,19 @@ cost two).
 As ``ℓ → ∞`` the machine becomes the hard ELS/bbELS machine at ``k = K``; small ``ℓ`` concentrates
 the weight on the center pixel.
 
-Design: the per-call ``scale`` of these machines is ``ℓ`` (a positive float), static per step like
-the integer patch size of the hard machines, so the samplers and ``denoise``/``score``/``eps`` take
-``scales=[ℓ_0, ℓ_1, …]`` unchanged. The window is truncated where the weight is negligible: at a
+Design: a soft machine *wraps* a hard ELS/bbELS machine (:attr:`SoftEquivariantLocalScore.hard`, whose
+prebuilt banks it uses) instead of subclassing it: its scale means a width, not a size. The per-call
+``scale`` is ``ℓ`` (a positive float, or a traced scalar: ``jax.grad`` of ``denoise`` in ``ℓ`` works);
+only the window side is static, so one program serves every ``ℓ`` of a side. The samplers and
+``denoise``/``score``/``eps`` take ``scales=[ℓ_0, ℓ_1, …]``. The window is truncated where the weight is negligible: at a
 given ``ℓ`` the machine works at the odd side ``K(ℓ) = min(support, 2⌈truncate·ℓ⌉ + 1)``
 (:meth:`SoftEquivariantLocalScore.window_size`; ``truncate = 3``: dropped offsets weigh
 ``< e^{−4.5} ≈ 0.011``). This matters for ELS: its bank holds the ``K×K`` patches lying *inside* a
 training image, so a needlessly large ``K`` would leave out the patch centers near the borders.
-Each ``K`` has its own prebuilt bank. For gradients in ``ℓ`` call
-:meth:`SoftEquivariantLocalScore.denoise_ell` (``ℓ`` a traced scalar, the window side static),
-which is what the differentiable calibration uses.
+Each ``K`` has its own prebuilt bank. A traced ``ℓ`` whose value cannot be read (inside ``jax.jit``)
+uses the whole support ``K`` (its truncation needs the value); under ``jax.grad`` alone the value is
+read and the side is the same as for the float. :meth:`SoftEquivariantLocalScore.denoise_ell` (``ℓ``
+traced, the side given) is what the differentiable calibration uses.
 
 Example:
     >>> import jax, ellsjax as ej
@@ -52,6 +55,7 @@ import math
 import numbers
 from typing import Any, ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
@@ -60,9 +64,10 @@ from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
 from ellsjax.denoiser import Denoiser
-from ellsjax.machines import _registry
-from ellsjax.machines.base import BankMap, Machine, bank_key, build, register
-from ellsjax.machines.patch import EquivariantLocalScore
+from ellsjax.machines import _export, _registry
+from ellsjax.machines.base import Machine
+from ellsjax.machines.patch import EquivariantLocalScore, els
+from ellsjax.machines.search import BankMap
 
 __all__ = ["SoftEquivariantLocalScore", "soft_els", "soft_bbels", "window_weights"]
 
@@ -111,12 +116,15 @@ def _weight_bank(bank, w: Float[Array, " d"]):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class SoftEquivariantLocalScore(EquivariantLocalScore):
-    """ELS/bbELS with a Gaussian soft window of width ``ℓ`` (the ``scale``) over a ``K×K`` support.
+class SoftEquivariantLocalScore(Denoiser):
+    """ELS/bbELS with a soft window of width ``ℓ`` (the ``scale``) over a ``K×K`` support (final).
 
-    Build with :func:`soft_els` / :func:`soft_bbels`. ``scale`` is ``ℓ > 0`` in pixels (a float).
+    Build with :func:`soft_els` / :func:`soft_bbels`. ``scale`` is ``ℓ > 0`` in pixels (a float or a
+    traced scalar). It wraps the hard machine whose banks it streams (``hard``): prepare, policy,
+    training set and labels are the hard machine's.
 
     Attributes:
+        hard: the ELS (``padding="circular"``) or bbELS (``"zeros"``) machine.
         support: the largest window side (odd; for ELS ``≤ min(H, W)``, for bbELS ``< min(H, W)``).
         truncate: the Gaussian window at ``ℓ`` reaches ``truncate·ℓ`` pixels from its center (see
             :meth:`window_size`).
@@ -124,16 +132,17 @@ class SoftEquivariantLocalScore(EquivariantLocalScore):
         edge: the box window's edge width.
     """
 
-    scale_kind: ClassVar[str] = "width"
-    # the patch machines' provenance pass streams unweighted windows: not this machine's softmax
-    supports_provenance: ClassVar[bool] = False
+    hard: EquivariantLocalScore
     support: int = 7
     truncate: float = 3.0
     window: str = "gaussian"
     edge: float = 0.15
 
+    scale_kind: ClassVar[str] = "width"
+    # the hard machine's provenance pass streams unweighted windows: not this machine's softmax
+    supports_provenance: ClassVar[bool] = False
+
     def __post_init__(self):
-        super().__post_init__()
         if isinstance(self.support, bool) or not isinstance(self.support, numbers.Integral) or self.support < 1 \
                 or self.support % 2 == 0:
             raise ValueError(f"support: must be an odd positive int, got {self.support!r}")
@@ -149,6 +158,33 @@ class SoftEquivariantLocalScore(EquivariantLocalScore):
         if not (isinstance(self.edge, (int, float)) and math.isfinite(self.edge) and self.edge > 0):
             raise ValueError(f"edge: must be a finite positive number, got {self.edge!r}")
 
+    # -- the hard machine's, read through --------------------------------------------------------
+    schedule = property(lambda self: self.hard.schedule, doc="The hard machine's noise schedule.")
+    padding = property(lambda self: self.hard.padding, doc="``circular`` (soft ELS) or ``zeros`` (soft bbELS).")
+    policy = property(lambda self: self.hard.policy, doc="The hard machine's execution policy.")
+    images = property(lambda self: self.hard.images, doc="The training images.")
+    banks = property(lambda self: self.hard.banks, doc="The hard machine's prebuilt banks (keyed by side).")
+    num_images = property(lambda self: self.hard.num_images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.hard.image_shape
+
+    @property
+    def conditional(self) -> bool:
+        return self.hard.conditional
+
+    def check_label(self, label) -> None:
+        self.hard.check_label(label)
+
+    def _ready(self, scale: Any, label: Any) -> SoftEquivariantLocalScore:
+        Machine._ready(self.hard, scale, label)  # a shape-only machine cannot run
+        return self
+
+    def with_policy(self, **changes: Any) -> SoftEquivariantLocalScore:
+        """This machine with some policy fields of its hard machine changed (same results)."""
+        return dataclasses.replace(self, hard=self.hard.with_policy(**changes))
+
     def window_size(self, ell: float) -> int:
         """The odd window side used at ``ℓ``: Gaussian ``min(support, 2⌈truncate·ℓ⌉ + 1)``; box
         ``min(support, 2⌊ℓ + ½ + 5·edge⌋ + 1)`` (dropped offsets weigh ``< σ(−5) ≈ 0.007``)."""
@@ -156,45 +192,81 @@ class SoftEquivariantLocalScore(EquivariantLocalScore):
             return int(min(self.support, 2 * math.floor(float(ell) + 0.5 + 5 * self.edge) + 1))
         return int(min(self.support, 2 * math.ceil(self.truncate * float(ell)) + 1))
 
-    def check_scale(self, scale: Any) -> float:
-        """``ℓ``: a finite positive float (pixels; ints are refused as likely patch sizes); returned as a
-        Python float."""
+    def check_scale(self, scale: Any) -> Any:
+        """``ℓ``: a finite positive float (pixels; ints are refused as likely patch sizes), returned as
+        a Python float; or a 0-d float array (traced or not), checked inside ``jax.jit``."""
+        if isinstance(scale, jax.Array):  # tracers included
+            if scale.ndim != 0 or not jnp.issubdtype(scale.dtype, jnp.floating):
+                raise TypeError(f"scale: expected a window width ℓ (a float or a 0-d float array), got "
+                                f"{scale.dtype}{list(scale.shape)}")
+            value = _concrete(scale)
+            if value is not None:
+                return Denoiser.check_scale(self, value)
+            # inside the caller's jax.jit: the same check, raised when the program runs
+            return eqx.error_if(scale, ~(jnp.isfinite(scale) & (scale > 0)),
+                                "scale: the window width ℓ must be finite and positive")
         return Denoiser.check_scale(self, scale)
 
-    # banks are keyed by the window side K (an int); the scales given to prepare are ℓ (floats)
-    def prepare(self, scales: Any = (None,), *, conditional: bool = False, sides: Any = None) -> Machine:
-        """Build the banks of the window sides that the widths ``scales`` use (or of ``sides``)."""
+    def _split_scale(self, scale):
+        """(static window side, traced ``ℓ``): one program per side, ``ℓ`` an argument (see
+        :meth:`ellsjax.denoiser.Denoiser._split_scale`)."""
+        value = _concrete(scale)
+        side = self.window_size(value) if value is not None else self.support
+        return side, jnp.asarray(scale, jnp.float32)
+
+    def prepare(self, scales: Any = (None,), *, conditional: bool = False, sides: Any = None) -> SoftEquivariantLocalScore:
+        """Build the hard machine's banks of the window sides that the widths ``scales`` use (or of
+        ``sides``)."""
         if sides is None:
-            sides = {self.window_size(s) for s in scales if s is not None} or {self.support}
-        return super().prepare(tuple(sorted(sides)), conditional=conditional)
+            sides = {self.window_size(self.check_scale(s)) for s in scales if s is not None} or {self.support}
+        return dataclasses.replace(self, hard=self.hard.prepare(tuple(sorted(sides)), conditional=conditional))
 
     def _denoise(self, x_t, t, label, scale):
-        return self.denoise_ell(x_t, t, label, scale, side=self.window_size(scale))
+        side, ell = scale if isinstance(scale, tuple) else self._split_scale(scale)
+        return self.denoise_ell(x_t, t, label, ell, side=side)
 
     def denoise_ell(
-        self, x_t: Float[Array, "b h w c"], t: Float[Array, " b"], label: Int[Array, " b"] | None,
+        self, x_t: Float[Array, "b h w c"], t: Float[ArrayLike, "*b"], label: Int[Array, " b"] | None,
         ell: Float[ArrayLike, ""], *, side: int | None = None,
     ) -> Float[Array, "b h w c"]:
         """Pure ``x̂0`` at window width ``ell`` (a Python float or a traced scalar: differentiable).
 
-        ``t`` and ``label`` are per-example arrays as in :meth:`Denoiser._denoise`; no checks.
-        ``side`` is the (static, odd) window side; default ``support``.
+        ``t`` is a float or one per image (``[B]``), ``label`` ``None`` or ``[B]``; ``side`` is the
+        (static, odd) window side, default ``support``. A width that is not finite and positive
+        raises where its value can be read (a float, or under ``jax.grad``); inside ``jax.jit`` this
+        pure function is unchecked (it stays exportable: no host callback), as ``_denoise`` is.
         """
         b, h, w, ch = x_t.shape
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+        value = _concrete(ell)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"scale: the window width ℓ must be finite and positive, got {value!r}")
+        ell = jnp.asarray(ell, jnp.float32)
         k = self.support if side is None else int(side)
         weights = jnp.repeat(window_weights(ell, k, self.window, self.edge), ch)  # [K·K·C], offset-major
-        layout, queries = self._queries(x_t, t, label, k)
         bank_map = BankMap(functools.partial(_weight_bank, w=weights), 0)
-        prepared = self.banks.get(bank_key(k, label is not None))
-        if prepared is not None:
-            means = {name: self._stream_bank(queries[name], prepared[name], label, g.bpos.shape[1], bank_map)
-                     for name, g in layout.groups.items()}
-        else:
-            means = self._stream_images(queries, layout, label, bank_map=bank_map)
-        return self._assemble(layout, means, b, h, w, label is not None)
+        return self.hard._denoise_bounded(x_t, t, label, k, bank_map=bank_map)[0]
 
 
-register(SoftEquivariantLocalScore)
+def _concrete(x) -> float | None:
+    """The value of a scalar (Python, numpy, jax array, or a tracer that carries one, as under
+    ``jax.grad``), or ``None`` inside ``jax.jit``."""
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        return float(x)
+    try:
+        return float(x)
+    except (jax.errors.ConcretizationTypeError, TypeError):
+        return None
+
+
+def _register():
+    jax.tree_util.register_dataclass(SoftEquivariantLocalScore, data_fields=["hard"],
+                                     meta_fields=["support", "truncate", "window", "edge"])
+    SoftEquivariantLocalScore.__repr__ = _export.short_repr
+    _export.register_serialization(SoftEquivariantLocalScore, ["support", "truncate", "window", "edge"])
+
+
+_register()
 
 
 def soft_els(
@@ -211,6 +283,7 @@ def soft_els(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     bank_budget: int | None = None,
+    platform: str | None = None,
 ) -> SoftEquivariantLocalScore:
     """Soft-window ELS (``padding="circular"``) or bbELS (``"zeros"``) with support ``K = support``.
 
@@ -232,6 +305,7 @@ def soft_els(
         chunk_size: training images per streamed chunk (``None``: from ``memory_budget``).
         memory_budget: bytes of temporaries per chunk.
         bank_budget: bytes the prebuilt bank of the support may take.
+        platform: whose budgets apply (``None``: the images' devices').
 
     Example:
         >>> import jax, ellsjax as ej
@@ -241,12 +315,9 @@ def soft_els(
         >>> float(abs(soft.denoise(x, 0.5, scale=1e4) - hard.denoise(x, 0.5, scale=3)).max()) < 1e-5
         True
     """
-    _checks.check_padding(padding)
-    return build(
-        SoftEquivariantLocalScore, images, labels, schedule=schedule, image_range=image_range, chunk_size=chunk_size,
-        memory_budget=memory_budget, bank_budget=bank_budget, padding=padding, support=support,
-        truncate=float(truncate), window=window, edge=float(edge),
-    )
+    hard = els(images, labels, padding, schedule=schedule, image_range=image_range, chunk_size=chunk_size,
+               memory_budget=memory_budget, bank_budget=bank_budget, platform=platform)
+    return SoftEquivariantLocalScore(hard, support=support, truncate=float(truncate), window=window, edge=float(edge))
 
 
 def soft_bbels(images, labels=None, **kwargs) -> SoftEquivariantLocalScore:
@@ -255,12 +326,12 @@ def soft_bbels(images, labels=None, **kwargs) -> SoftEquivariantLocalScore:
 
 
 _registry.register(_registry.MachineSpec(
-    name="soft-els", builder=soft_els, scale_kind="width", padding="circular", family="soft-els",
+    name="soft-els", builder=soft_els, machine=SoftEquivariantLocalScore, padding="circular", family="soft-els",
     calibration="differentiable",
     summary="soft-window ELS: a continuous window width ℓ (Gaussian or soft box), differentiable in ℓ",
 ))
 _registry.register(_registry.MachineSpec(
-    name="soft-bbels", builder=soft_bbels, scale_kind="width", padding="zeros", family="soft-els",
+    name="soft-bbels", builder=soft_bbels, machine=SoftEquivariantLocalScore, padding="zeros", family="soft-els",
     calibration="differentiable",
     summary="soft-window bbELS: zero padding, a continuous window width ℓ, differentiable in ℓ",
 ))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
@@ -68,9 +69,35 @@ def gaussian_fit(
     return mean, np.ascontiguousarray(basis[:, :r]), np.clip(lam[:r], 0.0, None)
 
 
+def check_rank(rank, shape) -> int | None:
+    """``None`` or a positive int at most ``min(N, D)`` (the covariance of ``N`` images of ``D``
+    values has no more components)."""
+    if rank is None:
+        return None
+    rank = _checks.check_positive_int(rank, "rank")
+    n, d = shape[0], int(np.prod(shape[1:]))
+    if rank > min(n, d):
+        raise ValueError(f"rank: the covariance of {n} images of D = H·W·C = {d} values has at most {min(n, d)} "
+                         f"components, got rank={rank}")
+    return rank
+
+
+def fit_images(imgs, *, ddof: int, rank: int | None):
+    """``(mean [D], basis [D, r], eigvals [r])`` float32 of the images' covariance
+    (:func:`gaussian_fit`); ``jax.ShapeDtypeStruct`` of those shapes for shape-only images."""
+    n, d = imgs.shape[0], int(np.prod(imgs.shape[1:]))
+    if isinstance(imgs, jax.ShapeDtypeStruct):
+        if n - ddof <= 0:
+            raise ValueError(f"ddof: need more than {ddof} image(s) per covariance, got {n}")
+        r = min(n, d) if rank is None else rank
+        return tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in ((d,), (d, r), (r,)))
+    mean, basis, lam = gaussian_fit(np.asarray(imgs).reshape(n, -1), ddof=ddof, rank=rank)
+    return tuple(jnp.asarray(v, jnp.float32) for v in (mean, basis, lam))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Wiener(Machine):
-    """The optimal linear denoiser. Build with :func:`wiener`. ``scale`` is accepted and ignored.
+    """The optimal linear denoiser. Build with :func:`wiener`. It has no scale.
 
     Attributes (beyond :class:`~ellsjax.machines.Machine`):
         mean: ``[D]`` training mean (``D = H·W·C``).
@@ -126,6 +153,7 @@ def wiener(
     ddof: int = 0,
     schedule: _schedules.Schedule | str = "cosine_legacy",
     image_range: tuple[float, float] | None = (-1.0, 1.0),
+    platform: str | None = None,
 ) -> Wiener:
     """The Wiener machine: ``x̂0 = μ + U diag(λ/(λ+σ²)) Uᵀ (x_t/a − μ)``, ``σ = s/a``.
 
@@ -139,6 +167,8 @@ def wiener(
         schedule: noise schedule (object or name).
         image_range: the documented pixel range the training images are checked against
             (``None``: any real data, e.g. samples of a Gaussian).
+        platform: whose budgets apply, ``"cpu"``, ``"gpu"`` or ``"tpu"`` (``None``: the platform of the
+            devices the images live on).
 
     Example:
         >>> import jax, ellsjax as ej
@@ -148,15 +178,16 @@ def wiener(
         (2, 6, 6, 1)
     """
     imgs, _, sizes = prepare_training_set(images, labels, image_range=image_range)
-    if rank is not None:
-        rank = _checks.check_positive_int(rank, "rank")
+    rank = check_rank(rank, imgs.shape)
     if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
         raise ValueError(f"ddof: expected an int >= 0, got {ddof!r}")
-    flat = np.asarray(imgs).reshape(imgs.shape[0], -1)
-    mean, basis, lam = gaussian_fit(flat, ddof=ddof, rank=rank)
-    extra: dict[str, Any] = dict(mean=jnp.asarray(mean, jnp.float32), basis=jnp.asarray(basis, jnp.float32),
-                                 eigvals=jnp.asarray(lam, jnp.float32))
+    mean, basis, lam = fit_images(imgs, ddof=ddof, rank=rank)
+    extra: dict[str, Any] = dict(mean=mean, basis=basis, eigvals=lam)
+    if sizes is not None and isinstance(imgs, jax.ShapeDtypeStruct):
+        raise ValueError("labels: a conditional Wiener machine fits per-class statistics from data; shape-only "
+                         "images (jax.ShapeDtypeStruct) build the unconditional one")
     if sizes is not None:
+        flat = np.asarray(imgs).reshape(imgs.shape[0], -1)
         lab = np.asarray(labels)
         d = flat.shape[1]
         fits = {}
@@ -176,11 +207,11 @@ def wiener(
         extra.update(class_mean=jnp.asarray(cm, jnp.float32), class_basis=jnp.asarray(cb, jnp.float32),
                      class_eigvals=jnp.asarray(cl, jnp.float32))
     return build(Wiener, imgs, labels, schedule=schedule, image_range=image_range, chunk_size=None, memory_budget=None,
-                 ddof=int(ddof), rank=rank, **extra)
+                 ddof=int(ddof), rank=rank, platform=platform, **extra)
 
 
 _registry.register(_registry.MachineSpec(
-    name="wiener", builder=wiener, scale_kind="none",
+    name="wiener", builder=wiener, machine=Wiener,
     summary="Wiener filter: the optimal linear (Gaussian) denoiser from the data mean and covariance",
     reference="Wang & Vastola 2024; Lukoianov et al., NeurIPS 2025",
 ))
