@@ -490,7 +490,13 @@ def _stream(qs, banks, num_chunks, remat):
 
 
 def _tiled(qs, banks, num_chunks, tile, remat):
-    """Stream each tile of the query axis separately (same result, smaller logits blocks)."""
+    """Stream the bank once, each chunk against every tile of the query axis in turn (same result,
+    smaller logits blocks).
+
+    The chunk loop is the outer one: each chunk is built once and met by every tile (``lax.map``),
+    the running statistics of all tiles are carried. (With the tiles outer, the chunks would not
+    depend on the tile, and XLA's loop-invariant code motion may hoist the whole bank out of the
+    tile loop — on TPUs it did: a padded copy of the training set.)"""
     if tile < 1:
         raise ValueError(f"query_tile: must be positive, got {tile}")
     ntiles = max(-(-q.q.shape[-2] // tile) for q in qs.values())
@@ -516,7 +522,17 @@ def _tiled(qs, banks, num_chunks, tile, remat):
         )
         sizes[k] = m
 
-    stats = jax.lax.map(lambda qt: _stream(qt, banks, num_chunks, remat), tiled)
+    first = banks(jnp.int32(0))
+    stats = {k: jax.lax.map(lambda qt, k=k: chunk_stats(qt, *first[k]), tiled[k]) for k in tiled}
+
+    def fold(st, i):
+        bs = banks(i)
+        return {k: jax.lax.map(lambda a, k=k: merge_stats(a[1], chunk_stats(a[0], *bs[k]), a[0].inv_temp),
+                               (tiled[k], st[k])) for k in tiled}
+
+    if num_chunks > 1:
+        step = jax.checkpoint(fold) if remat else fold
+        stats, _ = jax.lax.scan(lambda c, i: (step(c, i), None), stats, jnp.arange(1, num_chunks, dtype=jnp.int32))
 
     out = {}
     for k, st in stats.items():
