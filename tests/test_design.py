@@ -243,10 +243,10 @@ def test_sharded_machines_are_refused_by_serialization():
 def test_repr_shows_shapes_not_values():
     imgs = _imgs(n=40)
     r = repr(ej.machines.els(imgs).prepare((3,)))
-    assert r.startswith("EquivariantLocalScore(images=float32[40, 8, 8, 1]") and len(r) < 800, r
+    assert r.startswith("EquivariantLocalScore(pixels=float32[40, 64], hwc=(8, 8, 1)") and len(r) < 800, r
     assert "0." not in r.split("policy")[0]  # no pixel values
     assert "CertifiedSubset(tolerance=0.001" in repr(ej.machines.pca(imgs).with_search(CertifiedSubset(1e-3)))
-    assert "hard=EquivariantLocalScore(images=float32[40, 8, 8, 1]" in repr(ej.machines.soft_els(imgs))
+    assert "hard=EquivariantLocalScore(pixels=float32[40, 64]" in repr(ej.machines.soft_els(imgs))
 
 
 # --------------------------------------------------------------------------------- first calls

@@ -109,22 +109,27 @@ class Machine(Denoiser):
     """Base of the analytic machines: a training set, optionally split by class (abstract).
 
     Attributes:
-        images: ``[N, H, W, C]`` float32 training images (a ``jax.ShapeDtypeStruct`` in a shape-only
-            machine).
+        pixels: ``[N, H·W·C]`` float32 training images, flattened row-major: how a machine stores
+            them (a 2-D array has no padded device layout: on TPUs a ``[N, H, W, 3]`` array pads its
+            3 channels to 128 lanes, and a relayout of the whole training set would be a second
+            copy of it). ``jax.ShapeDtypeStruct`` in a shape-only machine. :attr:`images` is the
+            ``[N, H, W, C]`` view.
         class_members: ``[K, Nmax]`` int32 indices of each class's images (padded), or ``None``.
+        hwc: the image shape ``(H, W, C)`` (static).
         schedule: the noise schedule.
         class_sizes: number of training images per class id ``0 … K−1`` (static), or ``None``.
         policy: how it runs (:class:`~ellsjax.machines.ExecutionPolicy`: chunking, memory and bank
             budgets, target platform); never what it computes.
     """
 
-    images: Float[Array, "n h w c"]
+    pixels: Float[Array, "n d"]
     class_members: Int[Array, "k nmax"] | None
+    hwc: tuple[int, int, int]
     schedule: _schedules.Schedule = _schedules.cosine_legacy()
     class_sizes: tuple[int, ...] | None = None
     policy: ExecutionPolicy = ExecutionPolicy()
 
-    _DATA_FIELDS: ClassVar[tuple[str, ...]] = ("images", "class_members")
+    _DATA_FIELDS: ClassVar[tuple[str, ...]] = ("pixels", "class_members")
 
     def _denoise_provenance(self, x_t, t, label, scale) -> tuple[Array, PixelProvenance]:
         """``(x̂0, provenance)``: :meth:`_denoise` that also reports, per output pixel, the training
@@ -136,11 +141,19 @@ class Machine(Denoiser):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+        return tuple(self.hwc)  # type: ignore[return-value]
 
     @property
     def num_images(self) -> int:
-        return self.images.shape[0]
+        return self.pixels.shape[0]
+
+    @property
+    def images(self) -> Float[Array, "n h w c"]:
+        """The ``[N, H, W, C]`` training images (a view of :attr:`pixels`; inside the machines'
+        programs the flat array is read directly)."""
+        if self.shape_only:
+            return jax.ShapeDtypeStruct((self.num_images, *self.hwc), self.pixels.dtype)
+        return self.pixels.reshape(self.num_images, *self.hwc)
 
     @property
     def conditional(self) -> bool:
@@ -149,7 +162,7 @@ class Machine(Denoiser):
     @property
     def shape_only(self) -> bool:
         """Whether this machine was built from ``jax.ShapeDtypeStruct`` images (no data)."""
-        return isinstance(self.images, jax.ShapeDtypeStruct)
+        return isinstance(self.pixels, jax.ShapeDtypeStruct)
 
     def check_label(self, label: Array | None) -> None:
         if label is None:
@@ -194,7 +207,8 @@ class Machine(Denoiser):
     def _chunk(self, members, valid, c, i):
         idx = jax.lax.dynamic_slice_in_dim(members, i * c, c, axis=1)
         ok = jax.lax.dynamic_slice_in_dim(valid, i * c, c, axis=1)
-        return self.images[idx], ok  # [Gb, c, H, W, C], [Gb, c]
+        # rows of the flat array, shaped after the gather (a chunk's relayout is chunk-sized)
+        return self.pixels[idx].reshape(*idx.shape, *self.hwc), ok  # [Gb, c, H, W, C], [Gb, c]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -275,7 +289,7 @@ class BankMachine(Machine):
         n, ch = self.num_images, self.image_shape[-1]
         if sum(_banks.bank_nbytes(n, b, ch, c is not None) for b, c in layout.values()) > self.policy.bank_bytes:
             return None
-        images = np.asarray(self.images)
+        images = np.asarray(self.pixels).reshape(n, *self.hwc)
         if conditional:
             members = [np.asarray(self.class_members)[y, :size] for y, size in enumerate(self.class_sizes)]
         else:
@@ -407,7 +421,12 @@ def build(cls, images, labels, *, schedule, chunk_size=None, memory_budget=None,
     platform = check_platform(platform) or images_platform(imgs)
     policy = ExecutionPolicy(chunk_size=chunk_size, memory_budget=memory_budget, bank_budget=bank_budget,
                              platform=platform)
-    return cls(imgs, members, schedule=_schedules.get(schedule), class_sizes=sizes, policy=policy, **extra)
+    n, hwc = imgs.shape[0], tuple(int(v) for v in imgs.shape[1:])
+    if isinstance(imgs, jax.ShapeDtypeStruct):
+        flat = jax.ShapeDtypeStruct((n, int(np.prod(hwc))), imgs.dtype, sharding=imgs.sharding)
+    else:
+        flat = imgs.reshape(n, -1)
+    return cls(flat, members, hwc, schedule=_schedules.get(schedule), class_sizes=sizes, policy=policy, **extra)
 
 
 def images_platform(images: Any) -> str:

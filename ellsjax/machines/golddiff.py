@@ -184,7 +184,7 @@ def golddiff(
                ddof=ddof, schedule=schedule, image_range=image_range, platform=platform)
     if base.shape_only:
         raise ValueError("images: GoldDiff pools the training images for its proxy; build from data, not shapes")
-    n, h, w, _ = base.images.shape
+    n, (h, w, _) = base.num_images, base.image_shape
     k_min, k_max, side = subset_params(n, h, w, dataset, k_min, k_max, proxy_side)
     return GoldDiff(base, pool(base.images, side), k_min=k_min, k_max=k_max, proxy_side=side, seed=int(seed))
 

@@ -227,7 +227,7 @@ class PCALocality(Machine):
             raise TypeError(f"search: the PCA-locality machine takes Exact() or CertifiedSubset(...), got {search!r}")
         if self.shape_only:
             raise ValueError("images: the certified search pools the training images; build from data, not shapes")
-        n, h, w, _ = self.images.shape
+        n, (h, w, _) = self.num_images, self.image_shape
         k_min, k_max, side = subset_params(n, h, w, search.dataset, None, search.k_max, search.proxy_side)
         chunk = min(n, max(k_min, 64) if search.chunk is None else search.chunk)
         resolved = dataclasses.replace(search, chunk=chunk, k_max=k_max, proxy_side=side)
@@ -298,7 +298,7 @@ class PCALocality(Machine):
 
     def _subset_bank(self, idx, ok, x, a):
         """:meth:`_image_bank` of the training images ``idx``."""
-        return self._image_bank(self.images[idx].reshape(idx.shape[0], -1), ok, x, a)
+        return self._image_bank(self.pixels[idx], ok, x, a)
 
     def _coarse_fine_order(self, x, a, eligible, proxy, proxy_side, k_max):
         """Images by proxy distance (ineligible last), the first ``k_max`` re-sorted by full distance."""
@@ -308,7 +308,7 @@ class PCALocality(Machine):
         d_proxy = jnp.where(eligible, d_proxy, jnp.inf)
         order = jnp.argsort(d_proxy)
         head = order[:k_max]
-        phi = self.images[head].reshape(k_max, -1)
+        phi = self.pixels[head]
         d_fine = jnp.sum((x[None] - a * phi) ** 2, -1)
         d_fine = jnp.where(jnp.isfinite(d_proxy[head]), d_fine, jnp.inf)
         head = head[jnp.argsort(d_fine)]
@@ -346,7 +346,7 @@ class PCALocality(Machine):
         pad = nch * c - n
         order = jnp.pad(order, (0, pad))
         real = jnp.pad(real, (0, pad))
-        phi = self.images[order].reshape(nch * c, d)  # in visiting order
+        phi = self.pixels[order]  # in visiting order
         # every output of group g reads at least the pixels of I_g, and output m its own pixel when
         # m ∈ N(m): Σ_{n∈I_g} e_n² + [m ∈ N(m) \ I_g]·e_m² ≤ ‖e_{N(m)}‖²
         e2 = (x[None] - a * phi) ** 2
@@ -355,7 +355,7 @@ class PCALocality(Machine):
         low = (low_g[:, group] + jnp.where(own[None], e2, 0.0)) * (1.0 - 4 * (d + 4) * _U32)  # float32 sums
         # τ‖x_N(m)‖² and the rounding slack δ_m of the kernel's scores: 8u·Σ|terms| (see the module
         # docstring: the blocked accumulation of float32 GEMMs; the worst case γ_n would forbid any skip)
-        phimax, phimin = jnp.max(self.images.reshape(n, d), 0), jnp.min(self.images.reshape(n, d), 0)
+        phimax, phimin = jnp.max(self.pixels, 0), jnp.min(self.pixels, 0)
         xn2 = jnp.matmul(mask, x * x, precision="highest")
         big = jnp.matmul(mask, (jnp.abs(x) + a * jnp.maximum(phimax, -phimin)) ** 2, precision="highest")
         slack = kappa * 8 * _U32 * (big + xn2)

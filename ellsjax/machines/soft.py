@@ -162,7 +162,7 @@ class SoftEquivariantLocalScore(Denoiser):
     schedule = property(lambda self: self.hard.schedule, doc="The hard machine's noise schedule.")
     padding = property(lambda self: self.hard.padding, doc="``circular`` (soft ELS) or ``zeros`` (soft bbELS).")
     policy = property(lambda self: self.hard.policy, doc="The hard machine's execution policy.")
-    images = property(lambda self: self.hard.images, doc="The training images.")
+    images = property(lambda self: self.hard.images, doc="The ``[N, H, W, C]`` training images.")
     banks = property(lambda self: self.hard.banks, doc="The hard machine's prebuilt banks (keyed by side).")
     num_images = property(lambda self: self.hard.num_images)
 
