@@ -127,8 +127,9 @@ def claim_outputs(directory: Path, names: list[str], *, overwrite: bool, flag: s
     held = [n for n in names if (directory / n).exists()]
     if held and not overwrite:
         release_claims()
-        fail(f"{flag}: {directory} already holds the results of an earlier run ({', '.join(held)}); pass "
-             f"--overwrite to replace them, or choose another {flag}")
+        what = (f"{directory / held[0]} already exists" if len(names) == 1 else
+                f"{directory} already holds the results of an earlier run ({', '.join(held)})")
+        fail(f"{flag}: {what}; pass --overwrite to replace them, or choose another {flag}")
 
 
 def release_claims() -> None:

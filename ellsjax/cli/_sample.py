@@ -162,8 +162,7 @@ def _write(out, samples, x_start, ts, scales_arr, config) -> None:
 
     _io.save_npz(out / "samples.npz", samples=samples, x_start=np.asarray(x_start), ts=np.asarray(ts),
                  scales=scales_arr)
-    with _io.atomic_path(out / "samples.png") as tmp:
-        ej.plotting.save_png(tmp, ej.plotting.image_grid(samples[:_GRID_MAX]), scale=4)
+    ej.plotting.save_png(out / "samples.png", ej.plotting.image_grid(samples[:_GRID_MAX]), scale=4)
     _io.write_json(out / "config.json", config)
 
 
