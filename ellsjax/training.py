@@ -38,8 +38,10 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -492,8 +494,28 @@ class _Checkpoints:
         }
         if state.ema is not None:
             items["ema"] = a.StandardSave(_flatten(state.ema))
-        self.manager.save(state.step, args=a.Composite(**items))
-        self.manager.wait_until_finished()
+        from ellsjax._io import OutputError
+
+        # a full disk, found before orbax starts its writer threads (each of which would log the
+        # failure with a traceback); the estimate is the arrays' bytes plus room for metadata
+        need = sum(int(np.asarray(v).nbytes) for v in jax.tree.leaves((state.params, state.opt_state, state.ema)))
+        need += 64 << 10
+        free = shutil.disk_usage(self.dir).free
+        if free < need:
+            raise OutputError(f"cannot write checkpoint {state.step} in {self.dir}: no space left on the device "
+                              f"(about {_size(need)} needed, {_size(free)} free)")
+        levels = _quiet_orbax_logs()
+        try:
+            self.manager.save(state.step, args=a.Composite(**items))
+            self.manager.wait_until_finished()
+        except Exception as e:  # orbax/tensorstore raise many types (a full disk is a ValueError there)
+            _quiet_failed_reads()
+            text = str(e)
+            reason = ("no space left on the device" if "No space left" in text or "os_error_code='28'" in text
+                      else (text.strip().splitlines() or [type(e).__name__])[0][:200])
+            raise OutputError(f"cannot write checkpoint {state.step} in {self.dir}: {reason}") from None
+        for name, level in levels.items():  # reported once, above, on failure; restored on success
+            logging.getLogger(name).setLevel(level)
 
     def restore(self, step: int | None, items: dict[str, Any]) -> dict[str, Any]:
         """Restore the named flat items (``{"params": template, ...}``) at ``step`` (default: latest)."""
@@ -610,6 +632,20 @@ def _quiet_failed_reads() -> None:
 
     sys.unraisablehook = hook
     _QUIET = True
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _quiet_orbax_logs() -> dict[str, int]:
+    """Silence the logs through which orbax's writer threads report a failed save (each with a
+    traceback; the failure is raised once, as an error); returns the previous levels."""
+    names = ("absl", "asyncio", "concurrent.futures")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    return levels
 
 
 def _stderr(msg: str) -> None:

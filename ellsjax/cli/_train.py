@@ -94,6 +94,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ellsjax import training
+    from ellsjax._io import OutputError
 
     if args.resume and not (Path(args.out) / training.CONFIG_FILE).is_file():
         what = "does not exist" if not Path(args.out).exists() else f"holds no training run (no {training.CONFIG_FILE})"
@@ -108,7 +109,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = training.train(out, net, cfg, data=data, resume=args.resume, progress=not args.no_progress)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         _fail(str(e))
-    except OSError as e:  # a full disk or a vanished directory while writing checkpoints or metrics
+    except OutputError as e:  # a checkpoint that could not be written (a full disk): already one line
+        _fail(f"--out: {e}")
+    except OSError as e:  # a full disk or a vanished directory while writing the metrics or config
         where = f" {e.filename}" if getattr(e, "filename", None) else f" in {out}"
         _fail(f"--out: cannot write{where}: {e.strerror or e}")
     if result.interrupted:
