@@ -6,7 +6,6 @@ lines."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -290,21 +289,7 @@ def test_calibration_defaults_fit_the_network(capsys):
         _calibrate._build(ej.machines.spec("soft-els"), images, None, network, args)
 
 
-# -- long commands say what they do ----------------------------------------------------------------------
-
-
-def test_explain_prints_a_line_per_stage_and_writes_atomically(tmp_path, capsys):
-    out = tmp_path / "s"
-    assert cli.main([*SAMPLE, "--num-samples", "1", "--out", str(out)]) == 0
-    capsys.readouterr()
-    assert cli.main(["explain", "--samples", str(out / "samples.npz")]) == 0
-    err = capsys.readouterr().err
-    for words in ("loading 6 mnist training images", "replaying 1 samples of bbels", "creativity measures", "writing"):
-        assert words in err, err
-    assert json.loads((out / "creativity.json").read_text())["machine"] == "bbels"
-    with pytest.raises(SystemExit, match="already holds the results of an earlier run .*creativity.json"):
-        cli.main(["explain", "--samples", str(out / "samples.npz")])
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+# -- long commands say what they do (explain's stage lines: tests/test_explain.py) ---------------------------
 
 
 def test_help_states_the_new_guarantees(capsys):
