@@ -32,7 +32,8 @@ _OUTPUTS = ["samples.npz", "samples.png", "config.json"]
 _GRID_MAX = 256  # samples drawn in samples.png (all of them go to samples.npz)
 # library argument names -> this command's flags, for the messages passed through
 _FLAGS = {"label": "--class", "limit": "--n-train", "image_size": "--image-size", "split": "--split",
-          "path": "--path", "source": "--source", "classes": "--class", "scales": "--scales", "x_start": "--num-samples"}
+          "path": "--path", "source": "--source", "classes": "--class", "scales": "--scales", "scale": "--scales",
+          "x_start": "--num-samples", "name": "--dataset"}
 
 
 def register(sub) -> None:

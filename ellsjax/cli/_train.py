@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ellsjax.cli._common import HelpFormatter, output_dir
+from ellsjax.cli._common import HelpFormatter, cli_message, output_dir
 from ellsjax.cli._common import fail as _fail
 
 __all__ = ["register"]
@@ -20,6 +20,12 @@ _NET_FLAGS = {"arch": "arch", "padding": "padding", "width": "width", "depth": "
 _FIXED_TRAIN_FLAGS = {"batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "lr_decay": "lr_decay",
                       "ema": "ema_decay", "seed": "seed", "dataset": "dataset", "source": "source", "path": "path",
                       "data_dir": "data_dir", "split": "split", "limit": "limit"}
+# library argument names in messages -> the flags that set them
+_MESSAGE_FLAGS = {**{field: f"--{flag.replace('_', '-')}" for flag, field in
+                     {**_NET_FLAGS, **_FIXED_TRAIN_FLAGS}.items()},
+                  "ema_decay": "--ema", "out_dir": "--out", "name": "--dataset", "steps": "--steps", "preset": "--preset",
+                  "log_every": "--log-every", "checkpoint_every": "--checkpoint-every",
+                  "keep_checkpoints": "--keep-checkpoints"}
 _LENGTH_FLAGS = {"steps": "steps", "log_every": "log_every", "checkpoint_every": "checkpoint_every",
                  "keep_checkpoints": "keep_checkpoints"}
 
@@ -108,7 +114,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             net, cfg, data = _fresh_configs(args)
         result = training.train(out, net, cfg, data=data, resume=args.resume, progress=not args.no_progress)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        _fail(str(e))
+        _fail(cli_message(str(e), _MESSAGE_FLAGS))
     except OutputError as e:  # a checkpoint that could not be written (a full disk): already one line
         _fail(f"--out: {e}")
     except OSError as e:  # a full disk or a vanished directory while writing the metrics or config
