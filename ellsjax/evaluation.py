@@ -176,6 +176,11 @@ def evaluate(
         base = np.asarray(baseline_samples)
     elif baseline is not None:
         base = sample(baseline, x_start, ts, **kw)
+    for what, arr in (("network", net), ("machine", mach), ("baseline", base)):
+        bad = None if arr is None else ~np.all(np.isfinite(np.reshape(arr, (arr.shape[0], -1))), axis=1)
+        if bad is not None and bad.any():
+            raise ValueError(f"{what}: its samples contain NaN or inf ({int(bad.sum())} of {arr.shape[0]} seeds, e.g. "
+                             f"seed {int(np.flatnonzero(bad)[0])}): a diverged network or a broken denoiser")
     return Evaluation(net, mach, base, metrics(mach, net), None if base is None else metrics(base, net))
 
 

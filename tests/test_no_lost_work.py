@@ -234,6 +234,15 @@ def test_evaluate_writes_per_machine_by_default(trained_run, tmp_path, monkeypat
         _evaluate._finite(np.array([[0.0], [np.nan]]), "the network in M")
 
 
+def test_evaluation_names_the_denoiser_with_nonfinite_samples():
+    # the library names the denoiser whose samples are not finite (not "pred, ref: contain NaN")
+    imgs = np.random.default_rng(0).uniform(-1, 1, (4, 4, 4, 1)).astype(np.float32)
+    x = np.zeros((2, 4, 4, 1), np.float32)
+    is_ = ej.machines.ideal(imgs)
+    with pytest.raises(ValueError, match=r"network: its samples contain NaN or inf \(1 of 2 seeds, e.g. seed 1\)"):
+        ej.evaluation.evaluate(is_, is_, x, [0.5, 0.0], network_samples=np.stack([x[0], x[1] * np.nan]))
+
+
 def test_sample_runs_in_batches_within_a_memory_guard(tmp_path, monkeypatch):
     one = tmp_path / "one"
     assert cli.main([*SAMPLE, "--out", str(one)]) == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ellsjax.cli._common import HelpFormatter, cli_message, output_dir
+from ellsjax.cli._common import HelpFormatter, claim_outputs, cli_message, output_dir
 from ellsjax.cli._common import fail as _fail
 
 __all__ = ["register"]
@@ -106,6 +106,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         what = "does not exist" if not Path(args.out).exists() else f"holds no training run (no {training.CONFIG_FILE})"
         _fail(f"--resume: {args.out} {what}; check the path, or drop --resume to start a new run there")
     out = output_dir(args.out)
+    claim_outputs(out, [], overwrite=True)  # one process per run directory (a run is protected by train itself)
     try:
         if args.resume:
             net, cfg = _resumed_configs(args, out)
