@@ -76,8 +76,17 @@ def as_image_batch(
         )
     if np.ndim(x) != 4:
         raise ValueError(f"{name}: expected rank 4 [batch, height, width, channels], got shape {np.shape(x)}")
+    # [N, C, H, W] read as NHWC is C rows of H pixels with W channels: many channels, as many as the
+    # "width", few "rows"; a batch of images with more than 4 channels is almost surely that
+    b_, h_, w_, c_ = np.shape(x)
+    nchw = c_ > 4 and c_ == w_ and h_ <= 4
+    hint = (f"; it looks like NCHW [batch, channels, height, width] ({h_} channel(s) of {w_}x{c_}): ellsjax takes NHWC "
+            "images, pass x.transpose(0, 2, 3, 1)") if nchw else ""
     if shape is not None and tuple(np.shape(x)[1:]) != tuple(shape):
-        raise ValueError(f"{name}: expected images of shape [*, {shape[0]}, {shape[1]}, {shape[2]}], got {np.shape(x)}")
+        raise ValueError(f"{name}: expected images of shape [*, {shape[0]}, {shape[1]}, {shape[2]}], got {np.shape(x)}"
+                         + hint)
+    if shape is None and nchw:
+        raise ValueError(f"{name}: shape {np.shape(x)} has {c_} channels{hint}")
     if np.shape(x)[0] == 0:
         raise ValueError(f"{name}: the batch is empty")
     if not is_concrete(x):

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from jaxtyping import ArrayLike, Float
 
+from ellsjax import _io
 from ellsjax import plotting as _plotting
 from ellsjax import samplers as _samplers
 from ellsjax._batching import map_padded
@@ -176,6 +176,11 @@ def evaluate(
         base = np.asarray(baseline_samples)
     elif baseline is not None:
         base = sample(baseline, x_start, ts, **kw)
+    for what, arr in (("network", net), ("machine", mach), ("baseline", base)):
+        bad = None if arr is None else ~np.all(np.isfinite(np.reshape(arr, (arr.shape[0], -1))), axis=1)
+        if bad is not None and bad.any():
+            raise ValueError(f"{what}: its samples contain NaN or inf ({int(bad.sum())} of {arr.shape[0]} seeds, e.g. "
+                             f"seed {int(np.flatnonzero(bad)[0])}): a diverged network or a broken denoiser")
     return Evaluation(net, mach, base, metrics(mach, net), None if base is None else metrics(base, net))
 
 
@@ -216,21 +221,20 @@ def summarize(ev: Evaluation) -> dict[str, Any]:
 
 
 def save_results(path: str | os.PathLike, ev: Evaluation, **meta: Any) -> dict[str, Any]:
-    """Write ``results.json``: the summary, the per-seed metrics and ``meta``; returns the dict."""
+    """Write ``results.json`` (atomically): the summary, the per-seed metrics and ``meta``; returns the dict."""
     res = {**meta, "summary": summarize(ev),
            "per_seed": {"machine": {k: v.tolist() for k, v in ev.machine_metrics.items()}}}
     if ev.baseline_metrics is not None:
         res["per_seed"]["baseline"] = {k: v.tolist() for k, v in ev.baseline_metrics.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    _io.write_json(path, res)
     return res
 
 
 def save_figures(ev: Evaluation, out_dir: str | os.PathLike, *, name: str = "machine", max_images: int = 16,
                  prefix: str = "") -> dict[str, Path]:
     """Write the scatter plot (IS r vs machine r per seed, diagonal drawn) and the image grid
-    (rows: network | machine | IS, same seeds) as PNG; returns ``{"scatter": path, "grid": path}``."""
+    (rows: network | machine | IS, same seeds) as PNG, each atomically; returns ``{"scatter": path, "grid": path}``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -250,8 +254,11 @@ def save_figures(ev: Evaluation, out_dir: str | os.PathLike, *, name: str = "mac
         ax.set_title(f"{name}: median r {np.median(y):.3f} (IS {np.median(x):.3f})")
         fig.tight_layout()
         paths["scatter"] = out / f"{prefix}scatter.png"
-        fig.savefig(paths["scatter"])
-        plt.close(fig)
+        try:
+            with _io.atomic_path(paths["scatter"]) as tmp:
+                fig.savefig(tmp, format="png")
+        finally:
+            plt.close(fig)
     k = min(max_images, ev.network.shape[0])
     rows = [ev.network[:k], ev.machine[:k]] + ([ev.baseline[:k]] if ev.baseline is not None else [])
     grid = _plotting.image_grid(np.concatenate(rows), ncols=k)

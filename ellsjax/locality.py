@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ellsjax import _io
 from ellsjax import calibration as _cal
 from ellsjax import evaluation as _ev
 from ellsjax import machines as _machines
@@ -240,7 +240,8 @@ def run(
     log(f"[{p.name}] grid calibration of {els_name} over {cands} on {p.calib_seeds} network trajectories")
     _, traj = protocol_sample(network, x_cal, ts, batch_size=bs, return_trajectory=True)
     grid = _cal.grid_calibrate(network, els, None, ts, candidates=cands, trajectory=traj, batch_size=bs)
-    grid.save(out / "scales_grid.json", machine=els_name, preset=p.name)
+    with _io.atomic_path(out / "scales_grid.json") as tmp:
+        grid.save(tmp, machine=els_name, preset=p.name)
     timings["calibration_s"] = time.perf_counter() - t1
 
     golddiff = _machines.golddiff(images, schedule=sched, dataset=p.dataset)
@@ -284,9 +285,8 @@ def run(
                  f"median seconds of one denoiser call on {bs} images at the first, middle and last step; peak_bytes: "
                  "compiled step temporaries + arguments + outputs.",
     }
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=1)
-    (out / "report.md").write_text(_report(p, results))
+    _io.write_json(out / "results.json", results)
+    _io.write_text(out / "report.md", _report(p, results))
     log(f"[{p.name}] done in {timings['total_s']:.0f} s -> {out / 'report.md'}")
     return results
 
@@ -326,5 +326,8 @@ def _grid_figure(samples: dict[str, np.ndarray], path: Path, max_images: int = 8
             ax.set_yticks([])
         axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with _io.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

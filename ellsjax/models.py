@@ -185,7 +185,7 @@ def load(dir: str | os.PathLike, *, ema: bool = True, step: int | None = None) -
 
     Raises:
         FileNotFoundError: no directory, no ``config.json``, no checkpoint (for ``step``).
-        ValueError: an unreadable ``config.json`` or a corrupt checkpoint.
+        ValueError: an unreadable ``config.json``, a corrupt checkpoint, or non-finite weights.
 
     Example:
         >>> import tempfile, jax.numpy as jnp, ellsjax as ej
@@ -208,8 +208,11 @@ def load(dir: str | os.PathLike, *, ema: bool = True, step: int | None = None) -
     which = "ema" if (ema and cfg.ema_decay is not None) else "params"
     ckpt = _training._Checkpoints(out, create=False)
     if step is None:  # the newest checkpoint that reads back (an unreadable newer one is reported)
-        _, got = ckpt.restore_newest({which: template}, log=_training._stderr)
+        step, got = ckpt.restore_newest({which: template}, log=_training._stderr)
     else:
         got = ckpt.restore(step, {which: template})
     state = got[which]
+    if not _training._all_finite(state):  # a diverged run (saved before training refused to) samples NaN
+        raise ValueError(f"dir: the {which} weights of {out} (checkpoint {step}) contain NaN or inf; the run "
+                         "diverged, so every sample would be NaN: train again with a lower learning rate")
     return NetworkDenoiser(state, graphdef, net, schedule=cfg.schedule, weights=which)

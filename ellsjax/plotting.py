@@ -46,7 +46,8 @@ def image_grid(images: np.ndarray, *, ncols: int | None = None, pad: int = 2) ->
 
 
 def save_png(path: str | os.PathLike, picture: np.ndarray, *, scale: int = 1) -> Path:
-    """Write an ``[H, W, 3]`` uint8 picture as PNG, each pixel repeated ``scale×scale`` times."""
+    """Write an ``[H, W, 3]`` uint8 picture as PNG, each pixel repeated ``scale×scale`` times
+    (atomically: a failed write leaves the previous file or none)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -57,5 +58,8 @@ def save_png(path: str | os.PathLike, picture: np.ndarray, *, scale: int = 1) ->
     pic = np.asarray(picture)
     if scale > 1:
         pic = np.repeat(np.repeat(pic, scale, axis=0), scale, axis=1)
-    matplotlib.image.imsave(path, pic)
+    from ellsjax import _io
+
+    with _io.atomic_path(path) as tmp:
+        matplotlib.image.imsave(tmp, pic, format="png")
     return path

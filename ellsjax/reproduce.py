@@ -33,7 +33,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +42,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ellsjax import _io
 from ellsjax import calibration as _cal
 from ellsjax import evaluation as _ev
 from ellsjax import explain as _explain
@@ -236,7 +236,8 @@ def run(
     log(f"[{p.name}] grid calibration of {p.machine} over {p.candidates} on {p.calib_seeds} trajectories")
     grid = _cal.grid_calibrate(network, hard, None, ts, candidates=p.candidates, metric=p.metric, label=lab_cal,
                                trajectory=traj, batch_size=p.batch_size)
-    grid.save(out / "scales_grid.json", machine=p.machine, preset=p.name)
+    with _io.atomic_path(out / "scales_grid.json") as tmp:
+        grid.save(tmp, machine=p.machine, preset=p.name)
     timings["grid_calibration_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     softs, diffs = {}, {}
@@ -251,7 +252,8 @@ def run(
             optimizer=p.soft_optimizer, label=lab_cal,
             trajectory=traj,
         )
-        diffs[window].save(out / f"scales_soft_{window}.json", machine=p.soft_machine, preset=p.name)
+        with _io.atomic_path(out / f"scales_soft_{window}.json") as tmp:
+            diffs[window].save(tmp, machine=p.soft_machine, preset=p.name)
     # the grid schedule measured on the differentiable calibration's objective, for comparison
     grid_loss = _cal.trajectory_loss(hard, traj, grid.scales, label=lab_cal, batch_size=p.batch_size)
     timings["soft_calibration_s"] = time.perf_counter() - t2
@@ -316,7 +318,8 @@ def run(
             log(f"[{p.name}] grid calibration of {name} over {cands}")
             og = _cal.grid_calibrate(network, other, None, ts, candidates=cands, metric=p.metric, label=lab_cal,
                                      trajectory=traj, batch_size=bs)
-            og.save(out / f"scales_grid_{name}.json", machine=name, preset=p.name)
+            with _io.atomic_path(out / f"scales_grid_{name}.json") as tmp:
+                og.save(tmp, machine=name, preset=p.name)
             oscales = list(og.scales)
         log(f"[{p.name}] evaluating {name}")
         ev = _ev.evaluate(network, other, x_eval, ts, scales=oscales, label=lab_eval, network_samples=net_samples,
@@ -355,9 +358,8 @@ def run(
         "notes": "pearson_r is the Pearson correlation of centered, normalised samples (the paper's 'r^2'); "
                  "r_squared is the coefficient of determination 1 - SS_res/(D Var(network)).",
     }
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=1)
-    (out / "report.md").write_text(_report(p, results, cfg, int(images.shape[0])))
+    _io.write_json(out / "results.json", results)
+    _io.write_text(out / "report.md", _report(p, results, cfg, int(images.shape[0])))
     log(f"[{p.name}] done in {timings['total_s']:.0f} s -> {out / 'report.md'}")
     return results
 

@@ -15,8 +15,11 @@ A run lives in one directory::
 Everything random is a function of ``(seed, step)``: the noise and times of update ``s`` come from
 ``fold_in(key, s)``, and batch ``i`` of epoch ``e`` is slice ``i`` of a permutation drawn from
 ``(seed, e)``. A checkpoint therefore resumes exactly: on CPU, stopping at ``N`` and resuming to
-``2N`` reproduces an uninterrupted run bit for bit. Ctrl-C (SIGINT) finishes the current step,
-saves a checkpoint and returns (``TrainResult.interrupted``); a second Ctrl-C aborts at once.
+``2N`` reproduces an uninterrupted run bit for bit. Ctrl-C (SIGINT) or ``kill`` (SIGTERM, what
+schedulers such as SLURM, Kubernetes and preemptible VMs send) finishes the current step, saves a
+checkpoint and returns (``TrainResult.interrupted``); a second signal aborts at once. A non-finite
+loss stops the run at its first such step with :class:`NonFiniteLossError`; a checkpoint is only
+saved when its weights are finite, so the newest one is the last good state.
 
 Example:
     >>> import tempfile, ellsjax as ej
@@ -35,8 +38,10 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -60,6 +65,7 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "TrainResult",
+    "NonFiniteLossError",
     "train",
     "make_optimizer",
     "make_train_step",
@@ -185,13 +191,23 @@ class TrainState(NamedTuple):
     key: jax.Array
 
 
+class NonFiniteLossError(ValueError):
+    """Training met a NaN or infinite loss (or weights) and stopped; the run directory keeps its last
+    good checkpoint. ``step`` is the first update (1-based) whose loss was not finite."""
+
+    def __init__(self, msg: str, *, step: int):
+        super().__init__(msg)
+        self.step = step
+
+
 class TrainResult(NamedTuple):
     """What :func:`train` returns.
 
     Attributes:
         out_dir: the run directory.
         step: updates done (the step of the last checkpoint).
-        interrupted: whether Ctrl-C stopped the run before ``steps``.
+        interrupted: whether Ctrl-C (SIGINT) or SIGTERM stopped the run before ``steps``.
+        signal: the signal that stopped it (``signal.SIGINT`` / ``signal.SIGTERM``), else ``None``.
         loss: the last logged loss (``None`` if nothing was logged in this call).
     """
 
@@ -199,6 +215,7 @@ class TrainResult(NamedTuple):
     step: int
     interrupted: bool
     loss: float | None
+    signal: int | None = None
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -392,6 +409,9 @@ def load_run_config(out_dir: str | os.PathLike) -> tuple[_nets.NetConfig, TrainC
 
 def _read_config(out: Path) -> dict[str, Any]:
     path = out / CONFIG_FILE
+    if out.is_file():
+        raise FileNotFoundError(f"dir: {out} is a file; give the run directory (where `ellsjax train --out DIR` / "
+                                "ellsjax.training.train wrote config.json and checkpoints/)")
     if not out.is_dir():
         raise FileNotFoundError(f"dir: no such directory: {out}")
     if not path.is_file():
@@ -474,8 +494,28 @@ class _Checkpoints:
         }
         if state.ema is not None:
             items["ema"] = a.StandardSave(_flatten(state.ema))
-        self.manager.save(state.step, args=a.Composite(**items))
-        self.manager.wait_until_finished()
+        from ellsjax._io import OutputError
+
+        # a full disk, found before orbax starts its writer threads (each of which would log the
+        # failure with a traceback); the estimate is the arrays' bytes plus room for metadata
+        need = sum(int(np.asarray(v).nbytes) for v in jax.tree.leaves((state.params, state.opt_state, state.ema)))
+        need += 64 << 10
+        free = shutil.disk_usage(self.dir).free
+        if free < need:
+            raise OutputError(f"cannot write checkpoint {state.step} in {self.dir}: no space left on the device "
+                              f"(about {_size(need)} needed, {_size(free)} free)")
+        levels = _quiet_orbax_logs()
+        try:
+            self.manager.save(state.step, args=a.Composite(**items))
+            self.manager.wait_until_finished()
+        except Exception as e:  # orbax/tensorstore raise many types (a full disk is a ValueError there)
+            _quiet_failed_reads()
+            text = str(e)
+            reason = ("no space left on the device" if "No space left" in text or "os_error_code='28'" in text
+                      else (text.strip().splitlines() or [type(e).__name__])[0][:200])
+            raise OutputError(f"cannot write checkpoint {state.step} in {self.dir}: {reason}") from None
+        for name, level in levels.items():  # reported once, above, on failure; restored on success
+            logging.getLogger(name).setLevel(level)
 
     def restore(self, step: int | None, items: dict[str, Any]) -> dict[str, Any]:
         """Restore the named flat items (``{"params": template, ...}``) at ``step`` (default: latest)."""
@@ -594,35 +634,70 @@ def _quiet_failed_reads() -> None:
     _QUIET = True
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _quiet_orbax_logs() -> dict[str, int]:
+    """Silence the logs through which orbax's writer threads report a failed save (each with a
+    traceback; the failure is raised once, as an error); returns the previous levels."""
+    names = ("absl", "asyncio", "concurrent.futures")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    return levels
+
+
 def _stderr(msg: str) -> None:
     print(f"ellsjax: note: {msg}", file=sys.stderr, flush=True)
 
 
 class _StopFlag:
-    """SIGINT → finish the current step, save, return. A second SIGINT aborts (KeyboardInterrupt)."""
+    """SIGINT (Ctrl-C) or SIGTERM (``kill``, schedulers) → finish the current step, save, return.
+    A second signal aborts at once (KeyboardInterrupt)."""
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
 
     @contextlib.contextmanager
     def installed(self):
         if threading.current_thread() is not threading.main_thread():
             yield self  # signals reach only the main thread; nothing to install
             return
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {sig: signal.getsignal(sig) for sig in self._SIGNALS}
 
         def handler(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
-            self.requested = True
-            print("\nellsjax train: interrupt received; saving a checkpoint after this step "
-                  "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+            self.requested, self.signum = True, signum
+            what = "interrupt" if signum == signal.SIGINT else "terminate signal (SIGTERM)"
+            print(f"\nellsjax train: {what} received; saving a checkpoint after this step "
+                  "(send it again to abort without saving)", file=sys.stderr, flush=True)
 
-        signal.signal(signal.SIGINT, handler)
+        for sig in self._SIGNALS:
+            signal.signal(sig, handler)
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, prev in previous.items():
+                signal.signal(sig, prev)
+
+
+def _all_finite(tree: Any) -> bool:
+    """Whether every leaf of a pytree of arrays is finite (checked on the host: no compile)."""
+    return all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree.leaves(tree))
+
+
+def _nonfinite(step: int, what: str, config: TrainConfig, ckpt: _Checkpoints, out: Path) -> NonFiniteLossError:
+    last = ckpt.latest()
+    kept = (f"its last good checkpoint, step {last}, is kept in {out}" if last is not None
+            else f"no checkpoint was saved in {out} before it")
+    return NonFiniteLossError(
+        f"loss: {what} at step {step}; training stopped ({kept}). The run diverged: start a new one with a "
+        f"lower learning rate (lr, --lr; now {config.lr:g}) or check the data", step=step)
 
 
 def train(
@@ -717,9 +792,12 @@ def train(
                 )
                 state = TrainState(s + 1, params, opt_state, ema, state.key)
                 window.append(loss)
-                # keep one update in flight: wait for the previous one, so the bar shows real progress
+                # keep one update in flight: wait for the previous one, so the bar shows real progress,
+                # and stop at the first non-finite loss (update s, 1-based, is the previous one)
                 if pending is not None:
-                    pending.block_until_ready()
+                    prev = float(pending)
+                    if not math.isfinite(prev):
+                        raise _nonfinite(s, f"not finite ({prev})", config, ckpt, out)
                 pending = loss
                 if bar is not None:
                     bar.update(1)
@@ -739,6 +817,9 @@ def train(
                         record["nonfinite"] = True
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                    if not np.all(np.isfinite(losses)):
+                        first = done - len(losses) + 1 + int(np.flatnonzero(~np.isfinite(losses))[0])
+                        raise _nonfinite(first, "not finite", config, ckpt, out)
                     last_loss = record["loss"]
                     if bar is not None:
                         bar.set_postfix(loss=f"{last_loss:.4f}")
@@ -747,14 +828,24 @@ def train(
                         callback(record)
                 if done % config.checkpoint_every == 0 or done == config.steps:
                     t_save = time.perf_counter()
-                    ckpt.save(state)
+                    _save_finite(ckpt, state, loss, config, out)
                     t_window += time.perf_counter() - t_save  # throughput excludes checkpointing
             if stop.requested:
-                ckpt.save(state)
+                _save_finite(ckpt, state, pending, config, out)
     finally:
         if bar is not None:
             bar.close()
-    return TrainResult(out, state.step, bool(stop.requested and state.step < config.steps), last_loss)
+    interrupted = bool(stop.requested and state.step < config.steps)
+    return TrainResult(out, state.step, interrupted, last_loss, stop.signum if interrupted else None)
+
+
+def _save_finite(ckpt: _Checkpoints, state: TrainState, loss: Any, config: TrainConfig, out: Path) -> None:
+    """Save a checkpoint only of a finite state: the loss of its last update and every weight."""
+    if loss is not None and not math.isfinite(float(loss)):
+        raise _nonfinite(state.step, f"not finite ({float(loss)})", config, ckpt, out)
+    if not (_all_finite(state.params) and (state.ema is None or _all_finite(state.ema))):
+        raise _nonfinite(state.step, "finite, but the weights after it are not", config, ckpt, out)
+    ckpt.save(state)
 
 
 def _check_resumable(saved: dict[str, Any], net: _nets.NetConfig, config: TrainConfig,

@@ -67,7 +67,7 @@ def test_tiny_conditional_ideal_run(tmp_path):
         (["--machine", "vae"], "--machine: unknown machine 'vae'"),
         (["--machine-option", "rank"], "expected KEY=VALUE"),
         (["--machine-option", "chunk_size=0"], "chunk_size: expected a positive int"),
-        (["--class", "42"], "label: no training images of class"),
+        (["--class", "42"], "--class: no training images of class"),
         (["--machine", "els", "--image-size", "8", "--scales", "MNIST_ResNet_circular"], "exceed the 8px images"),
         (["--machine", "pspc"], "PSPC's published scale schedule is for 32x32 CIFAR-10 only"),
     ],

@@ -169,8 +169,9 @@ def test_npz_source_on_tiny_file(tmp_path):
     x_train[0, 0, 0], x_train[0, 0, 1] = 0, 255
     y_train = np.array([1, 0, 1, 2, 1], np.uint8)
     path = tmp_path / "mnist.npz"
+    # 4x4 images are not MNIST's 28x28: the file's own 'name' entry declares them a (resized) copy
     np.savez_compressed(
-        path, x_train=x_train, y_train=y_train, x_test=x_train[:2], y_test=y_train[:2]
+        path, x_train=x_train, y_train=y_train, x_test=x_train[:2], y_test=y_train[:2], name="mnist"
     )
     images, labels = data.load("mnist", source="npz", path=tmp_path)
     assert images.shape == (5, 4, 4, 1) and labels.dtype == np.int32

@@ -298,8 +298,13 @@ def test_cli_explain_replays_a_sample_run(tmp_path, capsys):
                      "--scales", "3", "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()
     assert cli.main(["explain", "--samples", str(out / "samples.npz"), "--top", "2", "--compare", "is,bbels"]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "machine" in text and "is " in text
+    for stage in ("loading 6 mnist training images", "replaying 2 samples of bbels", "creativity measures",
+                  "sampling is from the same noise", "writing"):  # a line per stage (issue 26)
+        assert stage in captured.err, captured.err
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file, no lock left
     assert (out / "provenance.png").read_bytes()[:8] == PNG_MAGIC
     rep = json.loads((out / "creativity.json").read_text())
     assert rep["replay_max_abs_diff"] < 1e-3 and len(rep["per_sample"]["consistency"]) == 2
@@ -308,3 +313,5 @@ def test_cli_explain_replays_a_sample_run(tmp_path, capsys):
         assert z["image"].shape == (1, 2, 8, 8)
     with pytest.raises(SystemExit, match="--samples"):
         cli.main(["explain", "--samples", str(tmp_path / "missing.npz")])
+    with pytest.raises(SystemExit, match="already holds the results of an earlier run .*creativity.json"):
+        cli.main(["explain", "--samples", str(out / "samples.npz")])  # without --overwrite

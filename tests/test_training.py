@@ -184,7 +184,7 @@ def test_cli_train_then_resume(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv,msg",
     [
-        (["--kernel-size", "4", "--steps", "1"], "kernel_size: must be odd"),
+        (["--kernel-size", "4", "--steps", "1"], "--kernel-size: must be odd"),
         (["--dataset", "svhn", "--steps", "1"], "--dataset: unknown dataset 'svhn'"),
         (["--preset", "MNIST_VAE"], "preset: unknown network preset 'MNIST_VAE'"),
         (["--preset", "CIFAR10_ResNet_zeros_conditional", "--dataset", "mnist"], "is trained on cifar10, not mnist"),

@@ -28,8 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ellsjax`` console script."""
+    from ellsjax._io import OutputError
+    from ellsjax.cli._common import fail, release_claims
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OutputError as e:  # an output that could not be written (a full disk): one line, no traceback
+        fail(str(e))
+    finally:
+        release_claims()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,8 +10,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HelpFormatter", "fail", "note", "output_dir", "output_file", "machine_spec", "read_schedule", "fit_schedule",
-           "load_network_run"]
+__all__ = ["HelpFormatter", "fail", "note", "stage", "output_dir", "output_file", "claim_outputs", "release_claims",
+           "add_overwrite", "machine_spec", "read_schedule", "fit_schedule", "load_network_run", "cli_message",
+           "free_memory"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -33,6 +34,129 @@ def fail(msg: str):
 def note(msg: str) -> None:
     """One line on stderr that the user should read (a default taken, an input adapted)."""
     print(f"ellsjax: note: {msg}", file=sys.stderr, flush=True)
+
+
+_T0 = [None]
+
+
+def stage(msg: str) -> None:
+    """One line per stage of a long command on stderr (with the seconds since the first stage), so
+    a command without a progress bar still shows where it is."""
+    import time
+
+    now = time.perf_counter()
+    if _T0[0] is None:
+        _T0[0] = now
+    print(f"ellsjax: [{now - _T0[0]:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+# API argument names in library messages -> the flags that set them, per command (a CLI user never
+# typed ``label=``); only a message's leading ``name:`` / ``name=`` is rewritten.
+def cli_message(msg: str, flags: dict[str, str]) -> str:
+    """``msg`` with a leading API argument name replaced by its flag (``label: …`` → ``--class: …``).
+
+    Example:
+        >>> cli_message("label: no training images of class 42", {"label": "--class"})
+        '--class: no training images of class 42'
+        >>> cli_message("limit=9 exceeds", {"limit": "--n-train"})
+        '--n-train 9 exceeds'
+    """
+    for name, flag in flags.items():
+        if msg.startswith(f"{name}: "):
+            return f"{flag}: {msg[len(name) + 2:]}"
+        if msg.startswith(f"{name}="):
+            return f"{flag} {msg[len(name) + 1:]}"
+    return msg
+
+
+def add_overwrite(parser) -> None:
+    """The ``--overwrite`` flag of commands whose outputs :func:`claim_outputs` protects."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in the output location (without it, an output "
+                             "location that holds them is refused)")
+
+
+_CLAIMS: list[Path] = []
+_LOCK = ".ellsjax.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
+
+
+def claim_outputs(directory: Path, names: list[str], *, overwrite: bool, flag: str = "--out",
+                  lock_name: str = _LOCK) -> None:
+    """Claim an output location before any compute: refuse one that another live ``ellsjax`` process
+    is writing (a lock file ``directory/lock_name`` holding its pid, created exclusively, so of two
+    runs started at once only one proceeds), and one that holds results (``names``) of an earlier
+    run unless ``overwrite``. The claim ends with the command (:func:`release_claims`); a lock left
+    by a killed run is taken over."""
+    lock = directory / lock_name
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = None
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                fail(f"{flag}: {directory} is being written by another ellsjax run (pid {pid}); wait for it to "
+                     f"finish or choose another {flag}")
+            try:
+                lock.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                fail(f"{flag}: cannot write in {directory}: {e.strerror or e}")
+            continue
+        except OSError as e:
+            fail(f"{flag}: cannot write in {directory}: {e.strerror or e}")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {' '.join(sys.argv)}\n")
+        _CLAIMS.append(lock)
+        break
+    else:
+        fail(f"{flag}: cannot lock {directory}: another run keeps taking it")
+    held = [n for n in names if (directory / n).exists()]
+    if held and not overwrite:
+        release_claims()
+        what = (f"{directory / held[0]} already exists" if len(names) == 1 else
+                f"{directory} already holds the results of an earlier run ({', '.join(held)})")
+        fail(f"{flag}: {what}; pass --overwrite to replace them, or choose another {flag}")
+
+
+def release_claims() -> None:
+    """Remove the lock files this process took (:func:`claim_outputs`)."""
+    while _CLAIMS:
+        lock = _CLAIMS.pop()
+        try:
+            if lock.read_text().split()[0] == str(os.getpid()):
+                lock.unlink()
+        except (OSError, IndexError):
+            pass
+
+
+def free_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable``; else physical memory), or
+    ``None`` when the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _writable_dir(d: Path, flag: str) -> None:
@@ -137,5 +261,5 @@ def load_network_run(model_dir: str, *, ema: bool = True):
         net_cfg, train_cfg = training.load_run_config(model_dir)
         images, labels = training.load_data(net_cfg, train_cfg)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        fail(f"--model: {e}")
+        fail(cli_message(str(e), {"dir": "--model"}) if str(e).startswith("dir: ") else f"--model: {e}")
     return network, images, labels

@@ -6,10 +6,21 @@ from __future__ import annotations
 import argparse
 import json
 
-from ellsjax.cli._common import HelpFormatter, load_network_run, machine_spec, output_dir, read_schedule
+from ellsjax.cli._common import (
+    HelpFormatter,
+    add_overwrite,
+    claim_outputs,
+    load_network_run,
+    machine_spec,
+    output_dir,
+    read_schedule,
+    stage,
+)
 from ellsjax.cli._common import fail as _fail
 
 __all__ = ["register"]
+
+_OUTPUTS = ["results.json", "scatter.png", "grid.png"]
 
 
 def register(sub) -> None:
@@ -23,7 +34,8 @@ def register(sub) -> None:
             "the schedule's times, and compare the final samples per seed: Pearson r of the centered, normalised "
             "samples (what the paper calls r^2), the coefficient of determination R^2 and the MSE. Writes "
             "OUT/results.json (medians, means, fraction of seeds beating IS, per-seed values), OUT/scatter.png "
-            "(IS r vs machine r per seed) and OUT/grid.png (rows: network | machine | IS)."
+            "(IS r vs machine r per seed) and OUT/grid.png (rows: network | machine | IS), each atomically; an "
+            "OUT that holds another evaluation is refused unless --overwrite. Prints a line per stage on stderr."
         ),
         formatter_class=HelpFormatter,
     )
@@ -41,7 +53,10 @@ def register(sub) -> None:
     s.add_argument("--support", type=int, default=None,
                    help="soft machines: window support K (default: the schedule file's)")
     s.add_argument("--raw-weights", action="store_true", help="use the trained weights, not their EMA")
-    s.add_argument("--out", default="evaluation", help="output directory")
+    s.add_argument("--out", default=None,
+                   help="output directory (default: evaluation/MACHINE, so evaluations of different machines do not "
+                        "replace each other)")
+    add_overwrite(s)
     s.set_defaults(func=_cmd_evaluate)
 
 
@@ -58,7 +73,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if spec.scale_kind != "none" and schedule is None:
         _fail(f"--scales: --machine {spec.name} needs a scale schedule (a JSON file or a preset name)")
     network, images, labels = load_network_run(args.model, ema=not args.raw_weights)
-    out = output_dir(args.out)
+    out = output_dir(args.out if args.out is not None else f"evaluation/{spec.name}")
+    claim_outputs(out, _OUTPUTS, overwrite=args.overwrite)
     ts = schedules.paper_times(20) if schedule is None else schedule.times()
     scales = None if spec.scale_kind == "none" or schedule is None else schedule.values
     opts = {"schedule": network.schedule, **({} if schedule is None else schedule.options)}
@@ -69,10 +85,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         machine = spec.build(images, cond_labels, **opts)
         x = jax.random.normal(jax.random.key(args.seed), (args.n, *network.image_shape))
         label = evaluation.seed_labels(network, args.n)
-        ev = evaluation.evaluate(network, machine, x, ts, scales=scales, label=label,
-                                 baseline=machines.ideal(images, cond_labels, schedule=network.schedule))
+        baseline = machines.ideal(images, cond_labels, schedule=network.schedule)
+        nsteps = len(np.ravel(ts)) - 1
+        stage(f"evaluate: sampling the network in {args.model} ({args.n} seeds, {nsteps} steps)")
+        net_samples = _finite(evaluation.sample(network, x, ts, label=label), f"the network in {args.model}")
+        stage("evaluate: sampling the ideal-score baseline (is)")
+        base_samples = _finite(evaluation.sample(baseline, x, ts, label=label), "the ideal-score baseline")
+        stage(f"evaluate: sampling --machine {spec.name}")
+        ev = evaluation.evaluate(network, machine, x, ts, scales=scales, label=label, baseline=baseline,
+                                 network_samples=net_samples, baseline_samples=base_samples)
+        _finite(ev.machine, f"--machine {spec.name}")
     except (ValueError, TypeError) as e:
         _fail(str(e))
+    stage(f"evaluate: writing {out}")
     res = evaluation.save_results(
         out / "results.json", ev, model=str(args.model), machine=spec.name, scales_spec=args.scales,
         ts=[float(t) for t in np.asarray(ts)], scales=None if scales is None else list(scales), n=args.n,
@@ -85,3 +110,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                       "frac_beats_is": sm["frac_beats_baseline"]}))
     print(f"wrote {out / 'results.json'}, {out / 'scatter.png'}, {out / 'grid.png'}")
     return 0
+
+
+def _finite(samples, what: str):
+    """The samples, or a one-line error when some are NaN or inf (a diverged network, a broken machine)."""
+    import numpy as np
+
+    arr = np.asarray(samples)
+    bad = ~np.all(np.isfinite(arr.reshape(arr.shape[0], -1)), axis=1)
+    if bad.any():
+        _fail(f"the samples of {what} contain NaN or inf ({int(bad.sum())} of {arr.shape[0]} seeds); nothing was "
+              "written")
+    return arr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ellsjax.cli._common import HelpFormatter, output_dir
+from ellsjax.cli._common import HelpFormatter, claim_outputs, output_dir
 from ellsjax.cli._common import fail as _fail
 
 __all__ = ["register"]
@@ -43,7 +43,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if runner is None:
         known = sorted([*reproduce.PRESETS, *locality.PRESETS])
         _fail(f"--preset: unknown experiment {args.preset!r}; known: {', '.join(known)}")
-    output_dir(args.out)
+    claim_outputs(output_dir(args.out), [], overwrite=True)  # one process per output directory (it resumes)
     try:
         runner.run(args.preset, args.out, progress=not args.no_progress)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:

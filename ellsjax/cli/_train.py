@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ellsjax.cli._common import HelpFormatter, output_dir
+from ellsjax.cli._common import HelpFormatter, claim_outputs, cli_message, output_dir
 from ellsjax.cli._common import fail as _fail
 
 __all__ = ["register"]
@@ -20,6 +20,12 @@ _NET_FLAGS = {"arch": "arch", "padding": "padding", "width": "width", "depth": "
 _FIXED_TRAIN_FLAGS = {"batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "lr_decay": "lr_decay",
                       "ema": "ema_decay", "seed": "seed", "dataset": "dataset", "source": "source", "path": "path",
                       "data_dir": "data_dir", "split": "split", "limit": "limit"}
+# library argument names in messages -> the flags that set them
+_MESSAGE_FLAGS = {**{field: f"--{flag.replace('_', '-')}" for flag, field in
+                     {**_NET_FLAGS, **_FIXED_TRAIN_FLAGS}.items()},
+                  "ema_decay": "--ema", "out_dir": "--out", "name": "--dataset", "steps": "--steps", "preset": "--preset",
+                  "log_every": "--log-every", "checkpoint_every": "--checkpoint-every",
+                  "keep_checkpoints": "--keep-checkpoints"}
 _LENGTH_FLAGS = {"steps": "steps", "log_every": "log_every", "checkpoint_every": "checkpoint_every",
                  "keep_checkpoints": "keep_checkpoints"}
 
@@ -33,7 +39,9 @@ def register(sub) -> None:
             "Train a paper-style convolution-only diffusion network with the eps-prediction loss, AdamW and the "
             "paper's cosine schedule. Writes OUT/config.json, OUT/metrics.jsonl (one JSON line per logged step) "
             "and orbax checkpoints under OUT/checkpoints; --resume continues exactly where a run stopped; Ctrl-C "
-            "saves a checkpoint and exits. Sample from the result with `ellsjax sample --model OUT`. "
+            "(SIGINT) and `kill` (SIGTERM, what SLURM, Kubernetes and preemptible VMs send) save a checkpoint and "
+            "exit; a NaN or infinite loss stops the run with an error naming the step (its checkpoints hold only "
+            "finite weights). A progress bar shows the steps. Sample from the result with `ellsjax sample --model OUT`. "
             "Unset network options take the preset's (--preset) or the paper's defaults (ResNet: width 256, "
             "8 layers; UNet: width 64, 3 levels)."
         ),
@@ -48,7 +56,7 @@ def register(sub) -> None:
                         "CelebA_{ResNet,UNet}_zeros; other options override the preset's")
     s.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint (its config.json fixes the network "
-                        "and data; --steps may extend it); starts a new run if --out holds none")
+                        "and data; --steps may extend it); an --out that holds no run is an error")
     g = s.add_argument_group("network")
     g.add_argument("--arch", choices=("resnet", "unet"), default=None, help="architecture (default: resnet)")
     g.add_argument("--padding", choices=("zeros", "circular"), default=None, help="conv padding (default: zeros)")
@@ -88,22 +96,36 @@ def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, object]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ellsjax import training
+    import signal
+    from pathlib import Path
 
+    from ellsjax import training
+    from ellsjax._io import OutputError
+
+    if args.resume and not (Path(args.out) / training.CONFIG_FILE).is_file():
+        what = "does not exist" if not Path(args.out).exists() else f"holds no training run (no {training.CONFIG_FILE})"
+        _fail(f"--resume: {args.out} {what}; check the path, or drop --resume to start a new run there")
     out = output_dir(args.out)
+    claim_outputs(out, [], overwrite=True)  # one process per run directory (a run is protected by train itself)
     try:
-        if args.resume and (out / training.CONFIG_FILE).exists():
+        if args.resume:
             net, cfg = _resumed_configs(args, out)
             data = None
         else:
             net, cfg, data = _fresh_configs(args)
         result = training.train(out, net, cfg, data=data, resume=args.resume, progress=not args.no_progress)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        _fail(str(e))
+        _fail(cli_message(str(e), _MESSAGE_FLAGS))
+    except OutputError as e:  # a checkpoint that could not be written (a full disk): already one line
+        _fail(f"--out: {e}")
+    except OSError as e:  # a full disk or a vanished directory while writing the metrics or config
+        where = f" {e.filename}" if getattr(e, "filename", None) else f" in {out}"
+        _fail(f"--out: cannot write{where}: {e.strerror or e}")
     if result.interrupted:
-        print(f"interrupted at step {result.step}; checkpoint saved in {out}; continue with "
+        what = "terminated (SIGTERM)" if result.signal == signal.SIGTERM else "interrupted"
+        print(f"{what} at step {result.step}; checkpoint saved in {out}; continue with "
               f"`ellsjax train --out {out} --resume`")
-        return 130
+        return 128 + (result.signal or signal.SIGINT)
     loss = "" if result.loss is None else f", last loss {result.loss:.4f}"
     print(f"trained {net.arch} to step {result.step}{loss} -> {out} (sample with `ellsjax sample --model {out}`)")
     return 0

@@ -38,6 +38,12 @@ _IDX_DATASETS = ("mnist", "fashion_mnist")
 _TFDS_PREPARABLE = ("mnist", "fashion_mnist")
 _BUNDLED_FILES = {"mnist": "mnist.npz", "fashion_mnist": "fashion_mnist.npz"}
 _FULL_SIZES = {"train": 60000, "test": 10000}  # MNIST and Fashion-MNIST
+# What each dataset's images are (H, W, C): a file read under a name must hold these, so that
+# e.g. CIFAR-10 read as "mnist" is an error, not 32x32x3 "MNIST" (celeb_a: any size, 3 channels;
+# aligned CelebA is 218x178).
+_SHAPES: dict[str, tuple[int | None, int | None, int]] = {
+    "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3), "celeb_a": (None, None, 3),
+}
 _RESIZE_CHUNK = 4096
 
 # One batch of uint8 images [B,H,W,C], integer labels [B], and whether the batch
@@ -82,6 +88,11 @@ def load(
         * ``"npz"``: ``path`` is an ``.npz`` with uint8 ``x_{split}``
           ``[N,H,W(,C)]`` and ``y_{split}`` ``[N]`` arrays, or a directory with
           ``{name}.npz`` (``cifar10.npz`` or ``cifar10_subset.npz`` for cifar10).
+          The images must be the named dataset's: 28x28x1 (mnist,
+          fashion_mnist), 32x32x3 (cifar10), 3 channels (celeb_a), and a
+          file whose first image is the other 28x28 dataset's is refused; a
+          file with a scalar string entry ``name`` is checked against that
+          instead (for resized copies). The ``"idx"`` source is checked alike.
         * ``"idx"``: ``path`` is a directory with the four standard MNIST-format
           IDX files (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
           ``t10k-...``); mnist and fashion_mnist only.
@@ -166,6 +177,7 @@ def load(
         if split not in ("train", "test"):
             raise ValueError(f"source='idx' has splits 'train' and 'test', not split={split!r}")
         x, y = read_idx_split(path, split)
+        _check_content(x[..., None], name, split, f"the IDX files in path={os.fspath(path)!r}")
         batches = [(x[..., None], y, True)]
         where = f"the IDX files in path={os.fspath(path)!r}"
     else:  # tfds
@@ -380,6 +392,7 @@ def _read_npz_split(path: Path, name: str, split: str, where: str) -> tuple[np.n
             keys = list(z.files)
             x = z[f"x_{split}"] if f"x_{split}" in keys else None
             y = z[f"y_{split}"] if f"y_{split}" in keys else None
+            declared = str(z["name"]) if "name" in keys and z["name"].ndim == 0 else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise ValueError(f"cannot read npz file {where}: {type(e).__name__}: {e}") from e
     if x is None:
@@ -388,7 +401,39 @@ def _read_npz_split(path: Path, name: str, split: str, where: str) -> tuple[np.n
         y = np.zeros(len(x), np.int64)
     elif y is None:
         raise ValueError(f"split={split!r}: {where} has no array 'y_{split}' (arrays: {keys})")
-    return _check_arrays(x, y, name, where)
+    x, y = _check_arrays(x, y, name, where)
+    _check_content(x, name, split, where, declared=declared)
+    return x, y
+
+
+def _check_content(x: np.ndarray, name: str, split: str, where: str, *, declared: str | None = None) -> None:
+    """The images of a file read as dataset ``name`` must be that dataset's: its own ``name`` entry if
+    it has one; else the dataset's image shape and channels, and for the two 28x28 grey datasets a
+    first image that is not the other dataset's (the bundled prefixes hold both first images)."""
+    if declared is not None:
+        if declared != name:
+            raise ValueError(f"name={name!r}: {where} says it holds {declared!r} (its 'name' entry), not {name!r}")
+        return  # the file names itself: a resized or re-cut copy is the user's choice
+    h, w, c = x.shape[1:]
+    eh, ew, ec = _SHAPES[name]
+    if c != ec or (eh is not None and (h, w) != (eh, ew)):
+        like = [n for n, (a, b, ch) in _SHAPES.items() if n != name and ch == c and (a, b) == (h, w)] or [
+            n for n, (a, _, ch) in _SHAPES.items() if n != name and ch == c and a is None]
+        looks = f"; it looks like {' or '.join(like)}" if like else ""
+        want = f"{eh}x{ew}x{ec}" if eh is not None else f"{ec}-channel"
+        raise ValueError(
+            f"name={name!r}: {where} holds {h}x{w}x{c} images, not {name}'s {want} images{looks}. Pass the dataset "
+            "the file holds (--dataset), or add a 'name' entry to the file for a resized copy"
+        )
+    for other in _BUNDLED_FILES:
+        if other == name or _SHAPES[other] != _SHAPES[name] or len(x) == 0:
+            continue
+        prefix = _bundled_arrays(other).get(split, (None,))[0]
+        if prefix is not None and prefix.shape[1:] == x.shape[1:] and np.array_equal(x[0], prefix[0]):
+            raise ValueError(
+                f"name={name!r}: {where} holds {other}, not {name}: its first {split} image is {other}'s. Pass "
+                f"--dataset {other} (name={other!r}), or the {name} file"
+            )
 
 
 def _check_arrays(
