@@ -311,11 +311,11 @@ def _norm(norm: nnx.GroupNorm, p: _Params, key: str) -> None:
 
 
 def _set(var: nnx.Variable, value: np.ndarray, name: str) -> None:
-    want = tuple(var.value.shape)
+    want = tuple(var.get_value().shape)
     if tuple(value.shape) != want:
         raise ValueError(f"state dict: {name!r} has shape {tuple(value.shape)} after conversion, the network "
                          f"needs {want}")
-    var.value = jnp.asarray(np.ascontiguousarray(value), jnp.float32)
+    var.set_value(jnp.asarray(np.ascontiguousarray(value), jnp.float32))
 
 
 def _classes(model, p: _Params) -> None:
@@ -577,10 +577,10 @@ def convert(
     conv = from_torch(file, arch=arch, preset=preset, image_size=image_size, channels=channels, padding=padding,
                       dataset=dataset)
     cfg = _training.TrainConfig(steps=1, schedule=conv.schedule, dataset=conv.info["dataset"], source="auto")
-    _, fresh = _training.init_state(conv.net, cfg)  # optimizer state, so `train --resume` can fine-tune
-    if jax.tree.structure(fresh.params) != jax.tree.structure(conv.state):
-        raise AssertionError("converted state does not match the network's structure")  # a bug, not bad input
-    state = fresh._replace(params=jax.device_put(conv.state, jax.devices()[0]))
+    # a fresh optimizer state beside the weights, as a training run's step 0 has (`train --resume` fine-tunes)
+    params = jax.device_put(conv.state, jax.devices()[0])
+    opt_state, ema = _training._cached_opt_init(_training._step_key(cfg))(params)
+    state = _training.TrainState(0, params, opt_state, ema, _training._run_key(cfg.seed))
     out.mkdir(parents=True, exist_ok=True)
     ckpt = _training._Checkpoints(out, create=True, keep=1)
     ckpt.save(state)
