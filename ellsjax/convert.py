@@ -554,6 +554,9 @@ def convert(
     channels: int | None = None,
     padding: str | None = None,
     dataset: str | None = None,
+    source: str = "auto",
+    path: str | None = None,
+    limit: int | None = None,
 ) -> Converted:
     """Convert a released PyTorch network into an ellsjax run directory.
 
@@ -561,7 +564,10 @@ def convert(
     dataset, and a ``converted_from`` record: file name, SHA-256, source class, time convention,
     where each setting came from) and checkpoint 0 with the weights, the layout of
     :func:`ellsjax.training.train`: :func:`ellsjax.models.load` and the CLI's ``--model`` take it.
-    Options as in :func:`from_torch`.
+    Options as in :func:`from_torch`; ``source``, ``path`` and ``limit`` say where the tools that
+    need the network's training images (``calibrate``, ``evaluate``) load them from, as in
+    :class:`ellsjax.training.TrainConfig` (default ``"auto"``: the whole split, from
+    ``$ELLSJAX_DATA_DIR`` or tensorflow-datasets).
 
     Raises:
         ValueError: as :func:`from_torch`, or ``out_dir`` already holds a run.
@@ -576,7 +582,9 @@ def convert(
         raise ValueError(f"out_dir: {out} already holds a run; choose another directory")
     conv = from_torch(file, arch=arch, preset=preset, image_size=image_size, channels=channels, padding=padding,
                       dataset=dataset)
-    cfg = _training.TrainConfig(steps=1, schedule=conv.schedule, dataset=conv.info["dataset"], source="auto")
+    cfg = _training.TrainConfig(steps=1, schedule=conv.schedule, dataset=conv.info["dataset"], source=source,
+                                path=path, limit=limit, time_levels=conv.net.time_steps if conv.net.arch == "ddpm-unet"
+                                else 1000)
     # a fresh optimizer state beside the weights, as a training run's step 0 has (`train --resume` fine-tunes)
     params = jax.device_put(conv.state, jax.devices()[0])
     opt_state, ema = _training._cached_opt_init(_training._step_key(cfg))(params)

@@ -40,6 +40,12 @@ def register(sub) -> None:
     s.add_argument("--padding", choices=("zeros", "circular"), default=None,
                    help="conv padding (a state dict does not record it)")
     s.add_argument("--dataset", default=None, help="dataset it was trained on: mnist, fashion_mnist, cifar10, celeb_a")
+    g = s.add_argument_group("data the tools load with the run (calibrate, evaluate)")
+    g.add_argument("--source", default="auto", choices=("bundled", "npz", "idx", "tfds", "auto"),
+                   help="where its training images come from (see ellsjax.data.load; auto: the whole split from "
+                        "$ELLSJAX_DATA_DIR or tensorflow-datasets)")
+    g.add_argument("--path", default=None, help="file or directory for --source npz/idx")
+    g.add_argument("--limit", type=int, default=None, help="use the first N training images only")
     s.set_defaults(func=_cmd_convert)
 
 
@@ -48,7 +54,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     try:
         c = convert.convert(args.file, args.out, arch=args.arch, preset=args.preset, image_size=args.image_size,
-                            channels=args.channels, padding=args.padding, dataset=args.dataset)
+                            channels=args.channels, padding=args.padding, dataset=args.dataset, source=args.source,
+                            path=args.path, limit=args.limit)
     except (ValueError, TypeError, FileNotFoundError, pickle.UnpicklingError) as e:
         _fail(str(e))
     n = c.net
