@@ -47,7 +47,7 @@ from ellsjax import _torchfile
 from ellsjax import nets as _nets
 from ellsjax import schedules as _schedules
 
-__all__ = ["ARCH_OF_CLASS", "Converted", "read_torch", "from_torch", "convert", "UnsafeCheckpointError"]
+__all__ = ["ARCH_OF_CLASS", "Converted", "read_torch", "from_torch", "convert", "network_run", "UnsafeCheckpointError"]
 
 UnsafeCheckpointError = _torchfile.UnsafeCheckpointError
 
@@ -601,3 +601,44 @@ def convert(
     })
     return conv._replace(info=record)
 
+
+
+def network_run(
+    weights: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    *,
+    net: _nets.NetConfig,
+    train: Any,
+    log: Any = None,
+) -> _nets.NetConfig:
+    """Convert ``weights`` into ``run_dir`` for an experiment whose network is ``net`` (trained on
+    ``train``'s data) and return the converted network's config: the file must agree with ``net``'s
+    architecture, channels and padding, and takes ``net``'s image size and ``train``'s dataset. A
+    ``run_dir`` already converted from the same file (SHA-256) is reused; any other run there is an
+    error. Used by :func:`ellsjax.reproduce.run` and :func:`ellsjax.locality.run` (``--weights``)."""
+    import json
+
+    from ellsjax import training as _training
+
+    out = Path(run_dir)
+    cfg_path = out / _training.CONFIG_FILE
+    if cfg_path.exists() or (out / _training.CHECKPOINT_DIR).exists():
+        with open(weights, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        try:
+            had = json.loads(cfg_path.read_text()).get("converted_from", {}).get("sha256")
+        except (OSError, ValueError):
+            had = None
+        if had != digest:
+            raise ValueError(f"weights: {out} already holds another network (trained here or converted from another "
+                             "file); choose another output directory")
+        if log is not None:
+            log(f"using the network converted before from {Path(weights).name} in {out}")
+        return _training.load_run_config(out)[0]
+    conv = convert(weights, out, arch=net.arch, image_size=net.image_size, channels=net.channels,
+                   padding=None if net.arch == "ddpm-unet" else net.padding, dataset=train.dataset,
+                   source=train.source, path=train.path, limit=train.limit)
+    if log is not None:
+        log(f"converted {Path(weights).name} ({conv.info['source_class']}) -> {out} in {conv.info['seconds']:.1f} s; "
+            f"{conv.info['time']}")
+    return conv.net

@@ -5,6 +5,7 @@ Nothing is downloaded: the checkpoints are written here, in torch's on-disk layo
 arrays (tests/_torchwriter.py), with tiny widths at the paper's 32x32 (Kamb & Ganguli) or 8x8.
 """
 
+import dataclasses
 import json
 import os
 import pickle
@@ -183,3 +184,23 @@ def test_missing_keys_and_missing_settings_are_named(tmp_path):
     tw.save({"model_state_dict": tw.state_dict(extra)}, path)
     with pytest.raises(ValueError, match=r"unexpected key\(s\) \['embs\.9\.0\.weight'\]"):
         ej.convert.from_torch(path, preset="MNIST_ResNet_zeros")
+
+
+def test_an_experiment_converts_its_weights_once_and_checks_them(tmp_path):
+    sd = tn.kg_resnet_sd(6, channels=1, dim=16, layers=2)
+    path = tmp_path / "backbone.pt"
+    tw.save(tn.module_tree(sd, "models.MinimalResNet", mode="circular"), path)
+    want = ej.nets.NetConfig(arch="resnet", image_size=8, width=16, depth=4, padding="circular")
+    train = ej.training.TrainConfig(steps=1, dataset="mnist", limit=32)
+    lines = []
+    net = ej.convert.network_run(path, tmp_path / "net", net=want, train=train, log=lines.append)
+    assert (net.depth, net.image_size, net.padding) == (2, 8, "circular")  # the file's own depth
+    assert ej.convert.network_run(path, tmp_path / "net", net=want, train=train, log=lines.append) == net
+    assert "converted backbone.pt" in lines[0] and "using the network converted before" in lines[1]
+    other = tmp_path / "other.pt"
+    tw.save(tn.module_tree(tn.kg_resnet_sd(7, channels=1, dim=16, layers=2), "models.MinimalResNet", mode="circular"),
+            other)
+    with pytest.raises(ValueError, match="weights: .* already holds another network"):
+        ej.convert.network_run(other, tmp_path / "net", net=want, train=train)
+    with pytest.raises(ValueError, match="padding: the file's network has padding='circular', not 'zeros'"):
+        ej.convert.network_run(path, tmp_path / "net2", net=dataclasses.replace(want, padding="zeros"), train=train)
