@@ -32,11 +32,11 @@ from tests import _torchwriter as tw  # noqa: E402
 def cases():
     lab = np.array([1, 7])
     sd = tn.kg_resnet_sd(0, channels=3, dim=256, layers=8, num_classes=10)
-    yield ("kg-resnet-cifar10", tn.module_tree(sd, "models.MinimalResNet", mode="zeros"), sd,
+    yield ("kg-resnet-cifar10", tn.module_tree(sd, "models.MinimalResNet", padding_mode="zeros"), sd,
            ["--preset", "CIFAR10_ResNet_zeros_conditional"], 32, 3, lab,
            lambda s, x, t: tn.kg_resnet(s, t, x, lab, mode="zeros", num_layers=8), np.array([0.1, 0.6]))
     sd = tn.kg_unet_sd(1, channels=3, fsizes=[64, 128, 256], emb=256, num_classes=10)
-    yield ("kg-unet-cifar10", tn.module_tree(sd, "models.MinimalUNet", mode="zeros"), sd,
+    yield ("kg-unet-cifar10", tn.module_tree(sd, "models.MinimalUNet", padding_mode="zeros"), sd,
            ["--preset", "CIFAR10_UNet_zeros_conditional"], 32, 3, lab,
            lambda s, x, t: tn.kg_unet(s, t, x, lab, mode="zeros", levels=3), np.array([0.1, 0.6]))
     steps = np.array([99, 899])

@@ -339,9 +339,9 @@ def _leaf_class(path: str, params: dict) -> str:
 _KG_CLASSES = {"embedding": "models.EmbeddingModule", "bottleneck": "models.UBlock"}
 
 
-def module_tree(sd: dict, root: str, *, mode: str, **root_attrs):
+def module_tree(sd: dict, root: str, *, padding_mode: str, **root_attrs):
     """A whole pickled module (``torch.save(model)``) holding ``sd``: ``root`` is the class of the
-    network (``models.MinimalResNet``), submodules get torch's classes, convs ``padding_mode=mode``."""
+    network (``models.MinimalResNet``), submodules get torch's classes, convs ``padding_mode``."""
     tree: dict = {}
     for key, v in sd.items():
         *path, name = key.split(".")
@@ -369,7 +369,7 @@ def module_tree(sd: dict, root: str, *, mode: str, **root_attrs):
         attrs = {}
         if qual.endswith("Conv2d"):
             w = params["weight"]
-            attrs = {"padding_mode": mode if qual.endswith(".Conv2d") else "zeros", "padding": "same",
+            attrs = {"padding_mode": padding_mode if qual.endswith(".Conv2d") else "zeros", "padding": "same",
                      "kernel_size": tuple(w.shape[2:]), "stride": (1, 1)}
         return tw.module(qual, params=params, children=children, **attrs)
 

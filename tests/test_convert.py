@@ -59,12 +59,12 @@ def _kg_case(name, seed):
     ncls = 10 if p.conditional else None
     if p.arch == "resnet":
         sd = tn.kg_resnet_sd(seed, channels=p.channels, dim=16, layers=2, num_classes=ncls)
-        obj = tn.module_tree(sd, "models.MinimalResNet", mode=p.padding, channels=p.channels, emb_dim=16,
-                             mode_=p.padding, conditional=p.conditional, num_layers=2, lastksize=3)
+        obj = tn.module_tree(sd, "models.MinimalResNet", padding_mode=p.padding, channels=p.channels, emb_dim=16,
+                             mode=p.padding, conditional=p.conditional, num_layers=2, lastksize=3)
         ref = partial(tn.kg_resnet, mode=p.padding, num_layers=2)
     else:
         sd = tn.kg_unet_sd(seed, channels=p.channels, fsizes=[8, 16, 32], emb=16, num_classes=ncls)
-        obj = tn.module_tree(sd, "models.MinimalUNet", mode=p.padding, fsizes=[8, 16, 32], channels=p.channels)
+        obj = tn.module_tree(sd, "models.MinimalUNet", padding_mode=p.padding, fsizes=[8, 16, 32], channels=p.channels)
         ref = partial(tn.kg_unet, mode=p.padding, levels=3)
     return sd, obj, ref, p.channels, (np.array([3, 9]) if p.conditional else None)
 
@@ -169,10 +169,10 @@ def test_missing_keys_and_missing_settings_are_named(tmp_path):
     sd = tn.kg_resnet_sd(5, channels=1, dim=16, layers=2)
     path = tmp_path / "backbone_MNIST_ResNet_zeros.pt"
     broken = {k: v for k, v in sd.items() if k != "convs.1.0.bias"}
-    tw.save(tn.module_tree(broken, "models.MinimalResNet", mode="zeros"), path)
+    tw.save(tn.module_tree(broken, "models.MinimalResNet", padding_mode="zeros"), path)
     with pytest.raises(ValueError, match=r"state dict: missing 'convs\.1\.0\.bias'"):
         ej.convert.from_torch(path, preset="MNIST_ResNet_zeros")
-    tw.save(tn.module_tree(sd, "models.MinimalResNet", mode="zeros"), path)
+    tw.save(tn.module_tree(sd, "models.MinimalResNet", padding_mode="zeros"), path)
     # a file never records the image size; the error suggests the preset its name matches
     with pytest.raises(ValueError, match="image_size: .* pass --image-size or --preset .*--preset MNIST_ResNet_zeros"):
         ej.convert.from_torch(path, dataset="mnist")
@@ -189,7 +189,7 @@ def test_missing_keys_and_missing_settings_are_named(tmp_path):
 def test_an_experiment_converts_its_weights_once_and_checks_them(tmp_path):
     sd = tn.kg_resnet_sd(6, channels=1, dim=16, layers=2)
     path = tmp_path / "backbone.pt"
-    tw.save(tn.module_tree(sd, "models.MinimalResNet", mode="circular"), path)
+    tw.save(tn.module_tree(sd, "models.MinimalResNet", padding_mode="circular"), path)
     want = ej.nets.NetConfig(arch="resnet", image_size=8, width=16, depth=4, padding="circular")
     train = ej.training.TrainConfig(steps=1, dataset="mnist", limit=32)
     lines = []
@@ -198,7 +198,7 @@ def test_an_experiment_converts_its_weights_once_and_checks_them(tmp_path):
     assert ej.convert.network_run(path, tmp_path / "net", net=want, train=train, log=lines.append) == net
     assert "converted backbone.pt" in lines[0] and "using the network converted before" in lines[1]
     other = tmp_path / "other.pt"
-    tw.save(tn.module_tree(tn.kg_resnet_sd(7, channels=1, dim=16, layers=2), "models.MinimalResNet", mode="circular"),
+    tw.save(tn.module_tree(tn.kg_resnet_sd(7, channels=1, dim=16, layers=2), "models.MinimalResNet", padding_mode="circular"),
             other)
     with pytest.raises(ValueError, match="weights: .* already holds another network"):
         ej.convert.network_run(other, tmp_path / "net", net=want, train=train)
