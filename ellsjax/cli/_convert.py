@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import pickle
 
-from ellsjax.cli._common import HelpFormatter
+from ellsjax.cli._common import HelpFormatter, output_dir
 from ellsjax.cli._common import fail as _fail
 
 __all__ = ["register"]
@@ -52,6 +52,7 @@ def register(sub) -> None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ellsjax import convert
 
+    output_dir(args.out)  # a bad location fails before the file is read
     try:
         c = convert.convert(args.file, args.out, arch=args.arch, preset=args.preset, image_size=args.image_size,
                             channels=args.channels, padding=args.padding, dataset=args.dataset, source=args.source,
