@@ -110,8 +110,12 @@ def test_state_dicts_with_group_norm_and_the_other_options_convert(arch, tmp_pat
 def test_ddpm_unet_converts_and_matches_the_reference(attn, tmp_path):
     sd = tn.ddpm_unet_sd(3, channels=1, ch=32, ch_mult=(1, 2), attn=attn, num_res_blocks=1)
     path = tmp_path / "ckpt_epoch_200.pt"
-    tw.save({"model_state_dict": tw.state_dict(sd), "epoch": 200}, path)
+    if attn:  # a whole pickled module (torch.save(model)) of the locality repo's class
+        tw.save(tn.module_tree(sd, "local_diffusion.utils.neural_networks.UNet", padding_mode="zeros"), path)
+    else:  # the released layout
+        tw.save({"model_state_dict": tw.state_dict(sd), "epoch": 200}, path)
     conv = ej.convert.from_torch(path, image_size=8, dataset="mnist")
+    assert conv.info["source_class"] == ("local_diffusion.utils.neural_networks.UNet" if attn else "state dict")
     n = conv.net
     assert (n.arch, n.width, n.ch_mult, n.attn, n.num_res_blocks, n.time_steps) == ("ddpm-unet", 32, (1, 2), attn, 1, 1000)
     assert conv.schedule == ej.schedules.ddpm_linear()
