@@ -440,14 +440,17 @@ def _preset_facts(name: str) -> dict[str, Any]:
 
 def _merge(file_facts: dict[str, Any], given: dict[str, Any], preset_facts: dict[str, Any],
            preset: str | None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Settings and where each came from: the file's facts win; an option that contradicts one is an
-    error; an explicit option overrides a preset's."""
+    """Settings and where each came from: the file's facts, then the explicit options, then the
+    preset's; an option or a preset that contradicts the file, or an option that contradicts the
+    preset, is an error."""
     out, origin = dict(file_facts), {k: "file" for k in file_facts}
     for name, value in given.items():
         if value is None:
             continue
         if name in file_facts and file_facts[name] != value:
             raise ValueError(f"{name}: the file's network has {name}={file_facts[name]!r}, not {value!r}")
+        if name in preset_facts and preset_facts[name] != value:
+            raise ValueError(f"{name}: preset {preset} has {name}={preset_facts[name]!r}, not {value!r}")
         if name not in out:
             out[name], origin[name] = value, "option"
     for name, value in preset_facts.items():

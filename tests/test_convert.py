@@ -184,6 +184,8 @@ def test_missing_keys_and_missing_settings_are_named(tmp_path):
         ej.convert.from_torch(path, preset="MNIST_ResNet_circular")
     with pytest.raises(ValueError, match="channels: the file's network has channels=1, not 3"):
         ej.convert.from_torch(path, preset="MNIST_ResNet_zeros", channels=3)
+    with pytest.raises(ValueError, match="dataset: preset MNIST_ResNet_zeros has dataset='mnist', not 'cifar10'"):
+        ej.convert.from_torch(path, preset="MNIST_ResNet_zeros", dataset="cifar10")
     extra = {**sd, "embs.9.0.weight": np.zeros((16, 16), np.float32)}
     tw.save({"model_state_dict": tw.state_dict(extra)}, path)
     with pytest.raises(ValueError, match=r"unexpected key\(s\) \['embs\.9\.0\.weight'\]"):
