@@ -148,14 +148,14 @@ class TorchObject:
         return f"<{self.qualname} (inert record)>"
 
 
-_RECORD_CLASSES: dict[str, type] = {}
-
-
 def _record_class(module: str, name: str) -> type:
-    q = f"{module}.{name}"
-    if q not in _RECORD_CLASSES:
-        _RECORD_CLASSES[q] = type(name, (TorchObject,), {"qualname": q, "__module__": __name__})
-    return _RECORD_CLASSES[q]
+    return type(name, (TorchObject,), {"qualname": f"{module}.{name}", "__module__": __name__})
+
+
+def _fresh(fn):
+    """A new function object per read that calls ``fn``: a pickle's BUILD on a global it names
+    (setting attributes on it) then changes only this read's copy, never this module."""
+    return lambda *args: fn(*args)
 
 
 def _tensor(storage, offset, size, stride, *rest):
@@ -191,9 +191,12 @@ def _parameter(data, *rest):
 
 def _from_type(func, new_type, args, state):
     """``torch._tensor._rebuild_from_type_v2``: a tensor subclass; the array of the plain tensor."""
-    if func not in (_tensor, _legacy_tensor, _parameter):
-        raise pickle.UnpicklingError(f"checkpoint: a tensor is rebuilt by {func!r}, which this reader does not know")
-    return func(*args)
+    if not callable(func) or not isinstance(args, tuple):
+        raise pickle.UnpicklingError(f"checkpoint: a tensor is rebuilt by {func!r:.80}, which this reader does not know")
+    out = func(*args)  # func came from find_class: one of this module's rebuild functions or a container
+    if not isinstance(out, np.ndarray):
+        raise pickle.UnpicklingError(f"checkpoint: a tensor subclass rebuilt as {type(out).__name__}, not a tensor")
+    return out
 
 
 _FUNCTIONS: dict[tuple[str, str], Any] = {
@@ -216,10 +219,18 @@ class _Unpickler(pickle.Unpickler):
         self._prefix = prefix
         self._byteorder = byteorder
         self._storages: dict[str, np.ndarray] = {}
+        self._globals: dict[tuple[str, str], Any] = {}  # one object per name and read
 
     def find_class(self, module, name):
+        if (module, name) not in self._globals:
+            self._globals[(module, name)] = self._resolve(module, name)
+        return self._globals[(module, name)]
+
+    def _resolve(self, module, name):
         if (module, name) in _FUNCTIONS:
-            return _FUNCTIONS[(module, name)]
+            fn = _FUNCTIONS[(module, name)]
+            # built-in types (OrderedDict, set, tuple) refuse attribute writes; functions get a copy
+            return fn if isinstance(fn, type) else _fresh(fn)
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
         if (module == "torch" and name == "Tensor") or (module == "torch.nn.parameter" and name == "Parameter"):

@@ -163,6 +163,22 @@ def test_a_pickle_naming_an_unknown_global_is_refused_and_nothing_runs(tmp_path)
     assert cli_error(["convert", str(path), "--out", str(tmp_path / "o")]).startswith("ellsjax: error: checkpoint:")
 
 
+def test_a_pickle_cannot_change_the_readers_functions(tmp_path):
+    # BUILD on a global sets attributes on it: here __defaults__ of the tensor-rebuild function
+    raw = (pickle.PROTO + b"\x02" + pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n" + pickle.NONE
+           + pickle.EMPTY_DICT + pickle.BINUNICODE + len(b"__defaults__").to_bytes(4, "little") + b"__defaults__"
+           + pickle.MARK + pickle.BININT1 + b"\x01" + pickle.TUPLE + pickle.SETITEM + pickle.TUPLE2 + pickle.BUILD
+           + pickle.STOP)
+    path = tmp_path / "patch.pt"
+    tw.save(None, path, raw_pickle=raw)
+    got = ej.convert.read_torch(path)
+    assert got.__defaults__ == (1,)  # this read's own copy
+    from ellsjax import _torchfile
+
+    assert _torchfile._tensor.__defaults__ is None and _torchfile._FUNCTIONS[("torch._utils", "_rebuild_tensor_v2")] \
+        is _torchfile._tensor
+
+
 def cli_error(argv):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
