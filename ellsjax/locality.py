@@ -2,17 +2,20 @@
 
 The protocol: a 1000-step linear-β DDPM schedule (β from 1e-4 to 0.02,
 :func:`ellsjax.schedules.ddpm_linear`), 10 DDIM steps at ``t_idx`` 900, 800, …, 0 (the last step lands
-on the clean image: the sample is the final ``x̂0``), an attention-free UNet as the reference
-network, and per sample ``r² = 1 − SS_res/(D·Var(network sample))`` and the MSE (on the ``[-1, 1]``
+on the clean image: the sample is the final ``x̂0``), the papers' "baseline UNet" as the reference
+network (Ho et al.'s DDPM UNet, ``arch="ddpm-unet"``, with its middle self-attention block; ch 128,
+``ch_mult`` 1,2,3,4 at 32 px and ch 64, 1,2,2 at 28 px, 2 residual blocks, dropout 0.15; its released
+weights convert with ``ellsjax convert`` or ``reproduce --weights``), and per sample ``r² = 1 − SS_res/(D·Var(network sample))`` and the MSE (on the ``[-1, 1]``
 pixel scale) of each analytic denoiser's sample against the network's from the same noise, with the
 seconds per denoiser step and the peak memory of one step. The denoisers: Optimal (the ideal score),
 Wiener, Kamb & Ganguli's ELS (the machine of the network's padding, grid-calibrated on the
 network's trajectories), PCA locality, GoldDiff as published, and GoldDiff certified.
 
 Presets (:data:`PRESETS`, run with ``ellsjax reproduce --preset NAME``): ``locality-smoke`` (seconds;
-the tests run it), ``locality-mnist-cpu`` and ``locality-cifar-cpu`` (a UNet trained on this CPU in
-minutes, a subset of the data), ``locality-cifar10`` and ``locality-mnist`` (the full training sets,
-for accelerators).
+the tests run it; a plain 2-level UNet, plumbing only), ``locality-mnist-cpu`` and ``locality-cifar-cpu``
+(the DDPM UNet at a CPU-sized ch 32, trained on this CPU on a subset of the data),
+``locality-cifar10`` and ``locality-mnist`` (the protocol's networks on the full training sets, for
+accelerators; ``--weights`` takes the released ones instead).
 
 Example:
     >>> sorted(PRESETS)[:2]
@@ -94,7 +97,7 @@ class LocalityPreset:
 
     Attributes:
         name: preset name.
-        net: the reference network (:class:`ellsjax.nets.NetConfig`, an attention-free UNet).
+        net: the reference network (:class:`ellsjax.nets.NetConfig`; the DDPM UNet but in the smoke preset).
         train: its training options (:class:`ellsjax.training.TrainConfig`, with the protocol's
             :func:`~ellsjax.schedules.ddpm_linear` schedule).
         seeds: samples compared per denoiser.
@@ -130,6 +133,10 @@ def _presets() -> dict[str, LocalityPreset]:
 
     unet = lambda size, ch, width, depth: nets.NetConfig(  # noqa: E731
         arch="unet", image_size=size, channels=ch, width=width, depth=depth, padding="zeros")
+    # the protocol's DDPM UNet (its middle block has self-attention; attn=[] at the levels)
+    ddpm = lambda size, ch, width, mult, blocks, dropout: nets.NetConfig(  # noqa: E731
+        arch="ddpm-unet", image_size=size, channels=ch, width=width, ch_mult=mult, num_res_blocks=blocks,
+        dropout=dropout)
     return {
         "locality-smoke": LocalityPreset(
             name="locality-smoke", net=unet(8, 1, 16, 2),
@@ -137,28 +144,30 @@ def _presets() -> dict[str, LocalityPreset]:
             candidates=(3,), calib_seeds=1, batch_size=2,
             description="plumbing check: an 8x8 UNet trained for 10 steps on 40 MNIST images (numbers meaningless)"),
         "locality-mnist-cpu": LocalityPreset(
-            name="locality-mnist-cpu", net=unet(16, 1, 32, 2),
+            name="locality-mnist-cpu", net=ddpm(16, 1, 32, (1, 2), 1, 0.0),
             train=tc(steps=3000, batch_size=64, lr=1e-3, limit=2000, ema_decay=0.995), seeds=32,
             candidates=(3, 5, 7, 9, 11, 13, 15), calib_seeds=8,
-            description="attention-free UNet (width 32, 2 levels) on 2000 MNIST images at 16x16, 3000 steps"),
+            description="DDPM UNet (ch 32, ch_mult 1,2, 1 block per level, middle attention) on 2000 MNIST images "
+                        "at 16x16, 3000 steps"),
         "locality-cifar-cpu": LocalityPreset(
-            name="locality-cifar-cpu", net=unet(32, 3, 32, 2),
+            name="locality-cifar-cpu", net=ddpm(32, 3, 32, (1, 2), 1, 0.0),
             # EMA 0.995: at 0.999 the average still holds 8% of the random initial weights after 2500
             # steps (measured: ε error 0.28 at t = 0.9 against 0.06 without EMA; DDIM samples diverge)
             train=tc(steps=2500, batch_size=32, lr=1e-3, dataset="cifar10", source="auto", limit=1000,
                      ema_decay=0.995),
             seeds=16, candidates=(3, 5, 7, 9, 11, 15), calib_seeds=4, dataset="cifar10",
-            description="attention-free UNet (width 32, 2 levels) on 1000 CIFAR-10 images, 2500 steps on a CPU"),
+            description="DDPM UNet (ch 32, ch_mult 1,2, 1 block per level, middle attention) on 1000 CIFAR-10 "
+                        "images, 2500 steps on a CPU"),
         "locality-cifar10": LocalityPreset(
-            name="locality-cifar10", net=unet(32, 3, 128, 3),
+            name="locality-cifar10", net=ddpm(32, 3, 128, (1, 2, 3, 4), 2, 0.15),
             train=tc(steps=200_000, batch_size=128, lr=2e-4, dataset="cifar10", source="auto", ema_decay=0.9999),
             seeds=100, candidates=tuple(range(1, 32, 2)), calib_seeds=32, dataset="cifar10", batch_size=64,
             description="the protocol on all of CIFAR-10 (a GPU job)"),
         "locality-mnist": LocalityPreset(
-            name="locality-mnist", net=unet(32, 1, 64, 3),
+            name="locality-mnist", net=ddpm(28, 1, 64, (1, 2, 2), 2, 0.15),
             train=tc(steps=100_000, batch_size=128, lr=2e-4, source="auto", ema_decay=0.9999),
             seeds=100, candidates=tuple(range(1, 32, 2)), calib_seeds=32, batch_size=64,
-            description="the protocol on all of MNIST at 32x32 (a GPU job)"),
+            description="the protocol on all of MNIST at 28x28 (a GPU job)"),
     }
 
 
@@ -204,10 +213,14 @@ def run(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    weights: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run the protocol (train → calibrate ELS → sample every denoiser → table) into ``out_dir``.
 
     Returns the results (also ``results.json``, ``report.md`` and ``samples.png`` in ``out_dir``).
+    ``weights``: the protocol's released baseline UNet (a ``ckpt_epoch_200.pt`` of the locality
+    repository) to use instead of training, converted into ``out_dir/net``
+    (:func:`ellsjax.convert.network_run`).
     """
     from ellsjax import models, training
 
@@ -222,8 +235,16 @@ def run(
     cfg = p.train
     images, _ = training.load_data(p.net, cfg)
     run_dir = out / "net"
-    log(f"[{p.name}] training an attention-free {p.net.arch} for {cfg.steps} steps on {images.shape[0]} images")
-    training.train(run_dir, p.net, cfg, data=(images, None), resume=run_dir.exists(), progress=progress)
+    if weights is not None:
+        from ellsjax import convert as _convert
+
+        net = _convert.network_run(weights, run_dir, net=p.net, train=cfg, log=lambda m: log(f"[{p.name}] {m}"))
+        p = dataclasses.replace(p, net=net, description=f"{p.description}; the network converted from "
+                                f"{Path(weights).name}, not trained here")
+        cfg = training.load_run_config(run_dir)[1]
+    else:
+        log(f"[{p.name}] training the {p.net.arch} for {cfg.steps} steps on {images.shape[0]} images")
+        training.train(run_dir, p.net, cfg, data=(images, None), resume=run_dir.exists(), progress=progress)
     network = models.load(run_dir)
     timings["train_s"] = time.perf_counter() - t0
     sched = network.schedule

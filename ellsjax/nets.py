@@ -14,7 +14,20 @@ arXiv 2412.20292, App. C.1; reference code github.com/Kambm/convolutional_diffus
 - **UNet**: features ``width·2^i`` for ``i < depth`` (paper: 64, 128, 256); blocks of
   ``block_depth`` convs + ReLU, the embedding projected (``ReLU → Linear``) and added at each block's
   input; 2×2 max-pool down, 2×2 transposed conv up, skip concatenation; an output conv after adding
-  a last embedding projection.
+  a last embedding projection. As in the reference ``models.py``, ``kernel_size`` applies to the
+  down blocks and the bottleneck; the up blocks always use 3×3 convs (the reference does not pass
+  its kernel size on to them).
+- **DDPM UNet** (``arch="ddpm-unet"``): Ho et al.'s UNet as in pytorch-ddpm, the "baseline UNet"
+  of the locality papers (github.com/ottogin/locality-in-diffusion-models,
+  ``src/local_diffusion/utils/neural_networks.py``): a fixed sinusoidal table of ``time_steps``
+  rows → Linear → Swish → Linear (``4·width``); a 3×3 head; per level ``num_res_blocks`` residual
+  blocks (GroupNorm(32) → Swish → conv, + the projected embedding, GroupNorm(32) → Swish → dropout
+  → conv, 1×1 shortcut when the width changes, self-attention at the levels in ``attn``) and a
+  stride-2 conv down; a middle of two residual blocks, the first with self-attention; up levels of
+  ``num_res_blocks + 1`` blocks on the concatenated skips and a nearest ×2 upsample + conv; a
+  GroupNorm → Swish → conv tail. Its time input is the DDPM step ``i = t·T − 1`` (``t = (i+1)/T``
+  on :func:`ellsjax.schedules.ddpm_linear`); between integer steps the table's sinusoids are
+  continued exactly.
 
 The call convention is ``model(x_t [B,H,W,C], t [B] in [0,1], label [B] int | None) -> ε̂ [B,H,W,C]``.
 Weights start from PyTorch's default initialization (uniform ``±1/√fan_in`` for kernels and biases,
@@ -34,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -60,18 +74,24 @@ __all__ = [
     "TimeEmbedding",
     "ResNet",
     "UNet",
+    "DDPMUNet",
+    "ddpm_time_table",
+    "ddpm_time_embedding",
     "count_params",
 ]
 
-ARCHS: tuple[str, ...] = ("resnet", "unet")
+ARCHS: tuple[str, ...] = ("resnet", "unet", "ddpm-unet")
 PADDINGS: tuple[str, ...] = _checks.PADDINGS
 NORMS: tuple[str | None, ...] = (None, "group")
 _FLAX_PADDING = {"zeros": "SAME", "circular": "CIRCULAR"}
 # Architecture defaults: the paper's ResNet is 256 wide and 8 layers deep (CIFAR-10), its UNet has
 # features 64, 128, 256 (2·32·2^i for i < 3) and a 256-dimensional embedding.
-_DEFAULT_WIDTH = {"resnet": 256, "unet": 64}
-_DEFAULT_DEPTH = {"resnet": 8, "unet": 3}
+_DEFAULT_WIDTH = {"resnet": 256, "unet": 64, "ddpm-unet": 128}
+_DEFAULT_DEPTH = {"resnet": 8, "unet": 3, "ddpm-unet": 4}
 _UNET_EMB_DIM = 256
+# Ho et al.'s CIFAR-10 UNet (pytorch-ddpm's defaults): channel multipliers per level
+_DDPM_CH_MULT = (1, 2, 2, 2)
+_DDPM_GROUPS = 32
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,8 +115,18 @@ class NetConfig:
         num_classes: number of classes (required when ``conditional``).
         kernel_size: odd conv kernel size.
         out_kernel_size: odd kernel size of the last conv (the paper's training script: 3).
-        emb_dim: UNet embedding size (``None``: 256). The ResNet's embedding size is its width.
+        emb_dim: UNet embedding size (``None``: 256). The ResNet's embedding size is its width;
+            the DDPM UNet's is ``4·width``.
         block_depth: UNet convs per block.
+        add_one: ResNet: add a last embedding MLP before the down-projection (the reference's
+            ``add_one``, default ``True``); without it the state is doubled there instead.
+        ch_mult: DDPM UNet: width multiplier per level (``None``: ``(1, 2, 2, 2)``); ``depth`` is
+            its length.
+        attn: DDPM UNet: levels (indices into ``ch_mult``) whose residual blocks end in
+            self-attention; the middle block always has one.
+        num_res_blocks: DDPM UNet: residual blocks per down level (``+1`` per up level).
+        dropout: DDPM UNet: dropout rate inside the residual blocks, applied in training only.
+        time_steps: DDPM UNet: rows ``T`` of the sinusoidal time table (the DDPM steps).
     """
 
     arch: str = "resnet"
@@ -112,6 +142,12 @@ class NetConfig:
     out_kernel_size: int = 3
     emb_dim: int | None = None
     block_depth: int = 2
+    add_one: bool = True
+    ch_mult: tuple[int, ...] | None = None
+    attn: tuple[int, ...] = ()
+    num_res_blocks: int = 2
+    dropout: float = 0.0
+    time_steps: int = 1000
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -126,12 +162,31 @@ class NetConfig:
             if k % 2 == 0:
                 raise ValueError(f"{name}: must be odd (a 'same' conv needs a center pixel), got {k}")
         _checks.check_positive_int(self.block_depth, "block_depth")
+        if not isinstance(self.add_one, bool):
+            raise ValueError(f"add_one: expected a bool, got {self.add_one!r}")
+        if self.arch == "ddpm-unet":
+            self._check_ddpm()
+        elif self.ch_mult is not None or self.attn or self.dropout:
+            raise ValueError("ch_mult, attn, dropout: options of arch='ddpm-unet' only")
         # fill in the paper's defaults (frozen: set through object.__setattr__)
         width = _DEFAULT_WIDTH[self.arch] if self.width is None else _checks.check_positive_int(self.width, "width")
         depth = _DEFAULT_DEPTH[self.arch] if self.depth is None else _checks.check_positive_int(self.depth, "depth")
         object.__setattr__(self, "width", width)
         object.__setattr__(self, "depth", depth)
-        if self.arch == "resnet":
+        if self.arch == "ddpm-unet":
+            if self.emb_dim is not None and self.emb_dim != 4 * width:
+                raise ValueError(f"emb_dim: the DDPM UNet's embedding is 4·width = {4 * width}, got {self.emb_dim}")
+            object.__setattr__(self, "emb_dim", 4 * width)
+            if depth != len(self.ch_mult):
+                raise ValueError(f"depth: the DDPM UNet has len(ch_mult) = {len(self.ch_mult)} levels, got {depth}")
+            bad = [f for f in self.features if f % _DDPM_GROUPS]
+            if bad:
+                raise ValueError(f"width: the DDPM UNet's GroupNorm({_DDPM_GROUPS}) needs every level's width "
+                                 f"(width·ch_mult) divisible by {_DDPM_GROUPS}, got {bad}")
+            if self.image_size % 2 ** (depth - 1):
+                raise ValueError(f"image_size: a {depth}-level DDPM UNet halves the image {depth - 1} times, so "
+                                 f"image_size must be divisible by {2 ** (depth - 1)}, got {self.image_size}")
+        elif self.arch == "resnet":
             if self.emb_dim is not None and self.emb_dim != width:
                 raise ValueError(f"emb_dim: the ResNet adds the embedding to its state, so emb_dim must equal "
                                  f"width={width} (or be None), got {self.emb_dim}")
@@ -164,6 +219,37 @@ class NetConfig:
         elif self.num_classes is not None:
             _checks.check_positive_int(self.num_classes, "num_classes")
 
+    def _check_ddpm(self) -> None:
+        mult = _DDPM_CH_MULT if self.ch_mult is None else self.ch_mult
+        if isinstance(mult, list):
+            mult = tuple(mult)
+        if not isinstance(mult, tuple) or not mult:
+            raise ValueError(f"ch_mult: expected a non-empty tuple of positive ints, got {self.ch_mult!r}")
+        for m in mult:
+            _checks.check_positive_int(m, "ch_mult")
+        object.__setattr__(self, "ch_mult", mult)
+        if self.depth is None:
+            object.__setattr__(self, "depth", len(mult))
+        attn = tuple(self.attn) if isinstance(self.attn, (list, tuple)) else self.attn
+        if not isinstance(attn, tuple) or any(isinstance(i, bool) or not isinstance(i, int) for i in attn):
+            raise ValueError(f"attn: expected a tuple of level indices, got {self.attn!r}")
+        if any(not 0 <= i < len(mult) for i in attn) or len(set(attn)) != len(attn):
+            raise ValueError(f"attn: level indices must be distinct and lie in [0, {len(mult)}), got {attn}")
+        object.__setattr__(self, "attn", tuple(sorted(attn)))
+        _checks.check_positive_int(self.num_res_blocks, "num_res_blocks")
+        _checks.check_positive_int(self.time_steps, "time_steps")
+        if self.time_steps < 2:
+            raise ValueError(f"time_steps: need at least 2 steps, got {self.time_steps}")
+        d = self.dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ValueError(f"dropout: expected a rate in [0, 1), got {d!r}")
+        fixed = {"padding": ("zeros", self.padding), "norm": (None, self.norm), "kernel_size": (3, self.kernel_size),
+                 "out_kernel_size": (3, self.out_kernel_size), "conditional": (False, self.conditional)}
+        bad = {k: got for k, (want, got) in fixed.items() if want != got}
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: the DDPM UNet has zero padding, built-in GroupNorm, 3x3 convs and "
+                             f"no class input; got {bad}")
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(H, W, C)`` of the images the network takes."""
@@ -171,9 +257,11 @@ class NetConfig:
 
     @property
     def features(self) -> tuple[int, ...]:
-        """UNet features per level, ``width·2^i`` (for a ResNet: ``(width,)``)."""
+        """UNet features per level, ``width·2^i`` (DDPM UNet: ``width·ch_mult[i]``; ResNet: ``(width,)``)."""
         if self.arch == "resnet":
             return (self.width,)
+        if self.arch == "ddpm-unet":
+            return tuple(self.width * m for m in self.ch_mult)
         return tuple(self.width * 2**i for i in range(self.depth))
 
     @property
@@ -199,6 +287,7 @@ class NetConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"config: unknown network option(s) {unknown}; known: {sorted(names)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON lists -> tuples
         return cls(**d)
 
 
@@ -351,7 +440,7 @@ class ResNet(nnx.Module):
         self.embed = TimeEmbedding(c.width, num_classes=c.num_classes if c.conditional else None, rngs=rngs)
         self.up = _conv(c.channels, c.width, c.kernel_size, c.padding, rngs)
         self.layers = nnx.List([_ResidualLayer(c, rngs) for _ in range(c.depth)])
-        self.last_emb = _EmbMLP(c.width, rngs)
+        self.last_emb = _EmbMLP(c.width, rngs) if c.add_one else None
         self.out_norm = _group_norm(c.width, 8, rngs) if c.norm == "group" else None
         self.down = _conv(c.width, c.channels, c.out_kernel_size, c.padding, rngs)
 
@@ -363,7 +452,8 @@ class ResNet(nnx.Module):
         h = self.up(x_t)
         for layer in self.layers:
             h = layer(h, emb)
-        h = h + self.last_emb(emb)[:, None, None, :]
+        # without add_one the reference adds the state to itself
+        h = h + (self.last_emb(emb)[:, None, None, :] if self.last_emb is not None else h)
         if self.out_norm is not None:
             h = self.out_norm(h)
         return self.down(h)
@@ -375,10 +465,11 @@ class ResNet(nnx.Module):
 class _UBlock(nnx.Module):
     """``x + Linear(ReLU(emb))``, then ``block_depth`` × (conv [→ GroupNorm] → ReLU)."""
 
-    def __init__(self, cin: int, cout: int, c: NetConfig, rngs: nnx.Rngs):
+    def __init__(self, cin: int, cout: int, c: NetConfig, rngs: nnx.Rngs, kernel_size: int | None = None):
+        k = c.kernel_size if kernel_size is None else kernel_size
         self.emb = _linear(c.emb_dim, cin, rngs)
         self.convs = nnx.List([
-            _conv(cin if i == 0 else cout, cout, c.kernel_size, c.padding, rngs) for i in range(c.block_depth)
+            _conv(cin if i == 0 else cout, cout, k, c.padding, rngs) for i in range(c.block_depth)
         ])
         self.norms = (
             nnx.List([_group_norm(cout, min(32, cout), rngs) for _ in range(c.block_depth)])
@@ -419,7 +510,9 @@ class UNet(nnx.Module):
                               kernel_init=_uniform(f[i - 1] * 4), bias_init=_uniform(f[i - 1] * 4), rngs=rngs)
             for i in range(len(f) - 1, 0, -1)
         ])
-        self.up_blocks = nnx.List([_UBlock(2 * f[i - 1], f[i - 1], c, rngs) for i in range(len(f) - 1, 0, -1)])
+        # the reference builds its up blocks with UBlock's default kernel size, 3
+        self.up_blocks = nnx.List([_UBlock(2 * f[i - 1], f[i - 1], c, rngs, kernel_size=3)
+                                   for i in range(len(f) - 1, 0, -1)])
         self.last_emb = _linear(c.emb_dim, f[0], rngs)
         self.out = _conv(f[0], c.channels, c.out_kernel_size, c.padding, rngs)
 
@@ -439,6 +532,209 @@ class UNet(nnx.Module):
         return self.out(x + self.last_emb(jax.nn.relu(emb))[:, None, None, :])
 
 
+# --------------------------------------------------------------------------- DDPM UNet
+
+
+def _xavier(fan_in: int, fan_out: int, gain: float = 1.0):
+    """PyTorch's ``xavier_uniform_``: U(−b, b), ``b = gain·√(6/(fan_in + fan_out))`` (pytorch-ddpm's init)."""
+    bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
+
+    def init(key, shape, dtype=jnp.float32):
+        rng = _host_rng(key)
+        if rng is None:
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+        return jnp.asarray(rng.uniform(-bound, bound, shape), dtype)
+
+    return init
+
+
+def _xconv(cin: int, cout: int, k: int, rngs: nnx.Rngs, *, stride: int = 1, gain: float = 1.0) -> nnx.Conv:
+    # explicit symmetric padding: torch's padding=k//2 (Flax's "SAME" pads a stride-2 conv on one side only)
+    p = k // 2
+    return nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=((p, p), (p, p)),
+                    kernel_init=_xavier(cin * k * k, cout * k * k, gain), bias_init=_constant(0.0), rngs=rngs)
+
+
+def _xlinear(cin: int, cout: int, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(cin, cout, kernel_init=_xavier(cin, cout), bias_init=_constant(0.0), rngs=rngs)
+
+
+def ddpm_time_table(steps: int, dim: int) -> np.ndarray:
+    """pytorch-ddpm's fixed time table ``[steps, dim]``: row ``i`` interleaves ``sin(i·w_k), cos(i·w_k)``,
+    ``w_k = exp(−2k/dim · log 10000)``, computed in float32 in the reference's order.
+
+    Example:
+        >>> [round(float(v), 3) for v in ddpm_time_table(1000, 4)[1]]
+        [0.841, 0.54, 0.01, 1.0]
+    """
+    return _ddpm_table(int(steps), int(dim)).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _ddpm_table(steps: int, dim: int) -> np.ndarray:
+    freqs = _ddpm_freqs(dim)
+    arg = np.arange(steps, dtype=np.float32)[:, None] * freqs[None, :]
+    table = np.stack([np.sin(arg), np.cos(arg)], axis=-1).reshape(steps, dim)
+    table.flags.writeable = False
+    return table
+
+
+def _ddpm_freqs(dim: int) -> np.ndarray:
+    return np.exp(-(np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim) * np.float32(math.log(10000))))
+
+
+def ddpm_time_embedding(t: Float[ArrayLike, " b"], steps: int, dim: int) -> Float[Array, "b dim"]:
+    """The DDPM UNet's time embedding at ``t``: the table row of step ``i = t·steps − 1``.
+
+    At the grid ``t = (i+1)/steps`` (to within 1e-3 of a step, float32's rounding of ``t·steps``)
+    this is exactly row ``i`` of :func:`ddpm_time_table`, as the reference's integer lookup gives;
+    between steps (and below the first, at ``t < 1/steps``) each sinusoid is continued exactly,
+    ``sin((i+f)·w) = sin(i·w)·cos(f·w) + cos(i·w)·sin(f·w)``.
+    """
+    table = jnp.asarray(_ddpm_table(steps, dim))
+    w = jnp.asarray(_ddpm_freqs(dim))
+    pos = jnp.asarray(t, jnp.float32) * steps - 1.0
+    n = jnp.clip(jnp.round(pos), 0, steps - 1)
+    f = pos - n
+    f = jnp.where(jnp.abs(f) < 1e-3, 0.0, f)
+    row = table[n.astype(jnp.int32)]
+    s, c = row[:, 0::2], row[:, 1::2]
+    fw = f[:, None] * w[None, :]
+    cf, sf = jnp.cos(fw), jnp.sin(fw)
+    return jnp.stack([s * cf + c * sf, c * cf - s * sf], axis=-1).reshape(row.shape)
+
+
+def _gn32(c: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+    return _group_norm(c, _DDPM_GROUPS, rngs)
+
+
+def _dropout(x, rate: float, key):
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class _Attention(nnx.Module):
+    """Single-head self-attention over the pixels: ``x + proj(softmax(q·kᵀ/√C)·v)`` on ``GroupNorm(x)``."""
+
+    def __init__(self, c: int, rngs: nnx.Rngs):
+        self.norm = _gn32(c, rngs)
+        self.q = _xconv(c, c, 1, rngs)
+        self.k = _xconv(c, c, 1, rngs)
+        self.v = _xconv(c, c, 1, rngs)
+        self.proj = _xconv(c, c, 1, rngs, gain=1e-5)
+
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        y = self.norm(x)
+        q, k, v = (m(y).reshape(b, h * w, c) for m in (self.q, self.k, self.v))
+        att = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * (int(c) ** -0.5), axis=-1)
+        return x + self.proj(jnp.einsum("bij,bjc->bic", att, v).reshape(b, h, w, c))
+
+
+class _DDPMResBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, tdim: int, dropout: float, attn: bool, rngs: nnx.Rngs):
+        self.norm1 = _gn32(cin, rngs)
+        self.conv1 = _xconv(cin, cout, 3, rngs)
+        self.temb = _xlinear(tdim, cout, rngs)
+        self.norm2 = _gn32(cout, rngs)
+        self.conv2 = _xconv(cout, cout, 3, rngs, gain=1e-5)
+        self.shortcut = _xconv(cin, cout, 1, rngs) if cin != cout else None
+        self.attn = _Attention(cout, rngs) if attn else None
+        self.dropout = dropout
+
+    def __call__(self, x, temb, key=None):
+        h = self.conv1(jax.nn.swish(self.norm1(x)))
+        h = h + self.temb(jax.nn.swish(temb))[:, None, None, :]
+        h = self.conv2(_dropout(jax.nn.swish(self.norm2(h)), self.dropout, key))
+        h = h + (self.shortcut(x) if self.shortcut is not None else x)
+        return self.attn(h) if self.attn is not None else h
+
+
+class _Down(nnx.Module):
+    def __init__(self, c: int, rngs: nnx.Rngs):
+        self.conv = _xconv(c, c, 3, rngs, stride=2)
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+class _Up(nnx.Module):
+    def __init__(self, c: int, rngs: nnx.Rngs):
+        self.conv = _xconv(c, c, 3, rngs)
+
+    def __call__(self, x):
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))  # nearest-neighbour ×2
+
+
+class DDPMUNet(nnx.Module):
+    """Ho et al.'s DDPM UNet (see the module docstring). Build it with :func:`build`.
+
+    ``model(x_t, t, label=None, *, dropout_key=None)``: ``dropout_key`` (a JAX key) turns dropout
+    on, as in training; without it the network is deterministic (the reference's ``eval()``).
+    """
+
+    def __init__(self, config: NetConfig, *, rngs: nnx.Rngs):
+        if config.arch != "ddpm-unet":
+            raise ValueError(f"config: expected arch='ddpm-unet', got {config.arch!r}")
+        c = config
+        ch, tdim = c.width, c.emb_dim
+        self.config = c
+        self.time1 = _xlinear(ch, tdim, rngs)
+        self.time2 = _xlinear(tdim, tdim, rngs)
+        self.head = _xconv(c.channels, ch, 3, rngs)
+        blocks, chs, now = [], [ch], ch
+        for i, mult in enumerate(c.ch_mult):
+            for _ in range(c.num_res_blocks):
+                blocks.append(_DDPMResBlock(now, ch * mult, tdim, c.dropout, i in c.attn, rngs))
+                now = ch * mult
+                chs.append(now)
+            if i != len(c.ch_mult) - 1:
+                blocks.append(_Down(now, rngs))
+                chs.append(now)
+        self.down = nnx.List(blocks)
+        self.middle = nnx.List([_DDPMResBlock(now, now, tdim, c.dropout, True, rngs),
+                                _DDPMResBlock(now, now, tdim, c.dropout, False, rngs)])
+        blocks = []
+        for i, mult in reversed(list(enumerate(c.ch_mult))):
+            for _ in range(c.num_res_blocks + 1):
+                blocks.append(_DDPMResBlock(chs.pop() + now, ch * mult, tdim, c.dropout, i in c.attn, rngs))
+                now = ch * mult
+            if i != 0:
+                blocks.append(_Up(now, rngs))
+        self.up = nnx.List(blocks)
+        self.tail_norm = _gn32(now, rngs)
+        self.tail = _xconv(now, c.channels, 3, rngs, gain=1e-5)
+
+    def __call__(
+        self, x_t: Float[Array, "b h w c"], t: Float[ArrayLike, " b"], label: Int[Array, " b"] | None = None,
+        *, dropout_key: jax.Array | None = None,
+    ) -> Float[Array, "b h w c"]:
+        x, t = _check_call(self.config, x_t, t, label)
+        c = self.config
+        temb = ddpm_time_embedding(t, c.time_steps, c.width)
+        temb = self.time2(jax.nn.swish(self.time1(temb)))
+        counter = iter(range(1 << 30))
+
+        def key():
+            return None if dropout_key is None else jax.random.fold_in(dropout_key, next(counter))
+
+        h = self.head(x)
+        hs = [h]
+        for block in self.down:
+            h = block(h, temb, key()) if isinstance(block, _DDPMResBlock) else block(h)
+            hs.append(h)
+        for block in self.middle:
+            h = block(h, temb, key())
+        for block in self.up:
+            if isinstance(block, _DDPMResBlock):
+                h = block(jnp.concatenate([h, hs.pop()], axis=-1), temb, key())
+            else:
+                h = block(h)
+        return self.tail(jax.nn.swish(self.tail_norm(h)))
+
+
 def init(config: NetConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
     """Build a network from a JAX key and split it: returns ``(graphdef, state)`` (see ``nnx.split``)."""
     if not isinstance(config, NetConfig):
@@ -446,11 +742,11 @@ def init(config: NetConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(_construct(config, nnx.Rngs(key)))
 
 
-def _construct(config: NetConfig, rngs: nnx.Rngs) -> ResNet | UNet:
-    return (ResNet if config.arch == "resnet" else UNet)(config, rngs=rngs)
+def _construct(config: NetConfig, rngs: nnx.Rngs) -> ResNet | UNet | DDPMUNet:
+    return {"resnet": ResNet, "unet": UNet, "ddpm-unet": DDPMUNet}[config.arch](config, rngs=rngs)
 
 
-def build(config: NetConfig, *, seed: int = 0, rngs: nnx.Rngs | None = None) -> ResNet | UNet:
+def build(config: NetConfig, *, seed: int = 0, rngs: nnx.Rngs | None = None) -> ResNet | UNet | DDPMUNet:
     """Build (and initialize) the network a :class:`NetConfig` describes.
 
     Args:

@@ -192,6 +192,7 @@ def run(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    weights: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run an experiment (train → calibrate → evaluate → report) into ``out_dir``; returns the results.
 
@@ -200,6 +201,10 @@ def run(
         out_dir: output directory (created; an existing network run in ``out_dir/net`` is resumed).
         progress: show training progress bars.
         log: receives one line per stage.
+        weights: a released PyTorch network (e.g. Kamb & Ganguli's ``backbone_MNIST_ResNet_zeros.pt``
+            for ``paper-mnist-resnet-zeros``) to use instead of training: converted into
+            ``out_dir/net`` (:func:`ellsjax.convert.network_run`; it must match the preset's
+            architecture, channels and padding; its own depth and widths are used).
     """
     from ellsjax import models, training
 
@@ -218,8 +223,16 @@ def run(
     if p.epochs is not None:
         cfg = dataclasses.replace(cfg, steps=max(1, p.epochs * (images.shape[0] // cfg.batch_size)))
     run_dir = out / "net"
-    log(f"[{p.name}] training {p.net.arch} for {cfg.steps} steps on {images.shape[0]} images -> {run_dir}")
-    training.train(run_dir, p.net, cfg, data=(images, labels), resume=run_dir.exists(), progress=progress)
+    if weights is not None:
+        from ellsjax import convert as _convert
+
+        net = _convert.network_run(weights, run_dir, net=p.net, train=cfg, log=lambda m: log(f"[{p.name}] {m}"))
+        p = dataclasses.replace(p, net=net, description=f"{p.description}; the network converted from "
+                                f"{Path(weights).name}, not trained here")
+        cfg = training.load_run_config(run_dir)[1]
+    else:
+        log(f"[{p.name}] training {p.net.arch} for {cfg.steps} steps on {images.shape[0]} images -> {run_dir}")
+        training.train(run_dir, p.net, cfg, data=(images, labels), resume=run_dir.exists(), progress=progress)
     network = models.load(run_dir)
     timings["train_s"] = time.perf_counter() - t0
 
@@ -335,6 +348,7 @@ def run(
         "description": p.description,
         "net": p.net.to_dict(),
         "train": {**cfg.to_dict(), "schedule": dataclasses.asdict(cfg.schedule)},
+        "weights": None if weights is None else Path(weights).name,
         "num_train_images": int(images.shape[0]),
         "calibration": {
             "grid": {"scales": list(grid.scales), "candidates": list(grid.candidates), "metric": grid.metric,
@@ -388,8 +402,10 @@ def _report(p: ReproducePreset, res: dict[str, Any], cfg, n_images: int) -> str:
         p.description,
         "",
         f"Network: {p.net.arch}, width {p.net.width}, depth {p.net.depth}, padding {p.net.padding}, "
-        f"{p.net.image_size}x{p.net.image_size}, receptive field {p.net.receptive_field}; trained {cfg.steps} steps, "
-        f"batch {cfg.batch_size}, lr {cfg.lr} on {n_images} {cfg.dataset} images.",
+        f"{p.net.image_size}x{p.net.image_size}, receptive field {p.net.receptive_field}; "
+        + (f"the authors' weights ({res['weights']}); machines on {n_images} {cfg.dataset} images."
+           if res.get("weights") else
+           f"trained {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr} on {n_images} {cfg.dataset} images."),
         f"Calibration on {p.calib_seeds} network trajectories ({p.nsteps} DDIM steps, t = i/{p.nsteps}); "
         f"evaluation on {p.eval_seeds} other seeds, network and machines from the same noise.",
         "",

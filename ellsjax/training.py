@@ -231,13 +231,18 @@ def _learning_rate(config: TrainConfig, update: int) -> float:
     return float(config.lr * config.lr_decay**update)
 
 
-def make_train_step(graphdef: nnx.GraphDef, config: TrainConfig, *, conditional: bool) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, config: TrainConfig, *, conditional: bool, step_times: bool = False,
+                    dropout: bool = False) -> Callable:
     """The jitted, pure training update for a network structure and a training config.
 
     ``step(params, opt_state, ema, batch, key) -> (params, opt_state, ema, loss)`` where ``batch``
     is ``(images [B,H,W,C], labels [B])`` and ``key`` the update's key (``fold_in(run key, s)``);
     ``ema`` is ``None`` without EMA. Functions are cached per ``(graphdef, config options)``, so
     repeated runs in one process reuse one compiled program.
+
+    ``step_times``: draw ``t = (i+1)/time_levels`` for ``i`` in ``0 … time_levels−1`` (the DDPM
+    UNet's convention, whose time input is the step ``i``) instead of ``i/time_levels``.
+    ``dropout``: pass the network a ``dropout_key`` (:class:`ellsjax.nets.DDPMUNet`).
 
     Example:
         >>> import jax.numpy as jnp, ellsjax as ej
@@ -250,7 +255,7 @@ def make_train_step(graphdef: nnx.GraphDef, config: TrainConfig, *, conditional:
         >>> loss.shape
         ()
     """
-    return _cached_step(graphdef, _step_key(config), bool(conditional))
+    return _cached_step(graphdef, _step_key(config), bool(conditional), bool(step_times), bool(dropout))
 
 
 def _step_key(config: TrainConfig) -> tuple:
@@ -258,25 +263,27 @@ def _step_key(config: TrainConfig) -> tuple:
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_step(graphdef, opt_key, conditional):
+def _cached_step(graphdef, opt_key, conditional, step_times=False, dropout=False):
     lr, wd, decay, ema_decay, levels, schedule = opt_key
     tx = make_optimizer(TrainConfig(steps=1, lr=lr, weight_decay=wd, lr_decay=decay))
 
-    def loss_fn(params, x_t, t, labels, noise):
+    def loss_fn(params, x_t, t, labels, noise, k_drop):
         model = nnx.merge(graphdef, params)
-        eps = model(x_t, t, labels if conditional else None)
+        kw = {"dropout_key": k_drop} if dropout else {}
+        eps = model(x_t, t, labels if conditional else None, **kw)
         return jnp.mean(jnp.square(eps - noise))
 
     @jax.jit
     def step(params, opt_state, ema, batch, key):
         images, labels = batch
         k_t, k_noise = jax.random.split(key)
+        k_drop = jax.random.fold_in(k_noise, 1) if dropout else None  # keeps the other draws as before
         b = images.shape[0]
-        t = jax.random.randint(k_t, (b,), 0, levels).astype(jnp.float32) / levels
+        t = (jax.random.randint(k_t, (b,), 0, levels) + int(step_times)).astype(jnp.float32) / levels
         noise = jax.random.normal(k_noise, images.shape, images.dtype)
         a, s = schedule(t)
         x_t = a[:, None, None, None] * images + s[:, None, None, None] * noise
-        loss, grads = jax.value_and_grad(loss_fn)(params, x_t, t, labels, noise)
+        loss, grads = jax.value_and_grad(loss_fn)(params, x_t, t, labels, noise, k_drop)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         if ema is not None:
@@ -769,7 +776,8 @@ def train(
     metrics_path = out / METRICS_FILE
     _truncate_metrics(metrics_path, start)
 
-    step_fn = make_train_step(graphdef, config, conditional=net.conditional)
+    step_fn = make_train_step(graphdef, config, conditional=net.conditional, step_times=net.arch == "ddpm-unet",
+                              dropout=net.dropout > 0)
     n = images.shape[0]
     per_epoch = n // config.batch_size
     stop = _StopFlag()

@@ -1,6 +1,7 @@
 """The paper's networks: the embedding formula, locality, equivariance, labels, configs and presets."""
 
 import dataclasses
+import json
 import math
 from functools import partial
 
@@ -116,6 +117,12 @@ def test_call_checks_the_image_shape():
         ({"arch": "unet", "image_size": 10, "depth": 3}, "image_size: .* divisible by 4"),
         ({"arch": "unet", "depth": 1}, "depth: the UNet needs at least 2 levels"),
         ({"emb_dim": 32}, "emb_dim: .* must equal width"),
+        ({"arch": "ddpm-unet", "depth": None}, r"width: .*GroupNorm\(32\).* got \[16\]"),
+        ({"arch": "ddpm-unet", "width": 32, "depth": None, "ch_mult": (1, 2), "attn": (2,)},
+         r"attn: level indices must .* lie in \[0, 2\)"),
+        ({"arch": "ddpm-unet", "width": 32, "depth": None, "padding": "circular"}, "padding: the DDPM UNet has zero"),
+        ({"arch": "ddpm-unet", "width": 32, "depth": None, "dropout": 1.0}, r"dropout: expected a rate in \[0, 1\)"),
+        ({"arch": "ddpm-unet", "width": 32, "depth": None, "image_size": 12}, "image_size: .* divisible by 8"),
     ],
 )
 def test_bad_config_is_a_clear_error(kwargs, msg):
@@ -129,7 +136,12 @@ def test_config_round_trips_through_a_dict():
     assert nets.NetConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.features == (64, 128, 256) and cfg.emb_dim == 256
     with pytest.raises(ValueError, match="unknown network option"):
+        nets.NetConfig.from_dict({**cfg.to_dict(), "attention_heads": 4})
+    with pytest.raises(ValueError, match="options of arch='ddpm-unet' only"):
         nets.NetConfig.from_dict({**cfg.to_dict(), "dropout": 0.1})
+    ddpm = nets.NetConfig(arch="ddpm-unet", image_size=16, width=32, ch_mult=(1, 2), attn=(1,), dropout=0.1)
+    assert nets.NetConfig.from_dict(json.loads(json.dumps(ddpm.to_dict()))) == ddpm  # JSON lists back to tuples
+    assert (ddpm.depth, ddpm.emb_dim, ddpm.features) == (2, 128, (32, 64))
 
 
 def test_presets_are_the_papers_networks():

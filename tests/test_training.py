@@ -202,3 +202,15 @@ def test_cli_rejects_an_unknown_architecture(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--arch", "vit", "--out", "x"])
     assert e.value.code == 2 and "invalid choice: 'vit'" in capsys.readouterr().err
+
+
+def test_cli_trains_the_ddpm_unet_on_the_ddpm_schedule(tmp_path):
+    out = tmp_path / "ddpm"
+    argv = ["train", "--arch", "ddpm-unet", "--width", "32", "--ch-mult", "1", "--attn", "", "--num-res-blocks", "1",
+            "--dropout", "0.1", "--image-size", "8", "--batch-size", "8", "--limit", "16", "--steps", "2",
+            "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    net, cfg = training.load_run_config(out)
+    assert (net.arch, net.ch_mult, net.attn, net.dropout) == ("ddpm-unet", (1,), (), 0.1)
+    assert cfg.schedule == ej.schedules.ddpm_linear() and cfg.time_levels == 1000
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(out))

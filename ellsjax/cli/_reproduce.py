@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 
 from ellsjax.cli._common import HelpFormatter, claim_outputs, output_dir
 from ellsjax.cli._common import fail as _fail
@@ -23,7 +24,7 @@ def register(sub) -> None:
             "OUT/figures/*.png and the schedules OUT/scales_grid.json, OUT/scales_soft_WINDOW.json. Presets: smoke "
             "(seconds), mnist-cpu (about 12 minutes on a 2-core CPU), paper-* (the paper's networks; GPU). "
             "locality-* presets run the locality family's shared protocol instead (ellsjax.locality: linear-beta "
-            "DDPM schedule, 10 DDIM steps, an attention-free UNet; Optimal, Wiener, ELS, PCA, GoldDiff published and "
+            "DDPM schedule, 10 DDIM steps, the papers' DDPM UNet; Optimal, Wiener, ELS, PCA, GoldDiff published and "
             "certified; r^2, MSE, time per step, peak memory): locality-smoke (seconds), locality-mnist-cpu, "
             "locality-cifar-cpu (CPU), locality-mnist, locality-cifar10 (GPU)."
         ),
@@ -33,6 +34,10 @@ def register(sub) -> None:
                    help="experiment name (ellsjax.reproduce.PRESETS or ellsjax.locality.PRESETS)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
+    s.add_argument("--weights", default=None, metavar="FILE",
+                   help="use the authors' released network (.pt; see `ellsjax convert`) instead of training: "
+                        "Kamb & Ganguli's backbone for a paper-* preset, the locality repo's baseline UNet "
+                        "(ckpt_epoch_200.pt) for locality-cifar10 / locality-mnist")
     s.set_defaults(func=_cmd_reproduce)
 
 
@@ -45,7 +50,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         _fail(f"--preset: unknown experiment {args.preset!r}; known: {', '.join(known)}")
     claim_outputs(output_dir(args.out), [], overwrite=True)  # one process per output directory (it resumes)
     try:
-        runner.run(args.preset, args.out, progress=not args.no_progress)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        runner.run(args.preset, args.out, progress=not args.no_progress, weights=args.weights)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, pickle.UnpicklingError) as e:
         _fail(str(e))
     return 0

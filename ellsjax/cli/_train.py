@@ -15,7 +15,8 @@ _CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3, "celeb_a": 3}
 _NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10}
 # flag -> NetConfig field, for flags that describe the network
 _NET_FLAGS = {"arch": "arch", "padding": "padding", "width": "width", "depth": "depth", "image_size": "image_size",
-              "norm": "norm", "kernel_size": "kernel_size"}
+              "norm": "norm", "kernel_size": "kernel_size", "ch_mult": "ch_mult", "attn": "attn",
+              "num_res_blocks": "num_res_blocks", "dropout": "dropout"}
 # flag -> TrainConfig field that a resumed run must keep
 _FIXED_TRAIN_FLAGS = {"batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "lr_decay": "lr_decay",
                       "ema": "ema_decay", "seed": "seed", "dataset": "dataset", "source": "source", "path": "path",
@@ -58,7 +59,9 @@ def register(sub) -> None:
                    help="continue the run in --out from its newest checkpoint (its config.json fixes the network "
                         "and data; --steps may extend it); an --out that holds no run is an error")
     g = s.add_argument_group("network")
-    g.add_argument("--arch", choices=("resnet", "unet"), default=None, help="architecture (default: resnet)")
+    g.add_argument("--arch", choices=("resnet", "unet", "ddpm-unet"), default=None,
+                   help="architecture (default: resnet); ddpm-unet is Ho et al.'s UNet (the locality papers' baseline), "
+                        "trained on the linear-beta DDPM schedule")
     g.add_argument("--padding", choices=("zeros", "circular"), default=None, help="conv padding (default: zeros)")
     g.add_argument("--conditional", action="store_true", default=None, help="class-conditional network")
     g.add_argument("--width", type=int, default=None, help="ResNet channels / UNet first-level features")
@@ -66,6 +69,12 @@ def register(sub) -> None:
     g.add_argument("--image-size", type=int, default=None, help="train at SxS (default 32, as in the paper)")
     g.add_argument("--norm", choices=("group",), default=None, help="GroupNorm after every conv (default: none)")
     g.add_argument("--kernel-size", type=int, default=None, help="odd conv kernel size (default 3)")
+    g.add_argument("--ch-mult", type=_int_tuple, default=None, metavar="M,M,...",
+                   help="ddpm-unet: width multiplier per level (default 1,2,2,2)")
+    g.add_argument("--attn", type=_int_tuple, default=None, metavar="L,...",
+                   help="ddpm-unet: levels with self-attention ('' for none; the middle block always has one)")
+    g.add_argument("--num-res-blocks", type=int, default=None, help="ddpm-unet: residual blocks per level (default 2)")
+    g.add_argument("--dropout", type=float, default=None, help="ddpm-unet: dropout rate in training (default 0)")
     g = s.add_argument_group("training")
     g.add_argument("--steps", type=int, default=None,
                    help="total optimizer updates (default with --preset: the paper's 300 epochs)")
@@ -88,6 +97,13 @@ def register(sub) -> None:
     g.add_argument("--split", default=None, help="dataset split (default: train)")
     g.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     s.set_defaults(func=_cmd_train)
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, object]:
@@ -173,11 +189,17 @@ def _fresh_configs(args):
     drop = {"emb_dim"} if net_kw.get("arch", base.arch) == "resnet" else set()
     if preset is None or net_kw.get("arch", base.arch) != base.arch:
         drop |= {"width", "depth", "emb_dim"}
+    if net_kw.get("arch", base.arch) == "ddpm-unet":  # depth and embedding follow ch_mult and width
+        drop |= {"depth", "emb_dim"}
     base_kw = {k: v for k, v in base.to_dict().items() if k not in drop}
     net = nets.NetConfig(**{**base_kw, **net_kw, "conditional": conditional,
                             "num_classes": _NUM_CLASSES.get(dataset) if conditional else None})
     train_kw = {**_given(args, _FIXED_TRAIN_FLAGS), **_given(args, _LENGTH_FLAGS), "dataset": dataset}
     train_kw.pop("steps", None)
+    if net.arch == "ddpm-unet":  # the DDPM UNet's time input is a step of the linear-beta schedule
+        from ellsjax import schedules
+
+        train_kw.update(schedule=schedules.ddpm_linear(steps=net.time_steps), time_levels=net.time_steps)
     cfg = training.TrainConfig(steps=1, **train_kw)
     images, labels = training.load_data(net, cfg)
     if args.steps is not None:
