@@ -15,6 +15,11 @@ BUILD = {
     "els": lambda im, lab=None, **kw: ej.machines.els(im, lab, padding="circular", **kw),
     "bbels": lambda im, lab=None, **kw: ej.machines.els(im, lab, padding="zeros", **kw),
 }
+#: The per-call scale of a machine kind: IS has none (and refuses any).
+def sc(kind, k):
+    return None if kind == "is" else k
+
+
 REF = {"is": R.ideal, "ls": R.local, "els": R.els, "bbels": R.bbels}
 # Every kind once, the class-conditional path on two of them (each pair compiles its own programs;
 # test_matches_dense_reference covers the full kind x conditional matrix against the references).
@@ -85,12 +90,12 @@ def test_chunked_equals_unchunked(kind, conditional):
     imgs, x = data((8, 8, 2), n=7)
     labels = np.array([0, 1, 0, 1, 0, 1, 1]) if conditional else None
     label = np.array([1, 0, 1]) if conditional else None
-    whole = BUILD[kind](imgs, labels, chunk_size=7).denoise(x, 0.4, scale=3, label=label)
+    whole = BUILD[kind](imgs, labels, chunk_size=7).denoise(x, 0.4, scale=sc(kind, 3), label=label)
     for c in [2, 3]:
-        got = BUILD[kind](imgs, labels, chunk_size=c).denoise(x, 0.4, scale=3, label=label)
+        got = BUILD[kind](imgs, labels, chunk_size=c).denoise(x, 0.4, scale=sc(kind, 3), label=label)
         np.testing.assert_allclose(got, whole, atol=5e-6, err_msg=f"chunk_size={c}")
     # a memory budget too small for one image still works (one image per chunk)
-    tiny = BUILD[kind](imgs, labels, memory_budget=1).denoise(x, 0.4, scale=3, label=label)
+    tiny = BUILD[kind](imgs, labels, memory_budget=1).denoise(x, 0.4, scale=sc(kind, 3), label=label)
     np.testing.assert_allclose(tiny, whole, atol=5e-6)
 
 
@@ -99,13 +104,13 @@ def test_jit_equals_no_jit_and_user_jit(kind):
     imgs, x = data((5, 5, 1), n=3)
     m = BUILD[kind](imgs)
     t = jnp.array([0.2, 0.6, 0.9])
-    jitted = m.denoise(x, t, scale=3)
+    jitted = m.denoise(x, t, scale=sc(kind, 3))
     if kind in ("is", "els"):  # eager (op by op) once per code path: image bank, patch groups
         with jax.disable_jit():
-            eager = m.denoise(x, t, scale=3)
+            eager = m.denoise(x, t, scale=sc(kind, 3))
         np.testing.assert_allclose(jitted, eager, atol=1e-6)
-    # the machine is a pytree: it can be an argument of the user's own jit (values then unchecked)
-    user = jax.jit(lambda mm, xx, tt: mm.denoise(xx, tt, scale=3))(m, x, t)
+    # the machine is a pytree: it can be an argument of the user's own jit (values still checked: test_jit_checks)
+    user = jax.jit(lambda mm, xx, tt: mm.denoise(xx, tt, scale=sc(kind, 3)))(m, x, t)
     np.testing.assert_allclose(user, jitted, atol=1e-6)
 
 
@@ -114,10 +119,10 @@ def test_batched_equals_loop_and_vmap(kind):
     imgs, x = data((8, 8, 1), b=4)
     m = BUILD[kind](imgs)
     t = jnp.array([0.2, 0.4, 0.7, 1.0])
-    batched = m.denoise(x, t, scale=5)
-    loop = jnp.concatenate([m.denoise(x[i : i + 1], t[i], scale=5) for i in range(4)])
+    batched = m.denoise(x, t, scale=sc(kind, 5))
+    loop = jnp.concatenate([m.denoise(x[i : i + 1], t[i], scale=sc(kind, 5)) for i in range(4)])
     np.testing.assert_allclose(batched, loop, atol=5e-6)
-    vm = jax.vmap(lambda xi, ti: m.denoise(xi[None], ti, scale=5)[0])(x, t)
+    vm = jax.vmap(lambda xi, ti: m.denoise(xi[None], ti, scale=sc(kind, 5))[0])(x, t)
     np.testing.assert_allclose(vm, loop, atol=5e-6)
 
 
@@ -192,15 +197,15 @@ def test_finite_over_whole_time_range(kind):
     imgs, x = data((8, 8, 1))
     m = BUILD[kind](imgs)
     for t in np.linspace(0, 1, 11):
-        assert np.all(np.isfinite(m.denoise(x, t, scale=3)))
+        assert np.all(np.isfinite(m.denoise(x, t, scale=sc(kind, 3))))
         if t > 0:
-            assert np.all(np.isfinite(m.score(x, t, scale=3)))
-            assert np.all(np.isfinite(m.eps(x, t, scale=3)))
+            assert np.all(np.isfinite(m.score(x, t, scale=sc(kind, 3))))
+            assert np.all(np.isfinite(m.eps(x, t, scale=sc(kind, 3))))
     with pytest.raises(ValueError, match="t: the score diverges"):
-        m.score(x, 0.0, scale=3)
+        m.score(x, 0.0, scale=sc(kind, 3))
     # t = 1 for a schedule with a(1) = 0 returns the bank mean (the softmax is uniform)
     m1 = BUILD[kind](imgs, schedule=ej.schedules.cosine(0.008))
-    out = np.asarray(m1.denoise(x, 1.0, scale=1))
+    out = np.asarray(m1.denoise(x, 1.0, scale=sc(kind, 1)))
     assert np.all(np.isfinite(out))
     if kind == "els":
         np.testing.assert_allclose(out, np.full_like(out, imgs.mean()), atol=1e-5)
@@ -312,11 +317,11 @@ def test_prebuilt_deduplicated_banks_equal_streamed_images(kind, conditional):
         assert not lazy.prepare((k,), conditional=conditional).banks
         ready = m.prepare((k,), conditional=conditional)
         assert ready.banks
-        want = lazy.denoise(x, t, scale=k, label=label)
+        want = lazy.denoise(x, t, scale=sc(kind, k), label=label)
         # same math; float32 rounding differs (c·exp(l) vs c separate terms, GEMM blocking)
-        np.testing.assert_allclose(ready.denoise(x, t, scale=k, label=label), want, atol=1e-5)
+        np.testing.assert_allclose(ready.denoise(x, t, scale=sc(kind, k), label=label), want, atol=1e-5)
         # chunking of the prebuilt bank (3 does not divide the bank: a ragged last chunk)
-        got = BUILD[kind](imgs, labels, chunk_size=3).denoise(x, t, scale=k, label=label)
+        got = BUILD[kind](imgs, labels, chunk_size=3).denoise(x, t, scale=sc(kind, k), label=label)
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -390,12 +395,12 @@ def test_approximate_search_stays_within_its_bound(kind, conditional):
     for t in [0.1, 0.5]:
         a, s = ab(t)
         x = (a * imgs[[1, 2]] + s * rng.normal(size=imgs[:2].shape)).astype(np.float32)
-        exact = np.asarray(m.denoise(x, t, scale=3, label=label))
+        exact = np.asarray(m.denoise(x, t, scale=sc(kind, 3), label=label))
         for scoring in ["float32", "bfloat16"]:
-            x0, bound = m.with_search(tolerance=1e-3, top_k=8, scoring=scoring).denoise_with_bound(x, t, scale=3, label=label)
+            x0, bound = m.with_search(tolerance=1e-3, top_k=8, scoring=scoring).denoise_with_bound(x, t, scale=sc(kind, 3), label=label)
             err = np.abs(np.asarray(x0) - exact).max(-1)
             assert np.all(err <= np.asarray(bound) + 2e-5), (t, scoring, float(err.max()))
-        auto = m.with_search(tolerance=1e-3, top_k=8).denoise(x, t, scale=3, label=label)
+        auto = m.with_search(tolerance=1e-3, top_k=8).denoise(x, t, scale=sc(kind, 3), label=label)
         np.testing.assert_allclose(auto, exact, atol=1e-3 + 2e-5)
 
 

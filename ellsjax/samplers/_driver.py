@@ -117,9 +117,7 @@ def check_denoiser(denoiser: Any, x_start: Any, label: Any):
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser: expected an ellsjax Denoiser (machine or model), got {type(denoiser).__name__}")
     x = _checks.as_image_batch(x_start, "x_start", shape=denoiser.image_shape)
-    label = _checks.as_labels(label, x.shape[0])
-    if label is None or _checks.is_concrete(label):
-        denoiser.check_label(label)
+    label = denoiser.checked_label(_checks.as_labels(label, x.shape[0]))
     return x, label
 
 
@@ -150,8 +148,8 @@ def check_times(ts: Any, denoiser: Denoiser, name: str = "ts") -> jax.Array:
 
 
 def check_scales(scales: Any, denoiser: Denoiser, nsteps: int, name: str = "scales") -> tuple | None:
-    """Check per-step scales (one per step, ``len(ts) − 1``) for this denoiser; returns a tuple
-    (``None`` when every step's scale is ``None``)."""
+    """Check per-step scales (one per step, ``len(ts) − 1``) for this denoiser; returns a tuple, or
+    ``None`` for a denoiser without a scale (which refuses any but ``None``)."""
     if scales is None:
         if denoiser.needs_scale:
             raise ValueError(f"{name}: this denoiser needs a scale per step ({nsteps} values)")
@@ -163,14 +161,18 @@ def check_scales(scales: Any, denoiser: Denoiser, nsteps: int, name: str = "scal
     scales = [s.item() if hasattr(s, "item") else s for s in scales]
     if len(scales) != nsteps:
         raise ValueError(f"{name}: expected {nsteps} values (one per step, len(ts) - 1), got {len(scales)}")
+    if not denoiser.needs_scale:
+        if all(s is None for s in scales):
+            return None
+        raise ValueError(f"{name}: {type(denoiser).__name__} has no scale; pass {name}=None "
+                         "(ellsjax.denoiser.scale_for(denoiser, scales) does so for a comparison)")
     out = []
     for i, s in enumerate(scales):
         try:
             out.append(denoiser.check_scale(s))
         except (TypeError, ValueError) as e:
             raise type(e)(f"{name}[{i}]: {e}") from None
-    # all-None (a network given placeholder scales) is the same program as no scales: one compile
-    return None if all(k is None for k in out) else tuple(out)
+    return tuple(out)
 
 
 def prepared(denoiser: Denoiser, scales: tuple | None, label: Any) -> Denoiser:
