@@ -75,7 +75,7 @@ def runtime_check(x: jax.Array, bad: Any, check: Any, *operands: Any) -> jax.Arr
 
     def on_host(bad_now, x_now, *ops):
         if np.any(bad_now):
-            check(*ops)  # the authority: raises the eager error (or passes, for an always-true ``bad``)
+            check(*(np.asarray(o) for o in ops))  # the authority: raises the eager error (or passes, for an always-true ``bad``)
         return np.asarray(x_now)
 
     @jax.custom_jvp

@@ -67,6 +67,11 @@ def _as_size(v: Any, where: str) -> int:
                      "schedule, written with 'ells')")
 
 
+def _paper_grid(nsteps: int) -> tuple[float, ...]:
+    """:func:`ellsjax.schedules.paper_times` as Python floats (its float32 values, exactly)."""
+    return tuple(float(t) for t in _schedules.paper_times(nsteps))
+
+
 def _as_width(v: Any, where: str) -> float:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
         raise ValueError(f"{where}: window widths ℓ must be positive and finite, got {v!r}")
@@ -191,7 +196,7 @@ class ScaleSchedule:
         """
         values = _presets.paper_scales(name, convention=convention)
         source = name if convention == "sampler" else f"{name} ({convention} convention)"
-        return cls(tuple(_schedules.paper_times(len(values) + 1)), values, "size", source=source)
+        return cls(_paper_grid(len(values) + 1), values, "size", source=source)
 
     @classmethod
     def read_table(
@@ -232,7 +237,7 @@ class ScaleSchedule:
             shift = 0 if convention == "sampler" else 1
             values = tuple(raw[j - shift] for j in range(n - 1, 0, -1))
             source = name if convention == "sampler" else f"{name} ({convention} convention)"
-            out[name] = cls(tuple(_schedules.paper_times(n)), values, "size", source=source)
+            out[name] = cls(_paper_grid(n), values, "size", source=source)
         return out
 
     @classmethod
@@ -294,7 +299,7 @@ class ScaleSchedule:
                 spec = [v.item() if hasattr(v, "item") else v for v in spec]
             except TypeError:
                 raise ValueError(f"spec: expected a preset, a file, or scales, got {spec!r}") from None
-        ts = _schedules.paper_times(nsteps)
+        ts = _paper_grid(nsteps)
         values = spec if isinstance(spec, list) else [spec]
         if kind is None:
             kind = "size" if all(isinstance(v, numbers.Real) and float(v).is_integer() for v in values) else "width"
@@ -305,4 +310,4 @@ class ScaleSchedule:
         if len(values) != nsteps - 1:
             word = "widths" if kind == "width" else "scales"
             raise ValueError(f"spec: expected {nsteps - 1} {word} for a {nsteps}-point grid, got {len(values)}")
-        return cls(tuple(ts), tuple(values), kind, source="values")
+        return cls(ts, tuple(values), kind, source="values")

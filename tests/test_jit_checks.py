@@ -3,17 +3,20 @@ float, 0-d or ``[B]`` array (never a string); a denoiser without a scale refuses
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
 import ellsjax as ej
 from ellsjax._checks import fail, runtime_check
 from ellsjax.denoiser import Denoiser, check_scale_value, scale_for
+from tests.conftest import unchecked_shapes
 
 #: What a runtime check raises: the first run of a compiled program re-raises the host check's own
 #: exception; later runs raise jax's runtime error whose text ends with it (same message).
@@ -145,3 +148,15 @@ def test_a_denoiser_without_a_scale_refuses_any():
     assert scale_for(ideal, (3, 3)) is None
     els = ej.machines.els(IMGS)
     assert scale_for(els, (3, 3)) == (3, 3)
+
+
+@pytest.mark.skipif(os.environ.get("ELLSJAX_SHAPECHECK", "1") == "0", reason="shape checks turned off")
+def test_the_suite_checks_shape_annotations():
+    # tests/conftest.py wraps ellsjax in jaxtyping + beartype: a dimension bound twice must agree
+    from ellsjax import kernel
+
+    kernel.make_bank(np.zeros((1, 4, 3), np.float32), np.zeros((1, 4, 1), np.float32))
+    with pytest.raises(jaxtyping.TypeCheckError, match="make_bank"):
+        kernel.make_bank(np.zeros((1, 4, 3), np.float32), np.zeros((1, 5, 1), np.float32))  # n = 4 and 5
+    with unchecked_shapes():  # off for a test of the library's own errors (the kernel trusts its callers)
+        kernel.make_bank(np.zeros((1, 4, 3), np.float32), np.zeros((1, 5, 1), np.float32))

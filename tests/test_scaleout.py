@@ -32,9 +32,10 @@ SHARDED = textwrap.dedent(
             m = ej.machines.build(name, imgs, labels if cond else None)
             lab = np.array([1, 0, 2]) if cond else None
             sm = m.shard()
-            one = m.denoise(x, [0.5, 0.7, 0.9], scale=3, label=lab)
-            many = sm.denoise(x, [0.5, 0.7, 0.9], scale=3, label=lab)
-            banks = next(iter(sm.prepare((3,), conditional=cond).banks.values()))
+            k = ej.denoiser.scale_for(m, 3)  # IS has no scale
+            one = m.denoise(x, [0.5, 0.7, 0.9], scale=k, label=lab)
+            many = sm.denoise(x, [0.5, 0.7, 0.9], scale=k, label=lab)
+            banks = next(iter(sm.prepare((k,), conditional=cond).banks.values()))
             out[f"{name}/{cond}"] = {
                 "diff": float(np.abs(np.asarray(one) - np.asarray(many)).max()),
                 "devices": min(len(gb.keys_t.sharding.device_set) for gb in banks.values()),

@@ -85,8 +85,8 @@ class Wiener(Machine):
     basis: Float[Array, "d r"] | None = None
     eigvals: Float[Array, " r"] | None = None
     class_mean: Float[Array, "k d"] | None = None
-    class_basis: Float[Array, "k d r"] | None = None
-    class_eigvals: Float[Array, "k r"] | None = None
+    class_basis: Float[Array, "k d rk"] | None = None
+    class_eigvals: Float[Array, "k rk"] | None = None
     ddof: int = 0
     rank: int | None = None
 
