@@ -85,6 +85,15 @@ def test_checks_hold_under_vmap_and_are_invisible_to_grad(machine):
         jax.block_until_ready(jax.jit(jax.grad(guarded))(x + 20))
 
 
+def test_sampler_time_grid_and_labels_are_checked_inside_jit(machine):
+    eager = lambda ts, lab: ej.samplers.ddim(machine, X, ts, scales=(3, 3), label=lab)  # noqa: E731
+    jitted = jax.jit(eager)  # one program for every grid and label below
+    assert np.all(np.isfinite(jitted(np.array([0.6, 0.3, 0.0], np.float32), np.array([0, 1]))))
+    for ts, lab in [([0.3, 0.6, 0.0], [0, 1]), ([1.5, 0.3, 0.0], [0, 1]), ([0.6, 0.0, 0.0], [0, 1]),
+                    ([0.6, 0.3, 0.0], [2, 1])]:
+        assert_same_error(eager, jitted, np.asarray(ts, np.float32), np.asarray(lab, np.int32))
+
+
 class _Toy(Denoiser):
     """The smallest conditional denoiser: ``x̂0 = label/10`` for labels 0 and 1; no device-side label
     test (the default :meth:`Denoiser._label_ok`) unless ``device_test``."""
