@@ -90,13 +90,20 @@ def test_labels_of_conditional_and_unconditional_networks(run):
         d.denoise(x, 0.5, label=7)
     with pytest.raises(ValueError, match="label: this network is unconditional"):
         models.load(run).denoise(x, 0.5, label=1)
+    # inside the user's jit too (one program; a(t) = 0 likewise: tests/test_jit_checks.py's pattern)
+    jitted = jax.jit(lambda lab: d.denoise(x, 0.5, label=lab))
+    np.testing.assert_allclose(jitted(jnp.array([1, 3])), b, atol=1e-5)
+    with pytest.raises((ValueError, jax.errors.JaxRuntimeError), match=r"label: class ids must lie in \[0, 4\), got \[7\]"):
+        jax.block_until_ready(jitted(jnp.array([1, 7])))
 
 
 def test_zero_signal_makes_x0_undefined():
     # Nichol & Dhariwal's cosine has a(1) = 0: x̂0 = (x_t − s·ε̂)/a is undefined there
     d = models.from_module(nets.build(NET), schedule="cosine")
-    with pytest.raises(ValueError, match=r"t: x̂0 .* undefined where the signal level a\(t\) is 0"):
-        d.denoise(noisy(1), jnp.array([1.0]))
+    for denoise in (d.denoise, jax.jit(d.denoise)):  # eagerly and inside a jit
+        with pytest.raises((ValueError, jax.errors.JaxRuntimeError),
+                           match=r"t: x̂0 .* undefined where the signal level a\(t\) is 0"):
+            jax.block_until_ready(denoise(noisy(1), jnp.array([1.0])))
     # a sampler starting there is refused up front, not after a compile that returns inf
     with pytest.raises(ValueError, match=r"ts: this denoiser's x̂0 is undefined .* t = \[1.0\]"):
         ej.samplers.ddim(d, noisy(1), [1.0, 0.5, 0.0])
