@@ -9,7 +9,9 @@ values, so the caller gets the same exception with the same message.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import os
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -49,6 +51,35 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+#: Whether :func:`runtime_check` compiles its checks in (read when a program is traced). Off: traced
+#: values pass unchecked (as before 0.2), e.g. for ``jax.export``, which cannot serialize the host
+#: callback. Environment: ``ELLSJAX_RUNTIME_CHECKS=0``; in code: :func:`runtime_checks`.
+_RUNTIME_CHECKS = [os.environ.get("ELLSJAX_RUNTIME_CHECKS", "1") != "0"]
+
+
+@contextlib.contextmanager
+def runtime_checks(enabled: bool):
+    """Within it, value checks of traced arguments are compiled in (``True``, the default) or not.
+
+    It acts when a program is traced: a function already compiled keeps what it was traced with
+    (``jax.jit`` caches by function and argument types, not by this switch).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f = lambda x: runtime_check(x, x < 0, fail("x: negative"))
+        >>> with runtime_checks(False):
+        ...     exported = jax.export.export(jax.jit(f))(jnp.zeros(3))   # no host callback inside
+        >>> exported.out_avals
+        (ShapedArray(float32[3]),)
+    """
+    old = _RUNTIME_CHECKS[0]
+    _RUNTIME_CHECKS[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _RUNTIME_CHECKS[0] = old
+
+
 def runtime_check(x: jax.Array, bad: Any, check: Any, *operands: Any) -> jax.Array:
     """``x``, guarded by a value check that holds inside ``jax.jit`` (and ``vmap``, ``grad``).
 
@@ -60,7 +91,8 @@ def runtime_check(x: jax.Array, bad: Any, check: Any, *operands: Any) -> jax.Arr
     the device: the check is one reduction and a ``lax.cond`` (under ``vmap`` the branches become a
     select and the host check runs per example, raising only for a bad one). The result carries
     the check as a data dependency (it cannot be removed as dead code while ``x`` is used), and its
-    derivative is ``x``'s (the check is invisible to ``jax.grad``).
+    derivative is ``x``'s (the check is invisible to ``jax.grad``). ``jax.export`` cannot serialize
+    the callback: trace such a program inside :func:`runtime_checks` ``(False)``.
 
     Args:
         x: the array to return (the checked argument itself, so later uses depend on the check).
@@ -71,6 +103,8 @@ def runtime_check(x: jax.Array, bad: Any, check: Any, *operands: Any) -> jax.Arr
     import jax
     import jax.numpy as jnp
 
+    if not _RUNTIME_CHECKS[0]:
+        return x
     struct = jax.ShapeDtypeStruct(x.shape, x.dtype)
 
     def on_host(bad_now, x_now, *ops):

@@ -48,7 +48,11 @@ from jaxtyping import Array, Bool, Float, Int
 from ellsjax import _checks
 from ellsjax import schedules as _schedules
 
-__all__ = ["Denoiser", "ScaleKind", "SCALE_KINDS", "check_scale_value", "scale_for"]
+__all__ = ["Denoiser", "ScaleKind", "SCALE_KINDS", "check_scale_value", "scale_for", "runtime_checks"]
+
+#: Switch the value checks of traced arguments on or off while tracing (a context manager; e.g.
+#: off for ``jax.export``, which cannot serialize their host callback): :func:`ellsjax._checks.runtime_checks`.
+runtime_checks = _checks.runtime_checks
 
 #: What a denoiser's per-step locality ``scale`` is:
 #:

@@ -94,6 +94,16 @@ def test_sampler_time_grid_and_labels_are_checked_inside_jit(machine):
         assert_same_error(eager, jitted, np.asarray(ts, np.float32), np.asarray(lab, np.int32))
 
 
+def test_checks_can_be_left_out_of_a_program_for_jax_export(machine):
+    program = lambda: jax.jit(lambda x, t: machine.denoise(x, t, scale=3, label=1))  # noqa: E731
+    t = jnp.array([0.5, 0.2])
+    with pytest.raises(NotImplementedError, match="host_callbacks"):  # jax.export cannot serialize the callback
+        jax.export.export(program())(X, t)
+    with ej.denoiser.runtime_checks(False):  # acts while tracing: a fresh function
+        exported = jax.export.export(program())(X, t)
+    np.testing.assert_allclose(exported.call(X, t), program()(X, t), atol=1e-6)
+
+
 class _Toy(Denoiser):
     """The smallest conditional denoiser: ``x̂0 = label/10`` for labels 0 and 1; no device-side label
     test (the default :meth:`Denoiser._label_ok`) unless ``device_test``."""
