@@ -131,7 +131,8 @@ class Denoiser(abc.ABC):
 
     Subclasses set ``schedule``, :attr:`scale_kind` and implement :attr:`image_shape` and
     :meth:`_denoise`; they may refine :meth:`check_scale` (e.g. a patch no larger than the image),
-    :meth:`check_label` and :meth:`prepare`. They must be pytrees so that they can be passed to
+    :meth:`check_label` (with :meth:`_label_ok`, its device-side half for traced labels) and
+    :meth:`prepare`. They must be pytrees so that they can be passed to
     ``jax.jit`` (the machines and :class:`~ellsjax.models.NetworkDenoiser` are registered dataclasses).
     """
 
