@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ellsjax as ej
-from ellsjax._checks import fail, runtime_check
+from ellsjax._checks import fail, labels_present, runtime_check
 from ellsjax.denoiser import Denoiser, check_scale_value, scale_for
 from tests.conftest import unchecked_shapes
 
@@ -138,6 +138,20 @@ def test_label_hook_default_checks_on_the_host_and_override_on_the_device(device
     jitted = jax.jit(eager)
     np.testing.assert_allclose(jitted(jnp.array([1, 0])), eager(np.array([1, 0])))
     assert_same_error(eager, jitted, jnp.array([1, 5]))
+
+
+def test_labels_present_is_the_device_half_of_a_machines_label_check():
+    m = ej.machines.els(IMGS, LABELS)  # classes 0, 1, 3 have images; 2 has none
+    labels = [0, 2, 7, -1, 1, 3]
+    ok = jax.jit(labels_present, static_argnums=1)(jnp.array(labels), m.class_sizes).tolist()
+    assert ok == [True, False, False, False, True, True]
+    for lab, good in zip(labels, ok):  # the eager check agrees label by label
+        try:
+            m.check_label(np.array([lab]))
+        except ValueError:
+            assert not good, lab
+        else:
+            assert good, lab
 
 
 @pytest.mark.parametrize("t", ["0.5", b"0.5", True, ["0.5", "0.5"], None, object()])
