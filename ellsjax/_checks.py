@@ -1,13 +1,17 @@
 """Argument checks shared by the public functions.
 
 Shape, rank and dtype checks always run (they are static under ``jax.jit``). Value checks (NaN/inf,
-ranges, label membership) run only on concrete arrays: inside a user's own ``jax.jit`` the values
-are tracers and cannot be inspected without a host round trip.
+ranges, label membership) run on the host for concrete arrays; on traced arrays (inside a user's own
+``jax.jit``, ``vmap`` or ``grad``) :func:`runtime_check` compiles them into the program: a device-side
+predicate, and only when it fails a host callback that runs the same eager check on the concrete
+values, so the caller gets the same exception with the same message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import os
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -45,6 +49,88 @@ def is_concrete(x: Any) -> bool:
     import jax
 
     return not isinstance(x, jax.core.Tracer)
+
+
+#: Whether :func:`runtime_check` compiles its checks in (read when a program is traced). Off: traced
+#: values pass unchecked (as before 0.2), e.g. for ``jax.export``, which cannot serialize the host
+#: callback. Environment: ``ELLSJAX_RUNTIME_CHECKS=0``; in code: :func:`runtime_checks`.
+_RUNTIME_CHECKS = [os.environ.get("ELLSJAX_RUNTIME_CHECKS", "1") != "0"]
+
+
+@contextlib.contextmanager
+def runtime_checks(enabled: bool):
+    """Within it, value checks of traced arguments are compiled in (``True``, the default) or not.
+
+    It acts when a program is traced: a function already compiled keeps what it was traced with
+    (``jax.jit`` caches by function and argument types, not by this switch).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f = lambda x: runtime_check(x, x < 0, fail("x: negative"))
+        >>> with runtime_checks(False):
+        ...     exported = jax.export.export(jax.jit(f))(jnp.zeros(3))   # no host callback inside
+        >>> exported.out_avals
+        (ShapedArray(float32[3]),)
+    """
+    old = _RUNTIME_CHECKS[0]
+    _RUNTIME_CHECKS[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _RUNTIME_CHECKS[0] = old
+
+
+def runtime_check(x: jax.Array, bad: Any, check: Any, *operands: Any) -> jax.Array:
+    """``x``, guarded by a value check that holds inside ``jax.jit`` (and ``vmap``, ``grad``).
+
+    When the program runs and any of ``bad`` (a traced bool array) is true, ``check(*operands)`` runs
+    on the host with the operands' concrete values and raises (an all-true ``bad`` runs the host check
+    at every call, for checks with no device-side test): pass the eager check itself, so that
+    the caller gets its exception type and message (on CPU ``jax.jit`` re-raises the callback's
+    exception, its text after XLA's callback context). While ``bad`` is all false, nothing leaves
+    the device: the check is one reduction and a ``lax.cond`` (under ``vmap`` the branches become a
+    select and the host check runs per example, raising only for a bad one). The result carries
+    the check as a data dependency (it cannot be removed as dead code while ``x`` is used), and its
+    derivative is ``x``'s (the check is invisible to ``jax.grad``). ``jax.export`` cannot serialize
+    the callback: trace such a program inside :func:`runtime_checks` ``(False)``.
+
+    Args:
+        x: the array to return (the checked argument itself, so later uses depend on the check).
+        bad: bools, any shape: where the value is wrong.
+        check: ``check(*host_operands)`` raises the eager error (it sees numpy arrays).
+        operands: small arrays ``check`` needs (the values to name in the message).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if not _RUNTIME_CHECKS[0]:
+        return x
+    struct = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+    def on_host(bad_now, x_now, *ops):
+        if np.any(bad_now):
+            check(*(np.asarray(o) for o in ops))  # the authority: raises the eager error (or passes, for an always-true ``bad``)
+        return np.asarray(x_now)
+
+    @jax.custom_jvp
+    def guarded(x, bad, ops):
+        fail = lambda: jax.pure_callback(on_host, struct, bad, x, *ops, vmap_method="sequential")  # noqa: E731
+        return jax.lax.cond(jnp.any(bad), fail, lambda: x)
+
+    @guarded.defjvp
+    def _(primals, tangents):
+        return guarded(*primals), tangents[0]
+
+    return guarded(x, bad, operands)
+
+
+def fail(message: str, error: type[Exception] = ValueError):
+    """A check for :func:`runtime_check` whose message names no value: it always raises ``error(message)``."""
+
+    def check(*_):
+        raise error(message)
+
+    return check
 
 
 #: Slack on the documented image range [-1, 1] (float rounding of a conversion or a resize).
@@ -89,8 +175,14 @@ def as_image_batch(
         raise ValueError(f"{name}: shape {np.shape(x)} has {c_} channels{hint}")
     if np.shape(x)[0] == 0:
         raise ValueError(f"{name}: the batch is empty")
-    if not is_concrete(x):
-        return x.astype(jnp.float32)
+    if not is_concrete(x):  # traced: the same value checks, compiled in (see runtime_check)
+        x = x.astype(jnp.float32)
+        x = runtime_check(x, ~jnp.isfinite(x), fail(f"{name}: contains NaN or inf"))
+        if in_range is not None:
+            lo, hi = (float(v) for v in in_range)
+            x = runtime_check(x, (x < lo - RANGE_SLACK) | (x > hi + RANGE_SLACK),
+                              lambda lo_hi: check_range(lo_hi, name, in_range), jnp.stack([x.min(), x.max()]))
+        return x
     # concrete values are checked on the host (numpy): no device program per new shape
     host = np.asarray(x, np.float32)
     if not np.all(np.isfinite(host)):
@@ -125,32 +217,44 @@ def check_scale(k: Any, name: str = "scale") -> int:
 
 
 def as_times(t: Any, batch: int, name: str = "t") -> jax.Array:
-    """A time per batch element: a scalar or a ``[batch]`` array in [0, 1], returned as float32 [batch]."""
+    """A time per batch element: a real number or a 0-d or ``[batch]`` array in [0, 1], returned as float32
+    ``[batch]``. Values are checked on the host when concrete, inside the program when traced."""
     import jax.numpy as jnp
 
+    what = f"{name}: expected a real number or array of times in [0, 1] (a scalar or shape [{batch}])"
+    if isinstance(t, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{what}, got {t!r}")
     dtype = getattr(t, "dtype", None)
     if dtype is not None and not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        raise TypeError(f"{name}: expected a real number or array of times, got dtype {dtype}")
+        raise TypeError(f"{what}, got dtype {dtype}")
     if not is_concrete(t):
         t = t.astype(jnp.float32)
         if t.ndim == 0:
-            return jnp.broadcast_to(t, (batch,))
-        if t.shape != (batch,):
+            t = jnp.broadcast_to(t, (batch,))
+        elif t.shape != (batch,):
             raise ValueError(f"{name}: expected a scalar or shape [{batch}], got shape {t.shape}")
-        return t
+        bad = ~jnp.isfinite(t) | (t < 0) | (t > 1)
+        return runtime_check(t, bad, lambda v: _check_times_host(v, name), t)
     try:  # concrete: checked and broadcast on the host
-        t = np.asarray(t, np.float32)
+        arr = np.asarray(t)
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a real number or array of times, got {t!r}") from None
+        raise TypeError(f"{what}, got {t!r}") from None
+    if arr.dtype.kind not in "fiu":  # strings, objects, bools: never parsed or cast silently
+        raise TypeError(f"{what}, got {t!r}")
+    t = arr.astype(np.float32)
     if t.ndim == 0:
         t = np.broadcast_to(t, (batch,))
     elif t.shape != (batch,):
         raise ValueError(f"{name}: expected a scalar or shape [{batch}], got shape {t.shape}")
+    _check_times_host(t, name)
+    return jnp.asarray(t)
+
+
+def _check_times_host(t: np.ndarray, name: str) -> None:
     if not np.all(np.isfinite(t)):
         raise ValueError(f"{name}: contains NaN or inf")
     if np.any((t < 0) | (t > 1)):
         raise ValueError(f"{name}: times must lie in [0, 1], got min {float(t.min())}, max {float(t.max())}")
-    return jnp.asarray(t)
 
 
 def as_labels(label: Any, batch: int, name: str = "label") -> jax.Array | None:
@@ -182,3 +286,13 @@ def as_labels(label: Any, batch: int, name: str = "label") -> jax.Array | None:
     return jnp.asarray(lab)
 
 
+
+
+def labels_present(label: jax.Array, class_sizes: tuple[int, ...]) -> jax.Array:
+    """Traced labels: ``[B]`` bools, true where the class id lies in ``[0, K)`` and has training
+    images (``class_sizes[k] > 0``); the device-side half of a machine's label check."""
+    import jax.numpy as jnp
+
+    sizes = jnp.asarray(class_sizes, jnp.int32)
+    inside = (label >= 0) & (label < len(class_sizes))
+    return inside & (sizes[jnp.clip(label, 0, len(class_sizes) - 1)] > 0)

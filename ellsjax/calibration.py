@@ -64,7 +64,6 @@ from jaxtyping import ArrayLike, Float
 
 from ellsjax import _checks
 from ellsjax import samplers as _samplers
-from ellsjax import schedules as _schedules
 from ellsjax._batching import map_padded
 from ellsjax.denoiser import Denoiser
 from ellsjax.machines.soft import SoftEquivariantLocalScore
@@ -79,8 +78,6 @@ __all__ = [
     "differentiable_calibrate",
     "widths_from_sizes",
     "trajectory_loss",
-    "save_soft_schedule",
-    "load_schedule",
 ]
 
 
@@ -161,10 +158,17 @@ class GridCalibration(NamedTuple):
     similarity: np.ndarray
     metric: str
 
+    @property
+    def schedule(self) -> ScaleSchedule:
+        """The calibrated schedule (``kind="size"``), with ``method``, ``metric`` and ``candidates``
+        as its ``meta``."""
+        return ScaleSchedule(tuple(np.asarray(self.ts, np.float64)), self.scales, "size", source="grid calibration",
+                             meta={"method": "grid", "metric": self.metric,
+                                   "candidates": [int(k) for k in self.candidates]})
+
     def save(self, path: str | os.PathLike, **meta: Any) -> None:
-        """Write the schedule as JSON (``{"ts", "scales", ...}``; :func:`ellsjax.schedules.resolve_scales` reads it)."""
-        _schedules.save_scales(path, self.ts, self.scales, method="grid", metric=self.metric,
-                               candidates=[int(k) for k in self.candidates], **meta)
+        """Write :attr:`schedule` as JSON (``{"ts", "scales", ...}``; :meth:`ScaleSchedule.load` reads it)."""
+        self.schedule.save(path, **meta)
 
 
 def grid_calibrate(
@@ -298,12 +302,19 @@ class SoftCalibration(NamedTuple):
     timings: dict | None = None
     optimizer: str = "adam"
 
+    @property
+    def schedule(self) -> ScaleSchedule:
+        """The learned schedule (``kind="width"``, with the soft machine's ``support``, ``window``,
+        ``edge`` and ``padding``; ``method``, ``curve`` and ``optimizer`` as its ``meta``)."""
+        return ScaleSchedule(tuple(np.asarray(self.ts, np.float64)), self.ells, "width", padding=self.padding,
+                             options={"support": int(self.support), "window": self.window, "edge": float(self.edge)},
+                             source="differentiable calibration",
+                             meta={"method": "differentiable", "curve": self.curve, "optimizer": self.optimizer})
+
     def save(self, path: str | os.PathLike, **meta: Any) -> None:
-        """Write ``{"ts", "ells", "support", "padding", "window", "edge", ...}`` as JSON (read by
-        :func:`load_schedule`)."""
-        save_soft_schedule(path, self.ts, self.ells, support=self.support, padding=self.padding,
-                           window=self.window, edge=self.edge, method="differentiable", curve=self.curve,
-                           optimizer=self.optimizer, **meta)
+        """Write :attr:`schedule` as JSON (``{"ts", "ells", "support", "padding", "window", "edge", ...}``;
+        :meth:`ScaleSchedule.load` reads it)."""
+        self.schedule.save(path, **meta)
 
 
 def _ells_from(params, curve, ts):
@@ -647,40 +658,3 @@ def _make_update(opt, curve):
         return params + updates, opt_state
 
     return update
-
-
-def save_soft_schedule(
-    path: str | os.PathLike, ts: Any, ells: Any, *, support: int, padding: str = "circular",
-    window: str = "gaussian", edge: float = 0.15, **meta: Any
-) -> None:
-    """Write a window-width schedule ``{"ts", "ells", "support", "padding", "window", "edge", ...}`` as
-    JSON (:class:`ellsjax.scales.ScaleSchedule` with ``kind="width"``).
-
-    ``len(ells) == len(ts) − 1``; read it back with :func:`load_schedule`.
-    """
-    ts = [float(t) for t in np.asarray(ts).ravel()]
-    ells = [float(v) for v in np.asarray(ells).ravel()]
-    if len(ells) != len(ts) - 1:
-        raise ValueError(f"ells: expected len(ts) - 1 = {len(ts) - 1} values, got {len(ells)}")
-    if not all(np.isfinite(v) and v > 0 for v in ells):
-        raise ValueError(f"ells: window widths must be finite and positive, got {ells}")
-    options = {"support": int(support), "window": window, "edge": float(edge)}
-    ScaleSchedule(tuple(ts), tuple(ells), "width", padding=padding, options=options, meta=meta).save(path)
-
-
-def load_schedule(spec: Any, *, nsteps: int = 20) -> tuple[np.ndarray, tuple, dict]:
-    """Read a scale schedule of either kind: ``(ts, scales, info)``.
-
-    A window-width schedule (a JSON file with ``"ells"``) gives float ``ℓ`` scales and ``info`` with
-    its ``support``, ``padding``, ``window`` and ``edge`` (the soft machine's options); a patch-size
-    one (presets, JSON ``{"ts", "scales"}``, ints) gives ``info = {}``. See
-    :meth:`ellsjax.scales.ScaleSchedule.load`.
-
-    Example:
-        >>> ts, sc, info = load_schedule("MNIST_ResNet_zeros")
-        >>> len(ts), len(sc), info
-        (20, 19, {})
-    """
-    s = ScaleSchedule.load(spec, nsteps=nsteps, kind="size")
-    info = {} if s.kind == "size" else {**s.options, "padding": s.padding}
-    return s.times(), s.values, info

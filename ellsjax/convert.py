@@ -420,22 +420,21 @@ _FILL = {"resnet": _fill_resnet, "unet": _fill_unet, "ddpm-unet": _fill_ddpm}
 # --------------------------------------------------------------------------- options
 
 
-def _preset_facts(name: str) -> dict[str, Any]:
-    """What a preset name says about a network: a paper network (:data:`ellsjax.nets.PRESETS`) or a
-    locality protocol run (:data:`ellsjax.locality.PRESETS`, whose network is the DDPM UNet)."""
+def preset_facts(name: str, network: Any = None, dataset: str | None = None) -> dict[str, Any]:
+    """What a preset says about a network: a paper network by name (:data:`ellsjax.nets.PRESETS`), or
+    a named :class:`~ellsjax.nets.NetConfig` (``network``, e.g. a locality protocol run's DDPM UNet,
+    with the ``dataset`` it trains on: the command line looks those up in
+    :data:`ellsjax.locality.PRESETS`)."""
+    if network is not None:
+        return {"arch": network.arch, "channels": network.channels, "image_size": network.image_size,
+                **({"dataset": dataset} if dataset is not None else {})}
     if name in _nets.PRESETS:
         p = _nets.PRESETS[name]
         n = p.net
         return {"arch": n.arch, "channels": n.channels, "image_size": n.image_size, "padding": n.padding,
                 "conditional": n.conditional, "num_classes": n.num_classes, "dataset": p.dataset}
-    from ellsjax import locality
-
-    if name in locality.PRESETS:
-        p = locality.PRESETS[name]
-        return {"arch": "ddpm-unet", "channels": p.net.channels, "image_size": p.net.image_size,
-                "dataset": p.train.dataset}
-    known = sorted([*_nets.PRESETS, *locality.PRESETS])
-    raise ValueError(f"preset: unknown preset {name!r}; known: {', '.join(known)}")
+    raise ValueError(f"preset: unknown preset {name!r}; known paper networks: {', '.join(sorted(_nets.PRESETS))} "
+                     "(the command line also knows the locality presets)")
 
 
 def _merge(file_facts: dict[str, Any], given: dict[str, Any], preset_facts: dict[str, Any],
@@ -478,6 +477,7 @@ def from_torch(
     channels: int | None = None,
     padding: str | None = None,
     dataset: str | None = None,
+    preset_network: Any = None,
 ) -> Converted:
     """Read a released PyTorch network into an ellsjax network (in memory).
 
@@ -486,14 +486,16 @@ def from_torch(
             module, or a state dict of one (bare, or under ``model_state_dict``).
         arch: ``"resnet"``, ``"unet"`` or ``"ddpm-unet"``, for a state dict whose keys do not say
             (checked against the file otherwise).
-        preset: a paper network (``"MNIST_ResNet_zeros"`` …, :data:`ellsjax.nets.PRESETS`) or a
-            locality run (``"locality-cifar10"``): supplies the image size, dataset and, for a state
-            dict, padding.
+        preset: a paper network (``"MNIST_ResNet_zeros"`` …, :data:`ellsjax.nets.PRESETS`), or the
+            name of ``preset_network``: supplies the image size, dataset and, for a state dict,
+            padding.
         image_size: the side of the images the network was trained on (a file never records it).
         channels: image channels (checked against the file).
         padding: ``"zeros"`` or ``"circular"`` (a state dict does not record it).
         dataset: the :func:`ellsjax.data.load` name it was trained on (recorded for the tools that
             load the run's data).
+        preset_network: the :class:`~ellsjax.nets.NetConfig` a non-paper ``preset`` names (e.g. a
+            locality run's, ``ellsjax.locality.PRESETS[name].net``), with ``dataset`` its data.
 
     Returns:
         A :class:`Converted`.
@@ -517,7 +519,8 @@ def from_torch(
     if arch is not None and arch not in _nets.ARCHS:
         raise ValueError(f"arch: unknown architecture {arch!r}; known: {', '.join(_nets.ARCHS)}")
     given = {"arch": arch, "image_size": image_size, "channels": channels, "padding": padding, "dataset": dataset}
-    settings, origin = _merge(facts, given, _preset_facts(preset) if preset is not None else {}, preset)
+    pf = preset_facts(preset, preset_network, dataset) if preset is not None else {}
+    settings, origin = _merge(facts, given, pf, preset)
     hint = _suggest_preset(file)
     for name, flag in (("image_size", "--image-size"), ("padding", "--padding"), ("dataset", "--dataset")):
         if name not in settings:
@@ -560,6 +563,7 @@ def convert(
     source: str = "auto",
     path: str | None = None,
     limit: int | None = None,
+    preset_network: Any = None,
 ) -> Converted:
     """Convert a released PyTorch network into an ellsjax run directory.
 
@@ -584,7 +588,7 @@ def convert(
     if (out / _training.CONFIG_FILE).exists() or (out / _training.CHECKPOINT_DIR).exists():
         raise ValueError(f"out_dir: {out} already holds a run; choose another directory")
     conv = from_torch(file, arch=arch, preset=preset, image_size=image_size, channels=channels, padding=padding,
-                      dataset=dataset)
+                      dataset=dataset, preset_network=preset_network)
     cfg = _training.TrainConfig(steps=1, schedule=conv.schedule, dataset=conv.info["dataset"], source=source,
                                 path=path, limit=limit, time_levels=conv.net.time_steps if conv.net.arch == "ddpm-unet"
                                 else 1000)

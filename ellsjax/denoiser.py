@@ -12,7 +12,10 @@ with ``a = sqrt(ᾱ(t))``, ``s = sqrt(1 − ᾱ(t))`` from the denoiser's noise 
 
 Contract (what samplers, calibration and evaluation rely on):
 
-* ``denoise`` / ``score`` / ``eps`` check their arguments and run a cached ``jax.jit``;
+* ``denoise`` / ``score`` / ``eps`` check their arguments and run a cached ``jax.jit``; the value
+  checks (times in ``[0, 1]``, finite ``x_t``, labels of classes it knows, a noise level for
+  ``score``/``eps``) hold inside a user's ``jax.jit`` too, with the same messages
+  (:func:`ellsjax._checks.runtime_check`);
 * ``_denoise(x_t, t, label, scale)`` is the pure, unchecked function the samplers call inside their
   own jitted programs (``t`` and ``label`` already per-example arrays, ``scale`` static);
 * ``image_shape`` ``(H, W, C)``, ``conditional`` (labels required / accepted) and ``scale_kind``
@@ -40,12 +43,16 @@ from typing import Any, ClassVar, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from ellsjax import _checks
 from ellsjax import schedules as _schedules
 
-__all__ = ["Denoiser", "ScaleKind", "SCALE_KINDS", "check_scale_value"]
+__all__ = ["Denoiser", "ScaleKind", "SCALE_KINDS", "check_scale_value", "scale_for", "runtime_checks"]
+
+#: Switch the value checks of traced arguments on or off while tracing (a context manager; e.g.
+#: off for ``jax.export``, which cannot serialize their host callback): :func:`ellsjax._checks.runtime_checks`.
+runtime_checks = _checks.runtime_checks
 
 #: What a denoiser's per-step locality ``scale`` is:
 #:
@@ -68,16 +75,20 @@ def check_scale_value(kind: ScaleKind, value: Any, name: str = "scale") -> int |
     """Check one scale against its kind (not against an image size: that is the denoiser's
     :meth:`Denoiser.check_scale`). Returns it as a Python int/float (``None`` for kind ``"none"``).
 
-    ``"none"`` accepts ``None`` or an odd patch size and ignores it (a patch-size schedule passed
-    along to every denoiser of a comparison), returning ``None``.
+    ``"none"`` accepts only ``None``: a denoiser without a scale refuses one rather than ignore it
+    (a comparison passing one schedule to several denoisers gives each :func:`scale_for` it).
 
     Example:
-        >>> check_scale_value("size", 5), check_scale_value("width", 1.5), check_scale_value("none", 3)
+        >>> check_scale_value("size", 5), check_scale_value("width", 1.5), check_scale_value("none", None)
         (5, 1.5, None)
+        >>> check_scale_value("none", 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: scale: this denoiser has no scale; pass scale=None (got 3)
     """
-    if kind == "none":  # accepted and ignored (a patch-size schedule passed along to every denoiser)
+    if kind == "none":
         if value is not None:
-            _checks.check_scale(value, name)
+            raise ValueError(f"{name}: this denoiser has no scale; pass {name}=None (got {value!r})")
         return None
     if value is None:
         raise ValueError(f"{name}: this denoiser needs a scale: {_DESCRIBE[kind]}")
@@ -102,12 +113,26 @@ def check_scale_value(kind: ScaleKind, value: Any, name: str = "scale") -> int |
     return int(value)
 
 
+def scale_for(denoiser: Denoiser, scale: Any) -> Any:
+    """``scale`` if ``denoiser`` takes one, else ``None``: how a comparison hands one scale (or one
+    per-step schedule) to several denoisers, some without a scale (which refuse any).
+
+    Example:
+        >>> import jax, ellsjax as ej
+        >>> imgs = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1)
+        >>> scale_for(ej.machines.els(imgs), (5, 3)), scale_for(ej.machines.ideal(imgs), (5, 3))
+        ((5, 3), None)
+    """
+    return scale if denoiser.needs_scale else None
+
+
 class Denoiser(abc.ABC):
     """Interface: something that returns ``x̂0 = E[x0 | x_t]`` under a noise schedule.
 
     Subclasses set ``schedule``, :attr:`scale_kind` and implement :attr:`image_shape` and
     :meth:`_denoise`; they may refine :meth:`check_scale` (e.g. a patch no larger than the image),
-    :meth:`check_label` and :meth:`prepare`. They must be pytrees so that they can be passed to
+    :meth:`check_label` (with :meth:`_label_ok`, its device-side half for traced labels) and
+    :meth:`prepare`. They must be pytrees so that they can be passed to
     ``jax.jit`` (the machines and :class:`~ellsjax.models.NetworkDenoiser` are registered dataclasses).
     """
 
@@ -162,14 +187,35 @@ class Denoiser(abc.ABC):
         if label is not None:
             raise ValueError("label: this denoiser is unconditional; pass label=None")
 
+    def _label_ok(self, label: Int[Array, " b"]) -> Bool[Array, " b"] | None:
+        """The device-side half of :meth:`check_label` for traced labels: ``[B]`` bools, true where a
+        label is valid. Where any is false, :meth:`check_label` runs on the host on the concrete
+        labels and raises its eager error.
+
+        The default returns ``None``: no device-side test, so :meth:`check_label` runs on the host at
+        every call (correct, one host round trip per call); conditional denoisers override it (e.g.
+        :func:`ellsjax._checks.labels_present` for classes with training images)."""
+        return None
+
+    def checked_label(self, label: Int[Array, " b"] | None) -> Int[Array, " b"] | None:
+        """``label`` (``None`` or ``[B]`` int32, from :func:`ellsjax._checks.as_labels`) validated by
+        :meth:`check_label`: now when concrete, when the program runs when traced."""
+        if label is None or _checks.is_concrete(label) or not self.conditional:
+            self.check_label(label)  # an unconditional denoiser refuses any label: no value needed
+            return label
+        ok = self._label_ok(label)
+        bad = jnp.ones(label.shape, bool) if ok is None else ~ok
+        return _checks.runtime_check(label, bad, self.check_label, label)
+
     # -- public, checked --------------------------------------------------------------------------
     def check_inputs(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None):
-        """Check and normalise the arguments of :meth:`denoise`; returns ``(x_t, t, label, scale)``."""
+        """Check and normalise the arguments of :meth:`denoise`; returns ``(x_t, t, label, scale)``.
+
+        Concrete values are checked now; traced ones (inside a user's ``jax.jit``) when the program
+        runs, with the same errors (:func:`ellsjax._checks.runtime_check`)."""
         x_t = _checks.as_image_batch(x_t, "x_t", shape=self.image_shape)
         t = _checks.as_times(t, x_t.shape[0])
-        label = _checks.as_labels(label, x_t.shape[0])
-        if _checks.is_concrete(label) or label is None:
-            self.check_label(label)
+        label = self.checked_label(_checks.as_labels(label, x_t.shape[0]))
         return x_t, t, label, self.check_scale(scale)
 
     def denoise(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None) -> Float[Array, "b h w c"]:
@@ -187,13 +233,13 @@ class Denoiser(abc.ABC):
     def score(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None) -> Float[Array, "b h w c"]:
         """Score ``∇ log p_t(x_t) = (a·x̂0 − x_t)/s²``. Undefined at ``s(t) = 0`` (raises)."""
         x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
-        self._check_noisy(t, "score")
+        t = self._check_noisy(t, "score")
         return _jit_score(self._ready(scale, label), x_t, t, label, *self._split_scale(scale))
 
     def eps(self, x_t: Any, t: Any, *, scale: Any = None, label: Any = None) -> Float[Array, "b h w c"]:
         """Noise prediction ``ε̂ = (x_t − a·x̂0)/s``. Undefined at ``s(t) = 0`` (raises)."""
         x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
-        self._check_noisy(t, "eps")
+        t = self._check_noisy(t, "eps")
         return _jit_eps(self._ready(scale, label), x_t, t, label, *self._split_scale(scale))
 
     def _ready(self, scale: Any, label: Any) -> Denoiser:
@@ -207,12 +253,16 @@ class Denoiser(abc.ABC):
         ``_denoise`` receives ``static`` where ``traced`` is ``None``, else the pair."""
         return scale, None
 
-    def _check_noisy(self, t: Array, what: str) -> None:
-        if _checks.is_concrete(t) and bool(jnp.any(self.schedule.variances(t)[1] <= 0)):
-            raise ValueError(
-                f"t: the {what} diverges where the noise level s(t) is 0 (t = 0 for this schedule); "
-                "use denoise() there, which returns the nearest-neighbour limit"
-            )
+    def _check_noisy(self, t: Array, what: str) -> Array:
+        """``t``, checked for a positive noise level (now, or when the program runs if traced)."""
+        msg = (f"t: the {what} diverges where the noise level s(t) is 0 (t = 0 for this schedule); "
+               "use denoise() there, which returns the nearest-neighbour limit")
+        noiseless = self.schedule.variances(t)[1] <= 0
+        if not _checks.is_concrete(t):
+            return _checks.runtime_check(t, noiseless, _checks.fail(msg))
+        if bool(jnp.any(noiseless)):
+            raise ValueError(msg)
+        return t
 
     def _score(self, x_t, t, label, scale):
         a, var = _ab(self.schedule, t)

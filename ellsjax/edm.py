@@ -34,6 +34,8 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from numbers import Real
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +75,7 @@ def sigma_range(schedule: _schedules.Schedule | str) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def to_time(sigma: Float[ArrayLike, "*s"], schedule: _schedules.Schedule | str) -> Float[Array, "*s"]:
+def to_time(sigma: Float[ArrayLike, "*s"] | Sequence[Real], schedule: _schedules.Schedule | str) -> Float[Array, "*s"]:
     """The VP time ``t(σ)`` with ``σ(t(σ)) = σ``: the exact inverse of :func:`to_sigma`.
 
     Concrete values outside the schedule's range :func:`sigma_range` (beyond float32 rounding) raise;
@@ -114,7 +116,7 @@ def to_time(sigma: Float[ArrayLike, "*s"], schedule: _schedules.Schedule | str) 
     return jnp.clip(t, 0.0, 1.0)
 
 
-def signal_noise(sigma: Float[ArrayLike, "*s"]) -> tuple[Float[Array, "*s"], Float[Array, "*s"]]:
+def signal_noise(sigma: Float[ArrayLike, "*s"] | Sequence[Real]) -> tuple[Float[Array, "*s"], Float[Array, "*s"]]:
     """``(a, s) = (1/√(1+σ²), σ/√(1+σ²))``: the VP coefficients of an EDM noise level (any schedule)."""
     sig = jnp.asarray(sigma, jnp.float32)
     a = jax.lax.rsqrt(1.0 + jnp.square(sig))
@@ -122,7 +124,7 @@ def signal_noise(sigma: Float[ArrayLike, "*s"]) -> tuple[Float[Array, "*s"], Flo
     return a, s
 
 
-def to_edm(x_t: Float[ArrayLike, "b *d"], sigma: Float[ArrayLike, "*s"]) -> Float[Array, "b *d"]:  # noqa: F821 (jaxtyping shape)
+def to_edm(x_t: Float[ArrayLike, "b *d"], sigma: Float[ArrayLike, "*s"] | Sequence[Real]) -> Float[Array, "b *d"]:  # noqa: F821 (jaxtyping shape)
     """The EDM state ``x̃ = x_t/a = x_t·√(1+σ²)`` of a VP state at noise level ``σ`` (scalar or ``[B]``)."""
     x = jnp.asarray(x_t, jnp.float32)
     sig = jnp.asarray(sigma, jnp.float32)
@@ -130,7 +132,7 @@ def to_edm(x_t: Float[ArrayLike, "b *d"], sigma: Float[ArrayLike, "*s"]) -> Floa
     return x * scale.reshape(scale.shape + (1,) * (x.ndim - scale.ndim))
 
 
-def from_edm(x_edm: Float[ArrayLike, "b *d"], sigma: Float[ArrayLike, "*s"]) -> Float[Array, "b *d"]:  # noqa: F821 (jaxtyping shape)
+def from_edm(x_edm: Float[ArrayLike, "b *d"], sigma: Float[ArrayLike, "*s"] | Sequence[Real]) -> Float[Array, "b *d"]:  # noqa: F821 (jaxtyping shape)
     """The VP state ``x_t = a·x̃ = x̃/√(1+σ²)`` of an EDM state at noise level ``σ`` (scalar or ``[B]``)."""
     x = jnp.asarray(x_edm, jnp.float32)
     a, _ = signal_noise(sigma)

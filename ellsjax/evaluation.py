@@ -69,7 +69,7 @@ def pearson_r(pred: Float[ArrayLike, "b ..."], ref: Float[ArrayLike, "b ..."]) -
     A constant image has no defined correlation: that is a ``ValueError`` (not a NaN).
 
     Example:
-        >>> round(float(pearson_r([[0.0, 1.0, 0.0]], [[1.0, 0.0, 1.0]])[0]), 6)
+        >>> round(float(pearson_r(np.array([[0.0, 1.0, 0.0]]), np.array([[1.0, 0.0, 1.0]]))[0]), 6)
         -1.0
     """
     p, r = _flat_pair(pred, ref)
@@ -84,7 +84,7 @@ def r_squared(pred: Float[ArrayLike, "b ..."], ref: Float[ArrayLike, "b ..."]) -
     """Per-image coefficient of determination of ``pred`` for ``ref``: ``1 − Σ(r − p)²/(D·Var(r))``.
 
     Example:
-        >>> float(r_squared([[1.0, 1.0, 3.0, 3.0]], [[0.0, 2.0, 2.0, 4.0]])[0])
+        >>> float(r_squared(np.array([[1.0, 1.0, 3.0, 3.0]]), np.array([[0.0, 2.0, 2.0, 4.0]]))[0])
         0.5
     """
     p, r = _flat_pair(pred, ref)

@@ -43,6 +43,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from ellsjax import _checks
 from ellsjax import samplers as _samplers
+from ellsjax._typing import TimeGrid
 from ellsjax.denoiser import Denoiser
 
 __all__ = [
@@ -106,7 +107,7 @@ class Provenance(NamedTuple):
 def provenance(
     denoiser: Denoiser,
     x_start: Float[ArrayLike, "b h w c"],
-    ts: Float[ArrayLike, " s1"],
+    ts: TimeGrid,
     *,
     scales: Sequence[int] | None = None,
     label: Any = None,
@@ -389,7 +390,7 @@ TABLE_COLUMNS = ("nn_rms", "nn_ratio", "near_copy", "patch_rms", "consistency", 
 def compare(
     machines: Mapping[str, Denoiser],
     x_start: Float[ArrayLike, "b h w c"],
-    ts: Float[ArrayLike, " s1"],
+    ts: TimeGrid,
     *,
     scales: Sequence[int] | None = None,
     images: Float[ArrayLike, "n h w c"] | None = None,

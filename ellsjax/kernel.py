@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 __all__ = [
     "Queries",
@@ -189,10 +189,10 @@ class ProvenanceSummary(NamedTuple):
 
 
 def make_bank(
-    keys: Float[Array, "*g n d"],
-    values: Float[Array, "*g n v"],
-    present: Int[Array, "*g n"] | None = None,
-    log_count: Float[Array, "*g n"] | None = None,
+    keys: Float[ArrayLike, "*g n d"],
+    values: Float[ArrayLike, "*g n v"],
+    present: Bool[ArrayLike, "*g n"] | None = None,
+    log_count: Float[ArrayLike, "*g n"] | None = None,
 ) -> Bank:
     """Assemble a :class:`Bank`, computing ``‖k‖²`` and the log multiplicities.
 
@@ -321,7 +321,7 @@ def _chunk_provenance(z, delta, w, bank, ids) -> ProvenanceStats:
     return jax.lax.stop_gradient(ProvenanceStats(best_id, best, plogp))
 
 
-def merge_stats(s1: SoftmaxStats, s2: SoftmaxStats, inv_temp: Float[Array, "*g m"]) -> SoftmaxStats:
+def merge_stats(s1: SoftmaxStats, s2: SoftmaxStats, inv_temp: Float[ArrayLike, "*g m"]) -> SoftmaxStats:
     """Exactly merge the statistics of two disjoint parts of a bank (associative and commutative;
     the provenance's best id, if present, prefers ``s1`` on exact ties)."""
     m = jnp.maximum(s1.max, s2.max)

@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -79,11 +78,6 @@ class NetworkDenoiser(Denoiser):
         """The network as an NNX module (``nnx.merge`` of ``graphdef`` and ``state``)."""
         return nnx.merge(self.graphdef, self.state)
 
-    def check_scale(self, scale: Any) -> None:
-        """Accept ``None`` or an int patch size and ignore it (a network has no locality knob)."""
-        if scale is not None and (isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Integral)):
-            raise TypeError(f"scale: expected None or an int (ignored by a network), got {scale!r}")
-        return None
 
     def check_label(self, label: Array | None) -> None:
         """A conditional network needs labels in ``[0, num_classes)``; an unconditional one none."""
@@ -98,22 +92,27 @@ class NetworkDenoiser(Denoiser):
         if bad:
             raise ValueError(f"label: class ids must lie in [0, {k}), got {bad}")
 
+    def _label_ok(self, label):
+        return (label >= 0) & (label < self.config.num_classes)
+
     def denoise(self, x_t: Any, t: Any, *, scale: int | None = None, label: Any = None) -> Float[Array, "b h w c"]:
         """Posterior-mean estimate ``x̂0 = (x_t − s·ε̂)/a``; undefined where ``a(t) = 0`` (raises).
 
         Args:
             x_t: ``[B, H, W, C]`` noisy images.
             t: a time in ``[0, 1]`` or one per image.
-            scale: ignored (accepted for compatibility with the machines).
+            scale: ``None`` (a network has no locality scale; any other value is refused).
             label: ``None``, a class id, or one per image (required by a conditional network).
         """
         x_t, t, label, scale = self.check_inputs(x_t, t, scale=scale, label=label)
         # ᾱ ≤ 1e-12 (a ≤ 1e-6, e.g. float32's cos²(π/2) ≈ 2e-15) would amplify ε̂'s error a millionfold
-        if _checks.is_concrete(t) and bool(jnp.any(self.schedule.variances(t)[0] <= self.min_signal_var)):
-            raise ValueError(
-                "t: x̂0 = (x_t − s·ε̂)/a is undefined where the signal level a(t) is 0 (t = 1 for this "
-                "schedule); use eps() or score() there"
-            )
+        msg = ("t: x̂0 = (x_t − s·ε̂)/a is undefined where the signal level a(t) is 0 (t = 1 for this "
+               "schedule); use eps() or score() there")
+        signal_free = self.schedule.variances(t)[0] <= self.min_signal_var
+        if not _checks.is_concrete(t):
+            t = _checks.runtime_check(t, signal_free, _checks.fail(msg))
+        elif bool(jnp.any(signal_free)):
+            raise ValueError(msg)
         return _jit_denoise(self, x_t, t, label)
 
     # -- pure ---------------------------------------------------------------------------------------

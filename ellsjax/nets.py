@@ -799,7 +799,7 @@ def _preset_table() -> dict[str, Preset]:
     return table
 
 
-#: The paper's networks, keyed like :data:`ellsjax.schedules.PAPER_SCALES` (whose scale schedules
+#: The paper's networks, keyed like :data:`ellsjax.presets.PAPER_SCALES` (whose scale schedules
 #: were calibrated against them). All at 32×32 (MNIST and Fashion-MNIST resized from 28, CelebA
 #: center-cropped and resized). ResNets: width 256, 8 layers — the depth the authors' README uses
 #: for CIFAR-10; the release records no other depth, so the same 8 layers are used for every

@@ -65,7 +65,7 @@ class ReproducePreset:
         train: training options (:class:`ellsjax.training.TrainConfig`); its ``steps`` is replaced by
             ``epochs`` passes over the data when ``epochs`` is set.
         epochs: training length in passes over the training set (``None``: ``train.steps``).
-        published: the :data:`ellsjax.schedules.PAPER_SCALES` schedule evaluated for comparison
+        published: the :data:`ellsjax.presets.PAPER_SCALES` schedule evaluated for comparison
             (``None``: skipped).
         candidates: the grid calibration's candidate patch sizes.
         calib_seeds: noise draws (trajectories) used for calibration.

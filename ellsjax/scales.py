@@ -12,9 +12,17 @@ values are:
 
 (The *noise* schedule ``t ↦ (a, s)`` is a different thing: :mod:`ellsjax.schedules`.)
 
-One file format serves ``sample``, ``evaluate``, ``calibrate`` and the library: JSON with ``"ts"``
-and either ``"scales"`` (sizes) or ``"ells"`` (widths, plus ``"support"``, ``"padding"``,
-``"window"``, ``"edge"``); any other keys are kept as ``meta``.
+This class is the one place schedules are read and written (the calibrations return one: their
+``.schedule``; ``sample``, ``evaluate`` and ``calibrate`` read one with :meth:`ScaleSchedule.load`):
+
+* a schedule file: JSON with ``"ts"`` and either ``"scales"`` (sizes) or ``"ells"`` (widths, plus
+  ``"support"``, ``"padding"``, ``"window"``, ``"edge"``); any other keys are kept as ``meta``
+  (:meth:`~ScaleSchedule.save` writes it, :meth:`~ScaleSchedule.load` reads it back unchanged);
+* the published schedules: a preset name of :data:`ellsjax.presets.PAPER_SCALES`
+  (:meth:`~ScaleSchedule.paper`), or the authors' released table (``{"nsteps", "scales": {name:
+  [k_0 … k_19]}}``, e.g. ``kamb_ganguli_scales.json``: :meth:`~ScaleSchedule.read_table`, or
+  :meth:`~ScaleSchedule.load` with ``name=``);
+* bare values: one scale, a sequence, or a comma-separated string, on ``paper_times(nsteps)``.
 
 Example:
     >>> from ellsjax.scales import ScaleSchedule
@@ -51,12 +59,17 @@ _WIDTH_DEFAULTS = {"window": "gaussian", "edge": 0.15}
 def _as_size(v: Any, where: str) -> int:
     if isinstance(v, (bool, np.bool_)):
         raise ValueError(f"{where}: expected an integer patch size, got {v!r}")
-    if isinstance(v, numbers.Integral):
+    if isinstance(v, numbers.Real) and float(v).is_integer():  # 5.0 from a JSON writer that prints floats
+        if int(v) <= 0:
+            raise ValueError(f"{where}: patch sizes must be positive, got {v!r}")
         return int(v)
-    if isinstance(v, numbers.Real) and float(v).is_integer():
-        return int(v)  # 5.0 from a JSON writer that prints floats
     raise ValueError(f"{where}: expected integer patch sizes, got {v!r} (a window width ℓ belongs in a width "
                      "schedule, written with 'ells')")
+
+
+def _paper_grid(nsteps: int) -> tuple[float, ...]:
+    """:func:`ellsjax.schedules.paper_times` as Python floats (its float32 values, exactly)."""
+    return tuple(float(t) for t in _schedules.paper_times(nsteps))
 
 
 def _as_width(v: Any, where: str) -> float:
@@ -77,6 +90,9 @@ class ScaleSchedule:
         options: the machine options of a width schedule (``support``, ``window``, ``edge``).
         source: where it came from (a preset name, a file, ``"command line"``), for reports.
         meta: anything else its file held (method, metric, candidates, …).
+
+    Two schedules are equal when their steps, values, kind, padding and options are (``source`` and
+    ``meta`` describe where one came from).
     """
 
     ts: tuple[float, ...]
@@ -84,7 +100,7 @@ class ScaleSchedule:
     kind: Literal["size", "width"] = "size"
     padding: str | None = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    source: str = ""
+    source: str = dataclasses.field(default="", compare=False)
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -167,7 +183,65 @@ class ScaleSchedule:
             raise ValueError(f"{where}: {e}") from None
 
     @classmethod
-    def load(cls, spec: Any, *, nsteps: int = 20, kind: str | None = None) -> ScaleSchedule:
+    def paper(cls, name: str, *, convention: Literal["sampler", "calibration"] = "sampler") -> ScaleSchedule:
+        """A published patch-size schedule (:data:`ellsjax.presets.PAPER_SCALES`) on the paper's
+        20-point grid :func:`ellsjax.schedules.paper_times`; ``convention`` as in
+        :func:`ellsjax.presets.paper_scales` (``"sampler"`` reproduces the published figures).
+
+        Example:
+            >>> ScaleSchedule.paper("MNIST_ResNet_zeros").values[-3:]
+            (5, 5, 3)
+            >>> ScaleSchedule.paper("MNIST_ResNet_zeros", convention="calibration").values[-3:]
+            (5, 3, 3)
+        """
+        values = _presets.paper_scales(name, convention=convention)
+        source = name if convention == "sampler" else f"{name} ({convention} convention)"
+        return cls(_paper_grid(len(values) + 1), values, "size", source=source)
+
+    @classmethod
+    def read_table(
+        cls, table: Any, *, convention: Literal["sampler", "calibration"] = "sampler"
+    ) -> dict[str, ScaleSchedule]:
+        """Every schedule of a published table, by name.
+
+        A table is the authors' release format, ``{"nsteps": N, "scales": {name: [k_0, …, k_{N−1}]}}``
+        with ``k_j`` calibrated at noise index ``j`` (0 = lowest), e.g. ``kamb_ganguli_scales.json``;
+        each becomes a schedule on ``paper_times(N)`` by the index rule of ``convention``
+        (:func:`ellsjax.presets.paper_scales`). The bundled :data:`ellsjax.presets.PAPER_SCALES` is
+        such a table.
+
+        Args:
+            table: a path to the JSON file, or its parsed object.
+            convention: ``"sampler"`` (the published figures) or ``"calibration"``.
+        """
+        where = "table"
+        if isinstance(table, (str, os.PathLike)):
+            where = f"table: {os.fspath(table)!r}"
+            try:
+                with open(table) as f:
+                    table = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{where}: cannot read a scale table: {e}") from None
+        if not isinstance(table, Mapping) or not isinstance(table.get("scales"), Mapping):
+            raise ValueError(f"{where}: not a published scale table (expected a JSON object whose 'scales' maps "
+                             "names to per-index patch sizes)")
+        if convention not in ("sampler", "calibration"):
+            raise ValueError(f"convention: must be 'sampler' or 'calibration', got {convention!r}")
+        out = {}
+        for name, raw in table["scales"].items():
+            raw = [_as_size(v, f"{where}: {name}[{j}]") for j, v in enumerate(raw)]
+            n = int(table.get("nsteps", len(raw)))
+            if len(raw) != n or n < 2:
+                raise ValueError(f"{where}: {name} has {len(raw)} values for nsteps = {n}")
+            # the index rule of presets.paper_scales: t = j/n uses raw[j] (sampler) or raw[j-1] (calibration)
+            shift = 0 if convention == "sampler" else 1
+            values = tuple(raw[j - shift] for j in range(n - 1, 0, -1))
+            source = name if convention == "sampler" else f"{name} ({convention} convention)"
+            out[name] = cls(_paper_grid(n), values, "size", source=source)
+        return out
+
+    @classmethod
+    def load(cls, spec: Any, *, nsteps: int = 20, kind: str | None = None, name: str | None = None) -> ScaleSchedule:
         """Read a scale specification.
 
         Args:
@@ -178,6 +252,7 @@ class ScaleSchedule:
             nsteps: grid size when ``spec`` carries no times.
             kind: how bare numbers are read: ``"size"`` (ints; floats with a fraction are an
                 error), ``"width"`` (floats), or ``None`` (ints if all are integral, else widths).
+            name: with a published table file (:meth:`read_table`), the schedule to take from it.
 
         Raises:
             ValueError: naming ``spec``, for anything it cannot read exactly.
@@ -186,8 +261,10 @@ class ScaleSchedule:
             raise ValueError(f"kind: must be one of {', '.join(SCHEDULE_KINDS)} or None, got {kind!r}")
         if isinstance(spec, ScaleSchedule):
             return spec
+        if name is not None and not (isinstance(spec, (str, os.PathLike)) and os.path.isfile(spec)):
+            raise ValueError(f"name: selects a schedule from a published table file; {spec!r} is not a file")
         if isinstance(spec, str) and spec in _presets.PAPER_SCALES:
-            return cls(tuple(_schedules.paper_times(20)), _presets.paper_scales(spec), "size", source=spec)
+            return cls.paper(spec)
         if isinstance(spec, (str, os.PathLike)) and (os.fspath(spec).endswith(".json") or os.path.isfile(spec)):
             path = os.fspath(spec)
             try:
@@ -195,6 +272,12 @@ class ScaleSchedule:
                     obj = json.load(f)
             except (OSError, ValueError) as e:
                 raise ValueError(f"spec: cannot read a scale schedule from {path!r}: {e}") from None
+            if isinstance(obj, dict) and isinstance(obj.get("scales"), dict):  # a published table
+                table = cls.read_table(obj)
+                if name not in table:
+                    raise ValueError(f"name: {path!r} is a table of {len(table)} schedules: pass name= one of "
+                                     f"{sorted(table)}" + ("" if name is None else f" (got {name!r})"))
+                return dataclasses.replace(table[name], source=f"{path}: {name}")
             out = cls.from_json(obj, where=f"spec: {path!r}")
             return dataclasses.replace(out, source=path)
         if isinstance(spec, str):
@@ -216,7 +299,7 @@ class ScaleSchedule:
                 spec = [v.item() if hasattr(v, "item") else v for v in spec]
             except TypeError:
                 raise ValueError(f"spec: expected a preset, a file, or scales, got {spec!r}") from None
-        ts = _schedules.paper_times(nsteps)
+        ts = _paper_grid(nsteps)
         values = spec if isinstance(spec, list) else [spec]
         if kind is None:
             kind = "size" if all(isinstance(v, numbers.Real) and float(v).is_integer() for v in values) else "width"
@@ -227,4 +310,4 @@ class ScaleSchedule:
         if len(values) != nsteps - 1:
             word = "widths" if kind == "width" else "scales"
             raise ValueError(f"spec: expected {nsteps - 1} {word} for a {nsteps}-point grid, got {len(values)}")
-        return cls(tuple(ts), tuple(values), kind, source="values")
+        return cls(ts, tuple(values), kind, source="values")

@@ -1,4 +1,5 @@
-"""Noise schedules and the paper's time grid (the published patch-size schedules: :mod:`ellsjax.presets`).
+"""Noise schedules and the paper's time grid (the published patch-size schedules: :mod:`ellsjax.presets`;
+per-step scale schedules: :class:`ellsjax.scales.ScaleSchedule`).
 
 The forward process is variance preserving: ``x_t = a(t)·x0 + s(t)·ε`` with ``a = sqrt(ᾱ(t))`` and
 ``s = sqrt(1 − ᾱ(t))`` for ``t ∈ [0, 1]``. A :class:`Schedule` is a small frozen, hashable record, so it
@@ -16,14 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from typing import Any, Literal
+from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
-
-from ellsjax import presets as _presets
 
 __all__ = [
     "Schedule",
@@ -34,11 +32,6 @@ __all__ = [
     "ddpm_linear",
     "get",
     "paper_times",
-    "PAPER_SCALES",
-    "PAPER_SCALES_SOURCE",
-    "paper_scales",
-    "resolve_scales",
-    "save_scales",
 ]
 
 _Kind = Literal["cosine_legacy", "cosine", "linear", "exponential", "ddpm_linear"]
@@ -197,43 +190,3 @@ def paper_times(nsteps: int = 20) -> np.ndarray:
     if not isinstance(nsteps, (int, np.integer)) or nsteps < 2:
         raise ValueError(f"nsteps: need an integer >= 2, got {nsteps!r}")
     return (np.arange(nsteps - 1, -1, -1) / nsteps).astype(np.float32)
-
-
-# The published patch-size schedules live in ellsjax.presets; these names stay here for existing code.
-PAPER_SCALES = _presets.PAPER_SCALES
-PAPER_SCALES_SOURCE = _presets.PAPER_SCALES_SOURCE
-paper_scales = _presets.paper_scales
-
-
-def resolve_scales(spec: Any, *, nsteps: int = 20) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Turn a patch-size specification into a time grid and per-step scales for the sampler.
-
-    A shorthand for :meth:`ellsjax.scales.ScaleSchedule.load` with integer scales: a preset name of
-    :data:`PAPER_SCALES` (on :func:`paper_times` ``(20)``), a JSON schedule file, a sequence of ints
-    (one per step of ``paper_times(nsteps)``), a comma-separated string of them, or one int.
-
-    Returns:
-        ``(ts, scales)`` with ``len(scales) == len(ts) − 1``.
-
-    Example:
-        >>> ts, sc = resolve_scales("MNIST_ResNet_zeros")
-        >>> len(ts), len(sc)
-        (20, 19)
-    """
-    from ellsjax.scales import ScaleSchedule
-
-    s = ScaleSchedule.load(spec, nsteps=nsteps, kind="size")
-    if s.kind != "size":
-        raise ValueError(f"spec: {spec!r} holds window widths ℓ, not patch sizes")
-    return s.times(), s.values
-
-
-def save_scales(path: str | os.PathLike, ts: Any, scales: Any, **meta: Any) -> None:
-    """Write a JSON patch-size schedule readable by :func:`resolve_scales` (extra ``meta`` is kept)."""
-    from ellsjax.scales import ScaleSchedule
-
-    ts = [float(t) for t in np.asarray(ts).ravel()]
-    scales = list(scales)
-    if len(scales) != len(ts) - 1:
-        raise ValueError(f"scales: expected len(ts) - 1 = {len(ts) - 1} values, got {len(scales)}")
-    ScaleSchedule(tuple(ts), tuple(scales), "size", meta=meta).save(path)

@@ -7,6 +7,7 @@ copies; see its README). Without them those tests skip and say where they looked
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -35,6 +36,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# Shape annotations are checked at run time in the tests (jaxtyping + beartype, as diffrax does):
+# every function and dataclass of ellsjax imported from here on is wrapped by jaxtyping.jaxtyped,
+# checking its array annotations (dtype, rank, named dimensions consistent across the arguments
+# and the result; tests/_shapecheck.py). Must come before the first import of ellsjax.
+# ELLSJAX_SHAPECHECK=0 turns it off (to time the suite without it).
+if os.environ.get("ELLSJAX_SHAPECHECK", "1") != "0":
+    import jaxtyping
+
+    import tests._shapecheck  # noqa: F401  (the hook looks the checker up as an attribute of `tests`)
+
+    jaxtyping.install_import_hook("ellsjax", "tests._shapecheck.shapes")
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -60,6 +73,20 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def unchecked_shapes():
+    """Within it, jaxtyping's run-time check of shape annotations is off: for a test of the library's
+    own error on a mis-shaped argument, which the annotation check would otherwise pre-empt."""
+    import jaxtyping
+
+    old = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", old)
 
 
 def random_images(n: int, shape=(8, 8, 1), *, b: int = 2, seed: int = 0):

@@ -9,6 +9,7 @@ import pytest
 
 import ellsjax as ej
 from ellsjax import calibration as cal
+from ellsjax.scales import ScaleSchedule
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +151,10 @@ def test_grid_recovers_true_schedule(imgs, noise, metric, tmp_path):
     assert res.scales == truth
     assert res.best.shape == (4, 3) and res.similarity.shape == (4, 4, 3)
     assert np.all(res.best == np.asarray(truth)[:, None])
+    assert res.schedule.kind == "size" and res.schedule.values == truth and np.allclose(res.schedule.ts, ts)
     res.save(tmp_path / "s.json")
-    ts2, sc2 = ej.schedules.resolve_scales(str(tmp_path / "s.json"))
-    assert sc2 == truth and np.allclose(ts2, ts)
+    back = ScaleSchedule.load(tmp_path / "s.json")
+    assert back == res.schedule and back.meta == {"method": "grid", "metric": metric, "candidates": [1, 3, 5, 7]}
 
 
 def test_trajectory_loss_zero_for_the_target_itself(imgs, noise):
@@ -192,8 +194,10 @@ def test_differentiable_recovers_known_ell(imgs, noise, curve, optimizer, tmp_pa
     np.testing.assert_allclose(res.ells, truth, rtol=0.1 if res.optimizer == "adam" else 0.03)
     assert res.losses[-1] < 0.05 * res.losses[0]
     res.save(tmp_path / "soft.json")
-    ts2, ells, info = cal.load_schedule(tmp_path / "soft.json")
-    assert info == {"support": 5, "padding": "circular", "window": "gaussian", "edge": 0.15} and np.allclose(ells, res.ells) and np.allclose(ts2, ts)
+    back = ScaleSchedule.load(tmp_path / "soft.json")
+    assert back == res.schedule and back.kind == "width" and back.padding == "circular"
+    assert back.options == {"support": 5, "window": "gaussian", "edge": 0.15}
+    assert np.allclose(back.values, res.ells) and np.allclose(back.ts, ts)
 
 
 def test_differentiable_errors(imgs, noise):
@@ -241,13 +245,11 @@ def test_hermite_argmin_and_line_search_on_known_functions():
     assert np.all(search.best_f <= np.array([f(0.0) for f in fs]))
 
 
-def test_load_schedule_errors(tmp_path):
+def test_schedule_file_errors(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text(json.dumps({"ts": [0.5, 0.0], "ells": [1.0, 2.0], "support": 3}))
     with pytest.raises(ValueError, match="len"):
-        cal.load_schedule(p)
-    with pytest.raises(ValueError, match="ells"):
-        cal.save_soft_schedule(tmp_path / "x.json", [0.5, 0.0], [-1.0], support=3)
+        ScaleSchedule.load(p)
     assert cal.calibration_times(2).tolist() == [1.0, 0.5, 0.0]
     with pytest.raises(ValueError, match="nsteps"):
         cal.calibration_times(0)

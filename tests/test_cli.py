@@ -11,6 +11,7 @@ import pytest
 
 import ellsjax as ej
 from ellsjax import cli
+from ellsjax.scales import ScaleSchedule
 from tests.conftest import SHARED, needs_shared
 
 
@@ -89,11 +90,9 @@ def test_pspc_uses_its_published_cifar10_schedule(tmp_path):
 
 
 def test_soft_machine_samples_from_a_learned_schedule_file(tmp_path):
-    from ellsjax import calibration
-
-    ts = ej.schedules.paper_times(3)
-    calibration.save_soft_schedule(tmp_path / "soft.json", ts, [2.0, 1.0], support=5, padding="zeros",
-                                   window="box", edge=0.15)
+    ts = tuple(ej.schedules.paper_times(3))
+    ScaleSchedule(ts, (2.0, 1.0), "width", padding="zeros", options={"support": 5, "window": "box", "edge": 0.15}
+                  ).save(tmp_path / "soft.json")
     out = tmp_path / "run"
     code = cli.main(["sample", "--machine", "soft-bbels", "--n-train", "10", "--image-size", "12", "--num-samples", "2",
                      "--scales", str(tmp_path / "soft.json"), "--out", str(out), "--no-progress"])
@@ -127,10 +126,8 @@ def test_soft_machine_errors_are_clear(argv, msg, tmp_path):
 
 
 def test_soft_schedule_padding_must_match_the_machine(tmp_path):
-    from ellsjax import calibration
-
-    calibration.save_soft_schedule(tmp_path / "soft.json", ej.schedules.paper_times(3), [2.0, 1.0], support=5,
-                                   padding="circular")
+    ScaleSchedule(tuple(ej.schedules.paper_times(3)), (2.0, 1.0), "width", padding="circular",
+                  options={"support": 5}).save(tmp_path / "soft.json")
     with pytest.raises(SystemExit) as e:
         cli.main(["sample", "--machine", "soft-bbels", "--n-train", "8", "--image-size", "12", "--out",
                   str(tmp_path / "o"), "--scales", str(tmp_path / "soft.json")])

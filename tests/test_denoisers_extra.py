@@ -281,7 +281,7 @@ def test_registry_chunking_jit_and_batching(name):
         np.testing.assert_allclose(got, whole, atol=5e-6)
     if name == "cfdm":  # the perturbations are shared, not tied to batch positions
         np.testing.assert_allclose(m.denoise(x[1:2], T[1], scale=k), whole[1:2], atol=5e-6)
-    # a pytree: the user's own jit (values then unchecked)
+    # a pytree: the user's own jit (values checked there too: tests/test_jit_checks.py)
     user = jax.jit(lambda mm, xx, tt: mm.denoise(xx, tt, scale=k))(m, x, jnp.asarray(T))
     np.testing.assert_allclose(user, whole, atol=1e-6)
     # score / eps follow from x̂0; the noise-free end gives finite x̂0 and raises for the score

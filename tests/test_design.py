@@ -101,6 +101,8 @@ def test_refusals_name_what_is_wrong():
         m.prepare((4,))
     with pytest.raises(ValueError, match="conditional: this machine was built without labels"):
         m.prepare((3,), conditional=True)
+    with pytest.raises(ValueError, match="scale: this denoiser has no scale"):
+        ej.machines.ideal(imgs).prepare((3,))
     with pytest.raises(ValueError, match="rank: the covariance of 12 images of D = H·W·C = 64 values has at most 12"):
         ej.machines.wiener(imgs, rank=1000)
     with pytest.raises(ValueError, match="rank: .* at most 12"):
@@ -253,7 +255,7 @@ def test_repr_shows_shapes_not_values():
 def test_unprepared_calls_stream_and_never_build_a_bank(monkeypatch):
     imgs = _imgs(n=16)
     x = imgs[:2] * 0.9
-    prepared = {k: ej.machines.build(k, imgs).prepare((3,)) for k in ("els", "bbels", "is", "ls")}
+    prepared = {k: ej.machines.build(k, imgs).prepare((None if k == "is" else 3,)) for k in ("els", "bbels", "is", "ls")}
     want = {k: m.denoise(x, 0.3, scale=None if k == "is" else 3) for k, m in prepared.items()}
 
     def refuse(*a, **k):

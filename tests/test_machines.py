@@ -8,6 +8,7 @@ import pytest
 import ellsjax as ej
 from ellsjax.machines.search import CertifiedSubset, Exact, TopK
 from tests import _reference as R
+from tests.conftest import unchecked_shapes
 
 SCHED = ej.schedules.cosine_legacy()
 BUILD = {
@@ -16,6 +17,11 @@ BUILD = {
     "els": lambda im, lab=None, **kw: ej.machines.els(im, lab, padding="circular", **kw),
     "bbels": lambda im, lab=None, **kw: ej.machines.els(im, lab, padding="zeros", **kw),
 }
+#: The per-call scale of a machine kind: IS has none (and refuses any).
+def sc(kind, k):
+    return None if kind == "is" else k
+
+
 REF = {"is": R.ideal, "ls": R.local, "els": R.els, "bbels": R.bbels}
 # Every kind once, the class-conditional path on two of them (each pair compiles its own programs;
 # test_matches_dense_reference covers the full kind x conditional matrix against the references).
@@ -86,12 +92,12 @@ def test_chunked_equals_unchunked(kind, conditional):
     imgs, x = data((8, 8, 2), n=7)
     labels = np.array([0, 1, 0, 1, 0, 1, 1]) if conditional else None
     label = np.array([1, 0, 1]) if conditional else None
-    whole = BUILD[kind](imgs, labels, chunk_size=7).denoise(x, 0.4, scale=3, label=label)
+    whole = BUILD[kind](imgs, labels, chunk_size=7).denoise(x, 0.4, scale=sc(kind, 3), label=label)
     for c in [2, 3]:
-        got = BUILD[kind](imgs, labels, chunk_size=c).denoise(x, 0.4, scale=3, label=label)
+        got = BUILD[kind](imgs, labels, chunk_size=c).denoise(x, 0.4, scale=sc(kind, 3), label=label)
         np.testing.assert_allclose(got, whole, atol=5e-6, err_msg=f"chunk_size={c}")
     # a memory budget too small for one image still works (one image per chunk)
-    tiny = BUILD[kind](imgs, labels, memory_budget=1).denoise(x, 0.4, scale=3, label=label)
+    tiny = BUILD[kind](imgs, labels, memory_budget=1).denoise(x, 0.4, scale=sc(kind, 3), label=label)
     np.testing.assert_allclose(tiny, whole, atol=5e-6)
 
 
@@ -100,13 +106,13 @@ def test_jit_equals_no_jit_and_user_jit(kind):
     imgs, x = data((5, 5, 1), n=3)
     m = BUILD[kind](imgs)
     t = jnp.array([0.2, 0.6, 0.9])
-    jitted = m.denoise(x, t, scale=3)
+    jitted = m.denoise(x, t, scale=sc(kind, 3))
     if kind in ("is", "els"):  # eager (op by op) once per code path: image bank, patch groups
         with jax.disable_jit():
-            eager = m.denoise(x, t, scale=3)
+            eager = m.denoise(x, t, scale=sc(kind, 3))
         np.testing.assert_allclose(jitted, eager, atol=1e-6)
-    # the machine is a pytree: it can be an argument of the user's own jit (values then unchecked)
-    user = jax.jit(lambda mm, xx, tt: mm.denoise(xx, tt, scale=3))(m, x, t)
+    # the machine is a pytree: it can be an argument of the user's own jit (values still checked: test_jit_checks)
+    user = jax.jit(lambda mm, xx, tt: mm.denoise(xx, tt, scale=sc(kind, 3)))(m, x, t)
     np.testing.assert_allclose(user, jitted, atol=1e-6)
 
 
@@ -115,10 +121,10 @@ def test_batched_equals_loop_and_vmap(kind):
     imgs, x = data((8, 8, 1), b=4)
     m = BUILD[kind](imgs)
     t = jnp.array([0.2, 0.4, 0.7, 1.0])
-    batched = m.denoise(x, t, scale=5)
-    loop = jnp.concatenate([m.denoise(x[i : i + 1], t[i], scale=5) for i in range(4)])
+    batched = m.denoise(x, t, scale=sc(kind, 5))
+    loop = jnp.concatenate([m.denoise(x[i : i + 1], t[i], scale=sc(kind, 5)) for i in range(4)])
     np.testing.assert_allclose(batched, loop, atol=5e-6)
-    vm = jax.vmap(lambda xi, ti: m.denoise(xi[None], ti, scale=5)[0])(x, t)
+    vm = jax.vmap(lambda xi, ti: m.denoise(xi[None], ti, scale=sc(kind, 5))[0])(x, t)
     np.testing.assert_allclose(vm, loop, atol=5e-6)
 
 
@@ -193,15 +199,15 @@ def test_finite_over_whole_time_range(kind):
     imgs, x = data((8, 8, 1))
     m = BUILD[kind](imgs)
     for t in np.linspace(0, 1, 11):
-        assert np.all(np.isfinite(m.denoise(x, t, scale=3)))
+        assert np.all(np.isfinite(m.denoise(x, t, scale=sc(kind, 3))))
         if t > 0:
-            assert np.all(np.isfinite(m.score(x, t, scale=3)))
-            assert np.all(np.isfinite(m.eps(x, t, scale=3)))
+            assert np.all(np.isfinite(m.score(x, t, scale=sc(kind, 3))))
+            assert np.all(np.isfinite(m.eps(x, t, scale=sc(kind, 3))))
     with pytest.raises(ValueError, match="t: the score diverges"):
-        m.score(x, 0.0, scale=3)
+        m.score(x, 0.0, scale=sc(kind, 3))
     # t = 1 for a schedule with a(1) = 0 returns the bank mean (the softmax is uniform)
     m1 = BUILD[kind](imgs, schedule=ej.schedules.cosine(0.008))
-    out = np.asarray(m1.denoise(x, 1.0, scale=1))
+    out = np.asarray(m1.denoise(x, 1.0, scale=sc(kind, 1)))
     assert np.all(np.isfinite(out))
     if kind == "els":
         np.testing.assert_allclose(out, np.full_like(out, imgs.mean()), atol=1e-5)
@@ -242,17 +248,18 @@ class TestBadInput:
             ej.machines.els(self.imgs).denoise(self.x, 0.5, scale=9)
 
     def test_wrong_rank_channels_dtype(self):
-        m = ej.machines.els(self.imgs)
-        with pytest.raises(ValueError, match="x_t: expected rank 4"):
-            m.denoise(self.x[0], 0.5, scale=3)
-        with pytest.raises(ValueError, match="x_t: expected images of shape"):
-            m.denoise(np.zeros((1, 8, 8, 3), np.float32), 0.5, scale=3)
-        with pytest.raises(TypeError, match="x_t: expected a floating-point"):
-            m.denoise(np.zeros((1, 8, 8, 1), np.uint8), 0.5, scale=3)
-        with pytest.raises(TypeError, match="images: expected a floating-point"):
-            ej.machines.els((self.imgs * 100).astype(np.int32))
-        with pytest.raises(ValueError, match="images: expected rank 4"):
-            ej.machines.ideal(self.imgs[0])
+        with unchecked_shapes():  # the library's own errors, not the annotations' check
+            m = ej.machines.els(self.imgs)
+            with pytest.raises(ValueError, match="x_t: expected rank 4"):
+                m.denoise(self.x[0], 0.5, scale=3)
+            with pytest.raises(ValueError, match="x_t: expected images of shape"):
+                m.denoise(np.zeros((1, 8, 8, 3), np.float32), 0.5, scale=3)
+            with pytest.raises(TypeError, match="x_t: expected a floating-point"):
+                m.denoise(np.zeros((1, 8, 8, 1), np.uint8), 0.5, scale=3)
+            with pytest.raises(TypeError, match="images: expected a floating-point"):
+                ej.machines.els((self.imgs * 100).astype(np.int32))
+            with pytest.raises(ValueError, match="images: expected rank 4"):
+                ej.machines.ideal(self.imgs[0])
 
     def test_nan_inputs(self):
         bad = self.x.copy()
@@ -270,20 +277,21 @@ class TestBadInput:
             ej.machines.ideal(self.imgs).denoise(self.x, t)
 
     def test_labels(self):
-        labels = np.array([0, 0, 1, 1, 3, 3])
-        m = ej.machines.els(self.imgs, labels)
-        with pytest.raises(ValueError, match=r"label: no training images of class \[2\]"):
-            m.denoise(self.x, 0.5, scale=3, label=2)
-        with pytest.raises(ValueError, match=r"label: no training images of class \[7\]"):
-            m.denoise(self.x, 0.5, scale=3, label=[0, 1, 7])
-        with pytest.raises(ValueError, match="label: this machine was built without labels"):
-            ej.machines.els(self.imgs).denoise(self.x, 0.5, scale=3, label=0)
-        with pytest.raises(ValueError, match="labels: expected shape"):
-            ej.machines.els(self.imgs, labels[:3])
-        with pytest.raises(ValueError, match="labels: class ids must be >= 0"):
-            ej.machines.els(self.imgs, -labels)
-        with pytest.raises(TypeError, match="labels: expected integer"):
-            ej.machines.els(self.imgs, labels.astype(float))
+        with unchecked_shapes():  # the library's own errors, not the annotations' check
+            labels = np.array([0, 0, 1, 1, 3, 3])
+            m = ej.machines.els(self.imgs, labels)
+            with pytest.raises(ValueError, match=r"label: no training images of class \[2\]"):
+                m.denoise(self.x, 0.5, scale=3, label=2)
+            with pytest.raises(ValueError, match=r"label: no training images of class \[7\]"):
+                m.denoise(self.x, 0.5, scale=3, label=[0, 1, 7])
+            with pytest.raises(ValueError, match="label: this machine was built without labels"):
+                ej.machines.els(self.imgs).denoise(self.x, 0.5, scale=3, label=0)
+            with pytest.raises(ValueError, match="labels: expected shape"):
+                ej.machines.els(self.imgs, labels[:3])
+            with pytest.raises(ValueError, match="labels: class ids must be >= 0"):
+                ej.machines.els(self.imgs, -labels)
+            with pytest.raises(TypeError, match="labels: expected integer"):
+                ej.machines.els(self.imgs, labels.astype(float))
 
     def test_bad_padding_and_options(self):
         with pytest.raises(ValueError, match="padding"):
@@ -310,15 +318,16 @@ def test_prebuilt_deduplicated_banks_equal_streamed_images(kind, conditional):
     lazy = BUILD[kind](imgs, labels, bank_budget=1)  # too small: windows gathered from the images
     t = jnp.array([0.3, 0.6, 1.0])
     for k in [3, 5]:
-        assert not lazy.prepare((k,), conditional=conditional).banks
-        ready = m.prepare((k,), conditional=conditional)
+        assert not lazy.prepare((sc(kind, k),), conditional=conditional).banks
+        ready = m.prepare((sc(kind, k),), conditional=conditional)
         assert ready.banks
-        want = lazy.denoise(x, t, scale=k, label=label)
+        want = lazy.denoise(x, t, scale=sc(kind, k), label=label)
         # same math; float32 rounding differs (c·exp(l) vs c separate terms, GEMM blocking)
-        np.testing.assert_allclose(ready.denoise(x, t, scale=k, label=label), want, atol=1e-5)
+        np.testing.assert_allclose(ready.denoise(x, t, scale=sc(kind, k), label=label), want, atol=1e-5)
         # chunking of the prebuilt bank (3 does not divide the bank: a ragged last chunk)
-        got = BUILD[kind](imgs, labels, chunk_size=3).denoise(x, t, scale=k, label=label)
-        np.testing.assert_allclose(got, want, atol=1e-5)
+        chunked = BUILD[kind](imgs, labels, chunk_size=3).prepare((sc(kind, k),), conditional=conditional)
+        assert chunked.banks
+        np.testing.assert_allclose(chunked.denoise(x, t, scale=sc(kind, k), label=label), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind,conditional", [("els", False), ("bbels", True)])
@@ -391,15 +400,15 @@ def test_approximate_search_stays_within_its_bound(kind, conditional):
     for t in [0.1, 0.5]:
         a, s = ab(t)
         x = (a * imgs[[1, 2]] + s * rng.normal(size=imgs[:2].shape)).astype(np.float32)
-        exact = np.asarray(m.denoise(x, t, scale=3, label=label))
+        exact = np.asarray(m.denoise(x, t, scale=sc(kind, 3), label=label))
         for scoring in ["float32", "bfloat16"]:
-            s = m.with_search(TopK(1e-3, k=8, scoring=scoring)).prepare((3,), conditional=conditional)
-            x0, bound = s.denoise_with_bound(x, t, scale=3, label=label)
+            s = m.with_search(TopK(1e-3, k=8, scoring=scoring)).prepare((sc(kind, 3),), conditional=conditional)
+            x0, bound = s.denoise_with_bound(x, t, scale=sc(kind, 3), label=label)
             err = np.abs(np.asarray(x0) - exact).max(-1)
             assert np.all(err <= np.asarray(bound) + 2e-5), (t, scoring, float(err.max()))
             assert np.asarray(bound).max() <= 1e-3
             # one rule: denoise returns exactly the estimate whose bound denoise_with_bound states
-            np.testing.assert_array_equal(np.asarray(s.denoise(x, t, scale=3, label=label)), np.asarray(x0))
+            np.testing.assert_array_equal(np.asarray(s.denoise(x, t, scale=sc(kind, 3), label=label)), np.asarray(x0))
 
 
 def test_approximate_search_options():

@@ -59,9 +59,11 @@ def test_ddim_samples_a_network_like_a_machine(run):
     d = models.load(run)
     x, ts = noisy(3, seed=1), [0.9, 0.6, 0.3, 0.0]
     out = ej.samplers.ddim(d, x, ts)
-    # scales are accepted and ignored, so calibration code can pass a machine's schedule
-    np.testing.assert_array_equal(ej.samplers.ddim(d, x, ts, scales=[7, 5, 3]), out)
-    # placeholder scales for a network are no scales: the same compiled program
+    # a network has no scale: it refuses a machine's schedule (scale_for gives it None) ...
+    with pytest.raises(ValueError, match="scales: NetworkDenoiser has no scale; pass scales=None"):
+        ej.samplers.ddim(d, x, ts, scales=[7, 5, 3])
+    assert ej.denoiser.scale_for(d, [7, 5, 3]) is None
+    # ... and placeholder scales for a network are no scales: the same compiled program
     assert ej.samplers.check_scales([None] * 3, d, 3) is None
     # the same DDIM steps written out with the network's ε̂
     y = np.asarray(x)
@@ -70,8 +72,9 @@ def test_ddim_samples_a_network_like_a_machine(run):
         (a0, a1), (s0, s1) = (np.sqrt(np.asarray(v, np.float64)) for v in d.schedule.variances(np.array([t0, t1])))
         y = a1 * (y - s0 * eps) / a0 + s1 * eps
     np.testing.assert_allclose(out, y, rtol=1e-4, atol=1e-4)
-    with pytest.raises(TypeError, match="scale: expected None or an int"):
-        d.denoise(x, 0.5, scale="big")
+    for scale in ("big", 3):
+        with pytest.raises(ValueError, match="scale: this denoiser has no scale; pass scale=None"):
+            d.denoise(x, 0.5, scale=scale)
 
 
 def test_labels_of_conditional_and_unconditional_networks(run):
@@ -87,13 +90,20 @@ def test_labels_of_conditional_and_unconditional_networks(run):
         d.denoise(x, 0.5, label=7)
     with pytest.raises(ValueError, match="label: this network is unconditional"):
         models.load(run).denoise(x, 0.5, label=1)
+    # inside the user's jit too (one program; a(t) = 0 likewise: tests/test_jit_checks.py's pattern)
+    jitted = jax.jit(lambda lab: d.denoise(x, 0.5, label=lab))
+    np.testing.assert_allclose(jitted(jnp.array([1, 3])), b, atol=1e-5)
+    with pytest.raises((ValueError, jax.errors.JaxRuntimeError), match=r"label: class ids must lie in \[0, 4\), got \[7\]"):
+        jax.block_until_ready(jitted(jnp.array([1, 7])))
 
 
 def test_zero_signal_makes_x0_undefined():
     # Nichol & Dhariwal's cosine has a(1) = 0: x̂0 = (x_t − s·ε̂)/a is undefined there
     d = models.from_module(nets.build(NET), schedule="cosine")
-    with pytest.raises(ValueError, match=r"t: x̂0 .* undefined where the signal level a\(t\) is 0"):
-        d.denoise(noisy(1), jnp.array([1.0]))
+    for denoise in (d.denoise, jax.jit(d.denoise)):  # eagerly and inside a jit
+        with pytest.raises((ValueError, jax.errors.JaxRuntimeError),
+                           match=r"t: x̂0 .* undefined where the signal level a\(t\) is 0"):
+            jax.block_until_ready(denoise(noisy(1), jnp.array([1.0])))
     # a sampler starting there is refused up front, not after a compile that returns inf
     with pytest.raises(ValueError, match=r"ts: this denoiser's x̂0 is undefined .* t = \[1.0\]"):
         ej.samplers.ddim(d, noisy(1), [1.0, 0.5, 0.0])

@@ -146,7 +146,7 @@ def test_config_round_trips_through_a_dict():
 
 def test_presets_are_the_papers_networks():
     # every published scale schedule has the network it was calibrated against
-    assert set(ej.schedules.PAPER_SCALES) <= set(nets.PRESETS)
+    assert set(ej.presets.PAPER_SCALES) <= set(nets.PRESETS)
     for name, p in nets.PRESETS.items():
         assert p.dataset in ej.data.DATASETS and p.net.image_size == 32 and p.net.padding in name.lower()
         assert p.net.conditional == name.endswith("_conditional")

@@ -15,6 +15,7 @@ import pytest
 
 import ellsjax as ej
 from ellsjax import cli, training
+from ellsjax.scales import ScaleSchedule
 from tests.conftest import tiny_net, tiny_train_config
 
 # -- 1. every command that writes checks its output location before computing -------------------
@@ -149,7 +150,7 @@ def test_fractional_patch_sizes_are_not_truncated(tmp_path):
     p = tmp_path / "s.json"
     p.write_text(json.dumps({"ts": [0.9, 0.5, 0.0], "scales": [3.7, 5.2]}))
     with pytest.raises(ValueError, match="expected integer patch sizes, got 3.7"):
-        ej.schedules.resolve_scales(str(p))
+        ScaleSchedule.load(str(p))
     with pytest.raises(SystemExit, match="expected integer patch sizes"):
         cli.main(["sample", "--n-train", "4", "--image-size", "8", "--scales", str(p), "--out", str(tmp_path / "o")])
 

@@ -11,6 +11,7 @@ import matplotlib.image  # noqa: E402
 
 import ellsjax as ej  # noqa: E402
 from ellsjax import cli  # noqa: E402
+from ellsjax.scales import ScaleSchedule  # noqa: E402
 
 
 def _valid_png(path):
@@ -43,7 +44,7 @@ def test_reproduce_smoke_outputs(smoke):
     assert "| els | grid |" in report and "| soft-els | box |" in report and "| pspc | grid |" in report
     for name in ("wiener", "pca", "cfdm"):
         assert f"| {name} | — |" in report and evals[f"{name}-none"]["scales"] is None
-    ts, pspc_scales = ej.schedules.resolve_scales(str(smoke / "scales_grid_pspc.json"))
+    pspc_scales = ScaleSchedule.load(smoke / "scales_grid_pspc.json").values
     assert set(pspc_scales) <= set(ej.reproduce.preset("smoke").candidates)
     assert res["calibration"]["others"]["pspc"]["scales"] == list(pspc_scales)
     # creativity measures for the network, IS and every evaluated machine
@@ -51,11 +52,11 @@ def test_reproduce_smoke_outputs(smoke):
     for row in res["creativity"].values():
         assert 0.0 <= row["near_copy"] <= 1.0 and 0.0 <= row["consistency"] <= 1.0 and row["nn_rms"] >= 0.0
     assert "## Creativity" in report and "| network |" in report
-    ts, scales = ej.schedules.resolve_scales(str(smoke / "scales_grid.json"))
-    assert len(scales) == len(ts) - 1 == ej.reproduce.preset("smoke").nsteps
-    ts, ells, info = ej.calibration.load_schedule(smoke / "scales_soft_box.json")
-    assert len(ells) == len(ts) - 1 and info["support"] == ej.reproduce.preset("smoke").soft_support
-    assert info["window"] == "box"
+    grid = ScaleSchedule.load(smoke / "scales_grid.json")
+    assert grid.kind == "size" and grid.nsteps == ej.reproduce.preset("smoke").nsteps
+    soft = ScaleSchedule.load(smoke / "scales_soft_box.json")
+    assert soft.kind == "width" and soft.options["support"] == ej.reproduce.preset("smoke").soft_support
+    assert soft.options["window"] == "box"
 
 
 def test_cli_evaluate_on_trained_network(smoke, tmp_path):
@@ -90,17 +91,18 @@ def test_cli_calibrate_grid_and_soft(smoke, tmp_path):
     net = str(smoke / "net")
     assert cli.main(["calibrate", "--model", net, "--machine", "els", "--n", "2", "--steps", "4", "--candidates",
                      "3,5", "--out", str(tmp_path / "g.json")]) == 0
-    ts, scales = ej.schedules.resolve_scales(str(tmp_path / "g.json"))
-    assert len(ts) == 5 and len(scales) == 4 and set(scales) <= {3, 5}
+    grid = ScaleSchedule.load(tmp_path / "g.json")
+    scales = grid.values
+    assert len(grid.ts) == 5 and len(scales) == 4 and set(scales) <= {3, 5}
     assert json.loads((tmp_path / "g.json").read_text())["machine"] == "els"
     assert cli.main(["calibrate", "--model", net, "--machine", "soft-els", "--n", "2", "--steps", "4", "--support",
                      "5", "--iterations", "2", "--batch", "2", "--out", str(tmp_path / "s.json")]) == 0
-    ts, ells, info = ej.calibration.load_schedule(tmp_path / "s.json")
-    assert len(ells) == 4 and all(e > 0 for e in ells) and info["support"] == 5 and info["window"] == "box"
+    soft = ScaleSchedule.load(tmp_path / "s.json")
+    assert soft.kind == "width" and soft.nsteps == 4 and soft.options["support"] == 5 and soft.options["window"] == "box"
     # the line search started from the grid schedule: one evaluation keeps exactly its widths
     assert cli.main(["calibrate", "--model", net, "--machine", "soft-els", "--n", "2", "--steps", "4", "--support",
                      "5", "--iterations", "1", "--init", str(tmp_path / "g.json"), "--out", str(tmp_path / "s1.json")]) == 0
-    _, ells1, _ = ej.calibration.load_schedule(tmp_path / "s1.json")
+    ells1 = ScaleSchedule.load(tmp_path / "s1.json").values
     assert np.allclose(ells1, ej.calibration.widths_from_sizes(scales, "box"))
     for bad, msg in (("0", "positive width"), (str(tmp_path / "nope.json"), "neither"),
                      (str(tmp_path / "s.json"), "width schedule")):
@@ -116,7 +118,7 @@ def test_cli_calibrate_grid_and_soft(smoke, tmp_path):
 
 
 def res_scales(path):
-    return list(ej.schedules.resolve_scales(str(path))[1])
+    return list(ScaleSchedule.load(path).values)
 
 
 def test_cli_errors(smoke, tmp_path):

@@ -31,9 +31,10 @@ SHARDED = textwrap.dedent(
         for cond in [False, True]:
             m = ej.machines.build(name, imgs, labels if cond else None)
             lab = np.array([1, 0, 2]) if cond else None
-            sm = m.shard().prepare((3,), conditional=cond)
-            one = m.denoise(x, [0.5, 0.7, 0.9], scale=3, label=lab)
-            many = sm.denoise(x, [0.5, 0.7, 0.9], scale=3, label=lab)
+            k = ej.denoiser.scale_for(m, 3)  # IS has no scale
+            sm = m.shard().prepare((k,), conditional=cond)
+            one = m.denoise(x, [0.5, 0.7, 0.9], scale=k, label=lab)
+            many = sm.denoise(x, [0.5, 0.7, 0.9], scale=k, label=lab)
             banks = next(iter(sm.banks.values()))
             out[f"{name}/{cond}"] = {
                 "diff": float(np.abs(np.asarray(one) - np.asarray(many)).max()),
@@ -78,10 +79,11 @@ def test_step_temporaries_do_not_grow_with_the_training_set(kind, prebuilt):
     for n in [16, 64]:
         imgs = rng.uniform(-1, 1, (n, 10, 10, 1)).astype(np.float32)
         m = ej.machines.build(kind, imgs, chunk_size=4, bank_budget=None if prebuilt else 1)
-        m = m.prepare((5,))
+        k = ej.denoiser.scale_for(m, 5)
+        m = m.prepare((k,))
         assert bool(m.banks) == prebuilt
         x = jnp.zeros((2, 10, 10, 1))
-        step = jax.jit(lambda mm, xx: mm._denoise(xx, jnp.full((2,), 0.5), None, 5))
+        step = jax.jit(lambda mm, xx: mm._denoise(xx, jnp.full((2,), 0.5), None, k))
         mem = step.lower(m, x).compile().memory_analysis()
         if mem is None:
             pytest.skip("memory analysis unavailable on this backend")

@@ -37,7 +37,7 @@ def register(sub) -> None:
             "then the per-step median over seeds. Soft-window machines (soft-els, soft-bbels; width scale): minimise the "
             "normalised x̂0 distance to the network through the streaming kernel, with gradients: a line search on "
             "log ℓ per step (default), or Adam on log ℓ per step or on a quadratic log ℓ(t). Writes OUT, a schedule that `sample --scales`, `evaluate --scales` and "
-            "ellsjax.calibration.load_schedule read (atomically; an existing OUT is refused unless --overwrite). "
+            "ellsjax.scales.ScaleSchedule.load read (atomically; an existing OUT is refused unless --overwrite). "
             "Prints a line per stage on stderr."
         ),
         formatter_class=HelpFormatter,
@@ -183,6 +183,7 @@ def _parse_init(value: str, window: str, steps: int):
     import numpy as np
 
     from ellsjax import calibration
+    from ellsjax.scales import ScaleSchedule
 
     try:
         width = float(value)
@@ -195,11 +196,12 @@ def _parse_init(value: str, window: str, steps: int):
     if not os.path.isfile(value):
         _fail(f"--init: {value} is neither a number nor a schedule file")
     try:
-        _, sizes, info = calibration.load_schedule(value, nsteps=steps)
+        schedule = ScaleSchedule.load(value, nsteps=steps, kind="size")
     except (ValueError, OSError) as e:
         _fail(f"--init: cannot read {value}: {e}")
-    if info:
+    if schedule.kind != "size":
         _fail(f"--init: {value} is a width schedule; give a patch-size schedule (or pass its widths as --init)")
+    sizes = schedule.values
     if len(sizes) != steps:
         _fail(f"--init: {value} has {len(sizes)} steps, --steps is {steps}")
     return calibration.widths_from_sizes(sizes, window)

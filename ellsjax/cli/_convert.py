@@ -50,13 +50,17 @@ def register(sub) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from ellsjax import convert
+    from ellsjax import convert, locality
 
     output_dir(args.out)  # a bad location fails before the file is read
+    network, dataset = None, args.dataset
+    if args.preset in locality.PRESETS:  # a locality run's network: the DDPM UNet it trains
+        p = locality.PRESETS[args.preset]
+        network, dataset = p.net, args.dataset or p.train.dataset
     try:
         c = convert.convert(args.file, args.out, arch=args.arch, preset=args.preset, image_size=args.image_size,
-                            channels=args.channels, padding=args.padding, dataset=args.dataset, source=args.source,
-                            path=args.path, limit=args.limit)
+                            channels=args.channels, padding=args.padding, dataset=dataset, source=args.source,
+                            path=args.path, limit=args.limit, preset_network=network)
     except (ValueError, TypeError, FileNotFoundError, pickle.UnpicklingError) as e:
         _fail(str(e))
     n = c.net

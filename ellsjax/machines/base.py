@@ -40,7 +40,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from ellsjax import _checks
 from ellsjax import schedules as _schedules
@@ -76,8 +76,11 @@ for _cls in (_schedules.Schedule, ExecutionPolicy, Exact, TopK, Pruned, Certifie
 jax.export.register_namedtuple_serialization(_banks.DeviceBank, serialized_name="ellsjax.DeviceBank")
 jax.export.register_namedtuple_serialization(_banks.BlockIndex, serialized_name="ellsjax.BlockIndex")
 
+#: What a builder takes as its training set: ``[N, H, W, C]`` images, or their shapes only.
+TrainingImages = Float[ArrayLike, "n h w c"] | jax.ShapeDtypeStruct
+
 __all__ = [
-    "Denoiser", "Machine", "BankMachine", "ExecutionPolicy", "PixelProvenance", "BankMap", "memory_budgets",
+    "TrainingImages", "Denoiser", "Machine", "BankMachine", "ExecutionPolicy", "PixelProvenance", "BankMap", "memory_budgets",
     "MIN_CHUNK_ENTRIES", "MIN_QUERY_TILE", "query_tile", "bank_key",
 ]
 
@@ -174,6 +177,9 @@ class Machine(Denoiser):
         if bad:
             raise ValueError(f"label: no training images of class {bad}; classes present: {present}")
 
+    def _label_ok(self, label):
+        return _checks.labels_present(label, self.class_sizes)
+
     def with_policy(self, **changes: Any) -> Machine:
         """This machine with some :class:`ExecutionPolicy` fields changed (same results)."""
         return dataclasses.replace(self, policy=dataclasses.replace(self.policy, **changes))
@@ -248,9 +254,8 @@ class BankMachine(Machine):
     def _bank_scales(self, scales: Any) -> set:
         """The bank keys' scales that running at ``scales`` needs (patch machines: the scales
         themselves, checked; machines whose bank does not depend on the scale: ``{None}``)."""
-        if not self.needs_scale:
-            return {None}
-        return {self.check_scale(s) for s in scales if s is not None}
+        checked = {self.check_scale(s) for s in scales if s is not None}  # a machine without a scale refuses any
+        return checked if self.needs_scale else {None}
 
     def prepare(self, scales: Any = (None,), *, conditional: bool = False) -> BankMachine:
         """Return this machine with deduplicated banks built for ``scales`` (exact, faster).

@@ -52,7 +52,7 @@ from ellsjax import edm as _edm
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
 from ellsjax.machines import _registry
-from ellsjax.machines.base import Machine, build, prepare_training_set, register
+from ellsjax.machines.base import Machine, TrainingImages, build, prepare_training_set, register
 
 __all__ = ["SmoothedClosedForm", "cfdm", "cfdm_time", "from_cfdm_time"]
 
@@ -140,7 +140,7 @@ def _draw(key: Any, m: int, shape: tuple[int, int, int]) -> jax.Array:
 
 
 def cfdm(
-    images: Float[ArrayLike, "n h w c"],
+    images: TrainingImages,
     labels: Int[ArrayLike, " n"] | None = None,
     *,
     sigma: float = 0.5,

@@ -40,6 +40,7 @@ from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
 from ellsjax.denoiser import Denoiser
 from ellsjax.machines import _export, _registry
+from ellsjax.machines.base import TrainingImages
 from ellsjax.machines.pca import PCALocality, pca, pool, proxy_side_for, release_threshold, subset_params
 
 __all__ = ["GoldDiff", "golddiff", "subset_sizes", "proxy_side_for"]
@@ -131,7 +132,7 @@ GoldDiff.__repr__ = _export.short_repr
 
 
 def golddiff(
-    images: Float[ArrayLike, "n h w c"],
+    images: TrainingImages,
     labels: Int[ArrayLike, " n"] | None = None,
     *,
     dataset: str | None = None,

@@ -16,12 +16,12 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import ArrayLike, Float, Int
+from jaxtyping import ArrayLike, Int
 
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
 from ellsjax.machines import _registry
-from ellsjax.machines.base import BankMachine, PixelProvenance, bank_key, build, register
+from ellsjax.machines.base import BankMachine, PixelProvenance, TrainingImages, bank_key, build, register
 
 __all__ = ["IdealScore", "ideal"]
 
@@ -96,7 +96,7 @@ register(IdealScore)
 
 
 def ideal(
-    images: Float[ArrayLike, "n h w c"],
+    images: TrainingImages,
     labels: Int[ArrayLike, " n"] | None = None,
     *,
     schedule: _schedules.Schedule | str = "cosine_legacy",

@@ -41,7 +41,7 @@ from ellsjax import presets as _presets
 from ellsjax import schedules as _schedules
 from ellsjax.machines import _registry
 from ellsjax.machines._policy import query_tile
-from ellsjax.machines.base import BankMachine, PixelProvenance, bank_key, build, register
+from ellsjax.machines.base import BankMachine, PixelProvenance, TrainingImages, bank_key, build, register
 
 __all__ = ["LocalScore", "EquivariantLocalScore", "local", "els", "bbels"]
 
@@ -369,7 +369,7 @@ register(EquivariantLocalScore)
 
 
 def local(
-    images: Float[ArrayLike, "n h w c"],
+    images: TrainingImages,
     labels: Int[ArrayLike, " n"] | None = None,
     *,
     schedule: _schedules.Schedule | str = "cosine_legacy",
@@ -412,7 +412,7 @@ def local(
 
 
 def els(
-    images: Float[ArrayLike, "n h w c"],
+    images: TrainingImages,
     labels: Int[ArrayLike, " n"] | None = None,
     padding: _checks.Padding = "circular",
     *,

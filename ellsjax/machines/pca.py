@@ -92,7 +92,7 @@ from ellsjax import _checks
 from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
 from ellsjax.machines import _pruning, _registry
-from ellsjax.machines.base import Machine, build, prepare_training_set, register
+from ellsjax.machines.base import Machine, TrainingImages, build, prepare_training_set, register
 from ellsjax.machines.search import AbstractSearch, CertifiedSubset, Exact
 from ellsjax.machines.wiener import check_rank, fit_images
 
@@ -457,7 +457,7 @@ register(PCALocality)
 
 
 def pca(
-    images: Float[ArrayLike, "n h w c"],
+    images: TrainingImages,
     labels: Int[ArrayLike, " n"] | None = None,
     *,
     threshold: float = 0.02,

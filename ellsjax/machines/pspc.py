@@ -35,13 +35,13 @@ from typing import Any, ClassVar
 
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import ArrayLike, Float, Int
+from jaxtyping import ArrayLike, Int
 
 from ellsjax import kernel as _kernel
 from ellsjax import presets as _presets
 from ellsjax import schedules as _schedules
 from ellsjax.machines import _registry
-from ellsjax.machines.base import Machine, build, register
+from ellsjax.machines.base import Machine, TrainingImages, build, register
 
 __all__ = ["PatchSetPosteriorComposite", "pspc", "PSPC_CIFAR10_SCALES"]
 
@@ -123,7 +123,7 @@ register(PatchSetPosteriorComposite)
 
 
 def pspc(
-    images: Float[ArrayLike, "n h w c"],
+    images: TrainingImages,
     labels: Int[ArrayLike, " n"] | None = None,
     *,
     schedule: _schedules.Schedule | str = "cosine_legacy",

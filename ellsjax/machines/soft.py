@@ -65,7 +65,7 @@ from ellsjax import kernel as _kernel
 from ellsjax import schedules as _schedules
 from ellsjax.denoiser import Denoiser
 from ellsjax.machines import _export, _registry
-from ellsjax.machines.base import Machine
+from ellsjax.machines.base import Machine, TrainingImages
 from ellsjax.machines.patch import EquivariantLocalScore, els
 from ellsjax.machines.search import BankMap
 
@@ -226,7 +226,7 @@ class SoftEquivariantLocalScore(Denoiser):
         return self.denoise_ell(x_t, t, label, ell, side=side)
 
     def denoise_ell(
-        self, x_t: Float[Array, "b h w c"], t: Float[ArrayLike, "*b"], label: Int[Array, " b"] | None,
+        self, x_t: Float[ArrayLike, "b h w c"], t: Float[ArrayLike, "*b"], label: Int[Array, " b"] | None,
         ell: Float[ArrayLike, ""], *, side: int | None = None,
     ) -> Float[Array, "b h w c"]:
         """Pure ``x̂0`` at window width ``ell`` (a Python float or a traced scalar: differentiable).
@@ -236,6 +236,7 @@ class SoftEquivariantLocalScore(Denoiser):
         raises where its value can be read (a float, or under ``jax.grad``); inside ``jax.jit`` this
         pure function is unchecked (it stays exportable: no host callback), as ``_denoise`` is.
         """
+        x_t = jnp.asarray(x_t, jnp.float32)
         b, h, w, ch = x_t.shape
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         value = _concrete(ell)
@@ -270,7 +271,7 @@ _register()
 
 
 def soft_els(
-    images: Float[ArrayLike, "n h w c"],
+    images: TrainingImages,
     labels: Int[ArrayLike, " n"] | None = None,
     padding: _checks.Padding = "circular",
     *,

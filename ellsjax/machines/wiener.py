@@ -32,7 +32,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from ellsjax import _checks
 from ellsjax import schedules as _schedules
 from ellsjax.machines import _registry
-from ellsjax.machines.base import Machine, build, prepare_training_set, register
+from ellsjax.machines.base import Machine, TrainingImages, build, prepare_training_set, register
 
 __all__ = ["Wiener", "wiener", "gaussian_fit"]
 
@@ -112,8 +112,8 @@ class Wiener(Machine):
     basis: Float[Array, "d r"] | None = None
     eigvals: Float[Array, " r"] | None = None
     class_mean: Float[Array, "k d"] | None = None
-    class_basis: Float[Array, "k d r"] | None = None
-    class_eigvals: Float[Array, "k r"] | None = None
+    class_basis: Float[Array, "k d rk"] | None = None
+    class_eigvals: Float[Array, "k rk"] | None = None
     ddof: int = 0
     rank: int | None = None
 
@@ -146,7 +146,7 @@ register(Wiener)
 
 
 def wiener(
-    images: Float[ArrayLike, "n h w c"],
+    images: TrainingImages,
     labels: Int[ArrayLike, " n"] | None = None,
     *,
     rank: int | None = None,

@@ -28,6 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from ellsjax._typing import TimeGrid
 from ellsjax.denoiser import Denoiser
 from ellsjax.samplers._driver import Method, Trajectory, check_denoiser, check_scales, check_times, run
 
@@ -50,7 +51,7 @@ DDIM = Method(step=_step)
 def ddim(
     denoiser: Denoiser,
     x_start: Float[ArrayLike, "b h w c"],
-    ts: Float[ArrayLike, " s1"],
+    ts: TimeGrid,
     *,
     scales: Sequence[Any] | None = None,
     label: Any = None,

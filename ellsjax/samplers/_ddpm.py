@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from ellsjax._typing import TimeGrid
 from ellsjax.denoiser import Denoiser
 from ellsjax.samplers._driver import Method, Trajectory, check_denoiser, check_scales, check_times, run
 
@@ -71,7 +72,7 @@ DDPM = Method(step=_step)
 def ddpm(
     denoiser: Denoiser,
     x_start: Float[ArrayLike, "b h w c"],
-    ts: Float[ArrayLike, " s1"],
+    ts: TimeGrid,
     *,
     key: jax.Array | int,
     eta: float = 1.0,

@@ -46,6 +46,7 @@ import lineax as lx
 from jaxtyping import Array, ArrayLike, Float
 
 from ellsjax import edm as _edm
+from ellsjax._typing import TimeGrid
 from ellsjax.denoiser import Denoiser
 from ellsjax.samplers._ddpm import as_key
 from ellsjax.samplers._driver import Method, Trajectory, check_denoiser, check_scales, run
@@ -175,7 +176,7 @@ def _positive(v, name):
 def ode(
     denoiser: Denoiser,
     x_start: Float[ArrayLike, "b h w c"],
-    ts: Float[ArrayLike, " s1"],
+    ts: TimeGrid,
     *,
     scales: Sequence[Any] | None = None,
     label: Any = None,
@@ -228,7 +229,7 @@ def ode(
 def sde(
     denoiser: Denoiser,
     x_start: Float[ArrayLike, "b h w c"],
-    ts: Float[ArrayLike, " s1"],
+    ts: TimeGrid,
     *,
     key: jax.Array | int,
     scales: Sequence[Any] | None = None,

@@ -117,41 +117,48 @@ def check_denoiser(denoiser: Any, x_start: Any, label: Any):
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser: expected an ellsjax Denoiser (machine or model), got {type(denoiser).__name__}")
     x = _checks.as_image_batch(x_start, "x_start", shape=denoiser.image_shape)
-    label = _checks.as_labels(label, x.shape[0])
-    if label is None or _checks.is_concrete(label):
-        denoiser.check_label(label)
+    label = denoiser.checked_label(_checks.as_labels(label, x.shape[0]))
     return x, label
 
 
 def check_times(ts: Any, denoiser: Denoiser, name: str = "ts") -> jax.Array:
     """Check a reverse-time grid: 1-D, at least 2 times, strictly decreasing, in [0, 1], and with
-    positive noise at every step's start time. Returns it as float32."""
+    positive noise at every step's start time. Returns it as float32. A traced grid (inside a
+    user's ``jax.jit``) is checked when the program runs, with the same errors."""
     arr = jnp.asarray(ts, jnp.float32) if not isinstance(ts, jax.Array) else ts.astype(jnp.float32)
     if arr.ndim != 1 or arr.shape[0] < 2:
         raise ValueError(f"{name}: expected a 1-D grid of at least 2 decreasing times, got shape {arr.shape}")
-    if _checks.is_concrete(arr):
-        v = np.asarray(arr)
-        if not np.all(np.isfinite(v)):
-            raise ValueError(f"{name}: contains NaN or inf")
-        if v.min() < 0 or v.max() > 1:
-            raise ValueError(f"{name}: times must lie in [0, 1], got [{v.min()}, {v.max()}]")
-        if not np.all(np.diff(v) < 0):
-            raise ValueError(f"{name}: times must be strictly decreasing (ts[0] is the start time), got {v}")
-        signal, var = (np.asarray(v) for v in denoiser.schedule.variances(arr[:-1]))
-        if np.any(var <= 0):
-            raise ValueError(f"{name}: a step starts where the noise level is 0; only the last time may be noise-free")
-        if np.any(signal <= denoiser.min_signal_var):
-            bad = v[:-1][signal <= denoiser.min_signal_var]
-            raise ValueError(
-                f"{name}: this denoiser's x̂0 is undefined where the signal level a(t) is 0, but steps start "
-                f"at t = {bad.tolist()}; start the grid below it (e.g. ts[0] = 0.999)"
-            )
+    signal, var = denoiser.schedule.variances(arr[:-1])
+    floor = denoiser.min_signal_var
+    host = lambda v, sg, vr: _check_times_host(v, sg, vr, floor, name)  # noqa: E731
+    if not _checks.is_concrete(arr):
+        bad = (~jnp.all(jnp.isfinite(arr)) | jnp.any((arr < 0) | (arr > 1)) | ~jnp.all(jnp.diff(arr) < 0)
+               | jnp.any(var <= 0) | jnp.any(signal <= floor))
+        return _checks.runtime_check(arr, bad, host, arr, signal, var)
+    host(np.asarray(arr), np.asarray(signal), np.asarray(var))
     return arr
 
 
+def _check_times_host(v: np.ndarray, signal: np.ndarray, var: np.ndarray, floor: float, name: str) -> None:
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"{name}: contains NaN or inf")
+    if v.min() < 0 or v.max() > 1:
+        raise ValueError(f"{name}: times must lie in [0, 1], got [{v.min()}, {v.max()}]")
+    if not np.all(np.diff(v) < 0):
+        raise ValueError(f"{name}: times must be strictly decreasing (ts[0] is the start time), got {v}")
+    if np.any(var <= 0):
+        raise ValueError(f"{name}: a step starts where the noise level is 0; only the last time may be noise-free")
+    if np.any(signal <= floor):
+        bad = v[:-1][signal <= floor]
+        raise ValueError(
+            f"{name}: this denoiser's x̂0 is undefined where the signal level a(t) is 0, but steps start "
+            f"at t = {bad.tolist()}; start the grid below it (e.g. ts[0] = 0.999)"
+        )
+
+
 def check_scales(scales: Any, denoiser: Denoiser, nsteps: int, name: str = "scales") -> tuple | None:
-    """Check per-step scales (one per step, ``len(ts) − 1``) for this denoiser; returns a tuple
-    (``None`` when every step's scale is ``None``)."""
+    """Check per-step scales (one per step, ``len(ts) − 1``) for this denoiser; returns a tuple, or
+    ``None`` for a denoiser without a scale (which refuses any but ``None``)."""
     if scales is None:
         if denoiser.needs_scale:
             raise ValueError(f"{name}: this denoiser needs a scale per step ({nsteps} values)")
@@ -163,14 +170,18 @@ def check_scales(scales: Any, denoiser: Denoiser, nsteps: int, name: str = "scal
     scales = [s.item() if hasattr(s, "item") else s for s in scales]
     if len(scales) != nsteps:
         raise ValueError(f"{name}: expected {nsteps} values (one per step, len(ts) - 1), got {len(scales)}")
+    if not denoiser.needs_scale:
+        if all(s is None for s in scales):
+            return None
+        raise ValueError(f"{name}: {type(denoiser).__name__} has no scale; pass {name}=None "
+                         "(ellsjax.denoiser.scale_for(denoiser, scales) does so for a comparison)")
     out = []
     for i, s in enumerate(scales):
         try:
             out.append(denoiser.check_scale(s))
         except (TypeError, ValueError) as e:
             raise type(e)(f"{name}[{i}]: {e}") from None
-    # all-None (a network given placeholder scales) is the same program as no scales: one compile
-    return None if all(k is None for k in out) else tuple(out)
+    return tuple(out)
 
 
 def prepared(denoiser: Denoiser, scales: tuple | None, label: Any) -> Denoiser:

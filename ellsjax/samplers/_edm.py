@@ -48,6 +48,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ellsjax import _checks
 from ellsjax import edm as _edm
+from ellsjax._typing import TimeGrid
 from ellsjax.denoiser import Denoiser
 from ellsjax.samplers._driver import Method, Trajectory, check_denoiser, check_scales, check_times, run
 
@@ -144,9 +145,9 @@ def _run_edm(method, denoiser, x_start, ts, sigmas, scales, label, return_trajec
 def euler(
     denoiser: Denoiser,
     x_start: Float[ArrayLike, "b h w c"],
-    ts: Float[ArrayLike, " s1"] | None = None,
+    ts: TimeGrid | None = None,
     *,
-    sigmas: Float[ArrayLike, " s1"] | None = None,
+    sigmas: TimeGrid | None = None,
     scales: Sequence[Any] | None = None,
     label: Any = None,
     return_trajectory: bool = False,
@@ -173,9 +174,9 @@ def euler(
 def heun(
     denoiser: Denoiser,
     x_start: Float[ArrayLike, "b h w c"],
-    ts: Float[ArrayLike, " s1"] | None = None,
+    ts: TimeGrid | None = None,
     *,
-    sigmas: Float[ArrayLike, " s1"] | None = None,
+    sigmas: TimeGrid | None = None,
     scales: Sequence[Any] | None = None,
     label: Any = None,
     return_trajectory: bool = False,
