@@ -2,7 +2,8 @@
 
 Each device streams its slice of every bank; the partial statistics (max, normaliser, weighted sum)
 are merged exactly with ``pmax``/``psum`` (:func:`ellsjax.kernel.merge_across`), so results equal the
-single-device ones up to float32 summation order. Banks are built on the host (per process) and each
+single-device ones up to float32 summation order. Every device holds an equal share (±1 entry)
+of each bank's real entries (:func:`place`). Banks are built on the host (per process) and each
 device receives only its slice (``jax.make_array_from_callback``), so the same code runs on one host
 with several devices and on a multi-host cluster after ``jax.distributed.initialize()``.
 """
@@ -36,13 +37,22 @@ def shard(machine: Machine, mesh: Any = None, *, axis: str = "bank") -> Machine:
 
 def place(machine: Machine, gb: _banks.GroupBank) -> _banks.DeviceBank:
     """Pack a host bank for the kernel and move it to the device(s): whole, or split along its
-    entry axis over the machine's mesh. With pruning on, its entries are ordered in bounded blocks."""
+    entry axis over the machine's mesh. With pruning on, its entries are ordered in bounded blocks.
+
+    Placement over ``n`` devices (:func:`ellsjax.machines._banks.pack_group_bank`): the entry axis is
+    cut into ``n`` equal slots, device ``i`` of the mesh axis receives slot ``i``, and each bank's
+    ``u`` real entries are split into ``n`` consecutive runs of ``⌈u/n⌉`` or ``⌊u/n⌋`` entries, one at
+    the start of each slot (padding, which weighs exactly 0, after it). So every device streams its
+    share of real entries and the cross-device merge (:func:`ellsjax.kernel.merge_across`) combines
+    ``n`` non-empty partial softmaxes (fewer only when ``u < n``).
+    """
     policy = machine.policy
-    multiple = _banks.pad_multiple(gb.keys.shape[2], policy.devices)
+    devices = policy.devices
+    multiple = _banks.pad_multiple(gb.keys.shape[2], devices)
     block = None
     if policy.prune is not None:
-        block = min(policy.prune_block, multiple // policy.devices)
-    packed = _banks.pack_group_bank(gb, multiple, block)
+        block = min(policy.prune_block, multiple // devices)
+    packed = _banks.pack_group_bank(gb, multiple, block, devices=devices)
     if policy.mesh is None:
         return jax.tree.map(jnp.asarray, packed)
     from jax.sharding import NamedSharding
