@@ -56,8 +56,8 @@ def test_two_processes_shard_els_and_is_banks(tmp_path):
             m = ej.machines.build(name, imgs).prepare((scale,))
             want = np.asarray(m.denoise(x, t, scale=scale))
             np.testing.assert_allclose(got[name], want, atol=1e-6, err_msg=name)
-            # the merge's rescale term matters here: without it the result changes
-            assert np.abs(got[f"{name}/broken"] - want[:1]).max() > 1e-2, name
+            if name == "els":  # the merge's rescale term matters here: without it the result changes
+                assert np.abs(got["els/broken"] - want[:1]).max() > 1e-2
             # where the entries live: each of the 4 devices (2 per process) holds its even share
             per_device = {}
             for rank in (0, 1):

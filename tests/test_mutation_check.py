@@ -15,14 +15,14 @@ def test_every_mutation_applies_to_one_line():
         assert m.new != m.old and "\n" not in m.old.strip("\n") and m.tests, m.name
 
 
-def test_a_tiny_run_reports_caught_and_missed(tmp_path):
-    # the chunk merge's mutation under a test of the merge (caught), DDIM's under the same test (missed)
+def test_a_tiny_run_reports_a_caught_mutation(tmp_path):
+    # the chunk merge's mutation under one test of the merge (whether a passing run is reported as
+    # missed is seen in every full run: the mutation table of docs/guides/mutation-check.md)
     script = load_script("mutation_check")
     out = tmp_path / "m.json"
-    assert script.main(["--only", "merge-stats-rescale,ddim-noise-level", "--tests",
-                        "tests/test_kernel.py -k merge_is_exact", "--json", str(out)]) == 0
-    rows = {r["mutation"]: r for r in json.loads(out.read_text())["rows"]}
-    assert rows["merge-stats-rescale"]["caught"] is True and rows["merge-stats-rescale"]["status"] == "failed"
-    assert rows["ddim-noise-level"]["caught"] is False and rows["ddim-noise-level"]["status"] == "passed"
-    # the working tree is untouched (the mutations ran in a copy)
+    assert script.main(["--only", "merge-stats-rescale", "--tests", "tests/test_kernel.py -k merge_is_exact",
+                        "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["mutation"] == "merge-stats-rescale" and row["caught"] is True and row["status"] == "failed"
+    # the working tree is untouched (the mutation ran in a copy)
     assert "        s1.total * c1 + s2.total * c2," in (REPO / "ellsjax" / "kernel.py").read_text()
