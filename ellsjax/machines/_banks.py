@@ -316,27 +316,30 @@ def pack_group_bank(gb: GroupBank, multiple: int, block: int | None = None, *, d
     if block is not None and slot % block:
         raise ValueError(f"block: {block} does not divide the padded bank size {slot} per device")
     present_in = np.isfinite(gb.log_count)
-    # src[a, b, j]: the GroupBank entry at packed position j (-1: padding)
-    src = np.full((kb, g, up), -1, np.int64)
+    # (a, b, start, entries): run `entries` of bank (a, b) goes to packed positions start, start+1, …
+    runs = []
     for a in range(kb):
         for b in range(g):
             real = np.flatnonzero(present_in[a, b])
             for i, run in enumerate(np.array_split(real, devices)):
                 if block is not None and len(run):
                     run = run[block_order(gb.keys[a, b, run], block)]
-                src[a, b, i * slot : i * slot + len(run)] = run
-    present = src >= 0
-    take = np.maximum(src, 0)
+                elif len(run) and run[-1] - run[0] == len(run) - 1:
+                    run = slice(int(run[0]), int(run[-1]) + 1)  # contiguous: a copy, not a gather
+                runs.append((a, b, i * slot, run))
 
-    def gather(x):
-        out = np.take_along_axis(x, take[..., None], axis=2)
-        out[~present] = 0.0
-        return np.ascontiguousarray(out, np.float32)
+    def gather(x, fill=0.0):
+        out = np.full((kb, g, up, *x.shape[3:]), fill, np.float32)
+        for a, b, start, run in runs:
+            src = x[a, b, run]
+            out[a, b, start : start + len(src)] = src
+        return out
 
     keys = gather(gb.keys)
     values = gather(gb.keys if gb.values is None else gb.values)
-    counts = np.where(present, np.exp(np.where(present, np.take_along_axis(gb.log_count, take, axis=2), 0.0)), 0.0)
-    counts = counts.astype(np.float32)
+    log_count = gather(gb.log_count, -np.inf)
+    present = np.isfinite(log_count)
+    counts = np.where(present, np.exp(np.where(present, log_count, 0.0)), 0.0).astype(np.float32)
     blocks = None
     if block is not None:
         rng = np.random.default_rng(0)
