@@ -72,5 +72,6 @@ def test_two_processes_shard_els_and_is_banks(tmp_path):
                     total = (np.asarray(bank.vv[..., 0]) > 0).sum(-1)
                     assert counts.shape[0] == 4 and total.min() >= 4 and counts.min() > 0, (name, group)
                     np.testing.assert_array_equal(counts.sum(0), total)
-                    assert counts.max(0).tolist() == (-(-total // 4)).tolist(), (name, group)
+                    assert counts.max(0).tolist() == (-(-total // 4)).tolist(), (name, group)  # ⌈u/4⌉
+                    assert counts.min(0).tolist() == (total // 4).tolist(), (name, group)  # ⌊u/4⌋
             assert not [k for k in per_device if k.startswith(f"{name}/")], per_device  # no other bank
