@@ -157,6 +157,22 @@ def test_grid_recovers_true_schedule(imgs, noise, metric, tmp_path):
     assert back == res.schedule and back.meta == {"method": "grid", "metric": metric, "candidates": [1, 3, 5, 7]}
 
 
+def test_grid_takes_the_lower_median_over_seeds_that_disagree(imgs):
+    # a "network" whose x̂0 is the ELS machine at a different patch size per seed: the best candidate
+    # of seed b is truth[:, b], and the schedule is the lower median of each step's row
+    ts = [0.7, 0.4, 0.0]
+    truth = np.array([[5, 1, 5, 3], [3, 5, 1, 1]])
+    m = ej.machines.els(imgs)
+    xs = jax.random.normal(jax.random.key(5), (3, 4, 8, 8, 1))
+    x0s = jnp.stack([jnp.concatenate([m.denoise(xs[i, b : b + 1], ts[i], scale=int(truth[i, b])) for b in range(4)])
+                     for i in range(2)])
+    for seeds, want in ((4, (3, 1)), (3, (5, 3))):  # even: sorted 1 3|5 5 and 1 1|3 5; odd: 1 5 5 and 1 3 5
+        traj = ej.samplers.Trajectory(jnp.asarray(ts), xs[:, :seeds], x0s[:, :seeds])
+        res = cal.grid_calibrate(m, m, None, candidates=(1, 3, 5), trajectory=traj)
+        np.testing.assert_array_equal(res.best, truth[:, :seeds])
+        assert res.scales == want, (seeds, res.scales)
+
+
 def test_trajectory_loss_zero_for_the_target_itself(imgs, noise):
     target = ej.machines.els(imgs)
     traj = cal.network_trajectory(target, noise, [0.8, 0.5, 0.0], scales=(5, 3))

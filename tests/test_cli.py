@@ -47,6 +47,12 @@ def test_tiny_sample_run(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["machine"] == "bbels" and cfg["padding"] == "zeros" and cfg["scales"] == [5, 3] and cfg["n_train"] == 12
+    # the same run through the library: bbELS on the first 12 bundled images, DDIM from key(seed)
+    imgs, _ = ej.data.load("mnist", image_size=12, limit=12)
+    ref = ej.samplers.ddim(ej.machines.bbels(imgs), jax.random.normal(jax.random.key(3), (2, 12, 12, 1)),
+                           [2 / 3, 1 / 3, 0.0], scales=[5, 3])
+    with np.load(out / "samples.npz") as z:
+        np.testing.assert_allclose(z["samples"], np.asarray(ref), atol=1e-5)
 
 
 def test_tiny_conditional_ideal_run(tmp_path):
@@ -54,6 +60,15 @@ def test_tiny_conditional_ideal_run(tmp_path):
                      "--num-samples", "1", "--steps", "3", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
     assert json.loads((tmp_path / "config.json").read_text())["label"] == 7
+    imgs, labels = ej.data.load("mnist", image_size=8, limit=40)
+    ref = ej.samplers.ddim(ej.machines.ideal(imgs, labels), jax.random.normal(jax.random.key(0), (1, 8, 8, 1)),
+                           ej.schedules.paper_times(3), label=7)
+    with np.load(tmp_path / "samples.npz") as z:
+        sample = z["samples"][0]
+    np.testing.assert_allclose(sample, np.asarray(ref)[0], atol=1e-5)
+    # of its class: its nearest training image is a 7 (from this noise the unconditional sample is a 4)
+    dist = ((np.asarray(imgs) - sample) ** 2).sum((1, 2, 3))
+    assert labels[dist.argmin()] == 7 and dist.min() < 0.5 * dist[labels != 7].min()
 
 
 @pytest.mark.parametrize(

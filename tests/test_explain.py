@@ -194,6 +194,25 @@ def test_weight_concentrates_as_noise_vanishes_on_random_data():
     assert float(hi.entropy.mean()) > 1.0 and float(hi.weight.mean()) < 0.5
 
 
+@pytest.mark.parametrize("name", ["bbels", "els"])
+def test_provenance_positions_on_non_square_images(name):
+    # 6x10 images; the query is a mosaic: columns 0-4 from training image 1, 5-9 from image 4. At
+    # small t every pixel whose 3x3 window lies in one half draws from that image at its own
+    # position, so (image, row, col) are known there; row and col decode with the width, 10
+    imgs = jax.random.uniform(jax.random.key(4), (5, 6, 10, 1), minval=-1, maxval=1)
+    x = jnp.concatenate([imgs[1:2, :, :5], imgs[4:5, :, 5:]], axis=2)
+    m = ej.machines.build(name, imgs, padding="zeros") if name == "els" else ej.machines.build(name, imgs)
+    _, p = jax.jit(lambda x: m._denoise_provenance(x, jnp.array([0.01]), None, 3))(x)
+    rr, cc = np.meshgrid(np.arange(6), np.arange(10), indexing="ij")
+    clear = np.abs(cc - 4.5) > 1  # windows away from the seam (columns 0-3 and 6-9)
+    if name == "els":  # zero-padded ELS: its bank holds interior windows only (centers 1..4, 1..8)
+        clear &= (rr >= 1) & (rr <= 4) & (cc >= 1) & (cc <= 8)
+    np.testing.assert_array_equal(np.asarray(p.image[0])[clear], np.where(cc < 5, 1, 4)[clear])
+    np.testing.assert_array_equal(np.asarray(p.row[0])[clear], rr[clear])
+    np.testing.assert_array_equal(np.asarray(p.col[0])[clear], cc[clear])
+    assert float(p.weight[0][clear].min()) > 0.99
+
+
 def test_conditional_replay_and_bad_arguments():
     # (the CLI test checks that an unconditional replay reproduces `ellsjax sample`'s ddim samples)
     imgs = jax.random.uniform(jax.random.key(2), (6, 8, 8, 1), minval=-1, maxval=1)

@@ -94,3 +94,25 @@ def test_pruning_headroom_script_orders_its_fractions():
             for b in (8, 32):
                 assert 0 < e <= r[f"blocks{b}_true_within_{mg}"] <= r[f"blocks{b}_bound_within_{mg}"] <= 1
     assert rows[0]["entries_within_104"] < rows[1]["entries_within_104"]  # more noise, more entries count
+
+
+def test_exact_pruning_skips_the_far_cluster():
+    # two tight clusters of 16 training images (near +0.5 and near -0.5); IS keys are whole images,
+    # blocks of 4 split the clusters into 4 + 4 blocks. Queries near the first cluster at s ≈ 0.08:
+    # the far blocks' scores lie ~τ·a²·‖Δ‖² ≈ 1300 below the maximum (far past the 104 of float32
+    # underflow), the near ones within a few units: exactly half of the blocks are visited
+    rng = np.random.default_rng(3)
+    base = np.where(np.arange(32) < 16, 0.5, -0.5)[:, None, None, None]
+    imgs = (base + 0.01 * rng.normal(size=(32, 4, 4, 1))).astype(np.float32)
+    x = noisy(imgs, [0, 1], 0.05)
+    exact = ej.machines.ideal(imgs).denoise(x, 0.05)
+    pruned = ej.machines.ideal(imgs).with_search(Pruned(0.0, block=4, tile=2)).prepare()
+    ej.machines._pruning.visit_log = []
+    try:
+        got = pruned.denoise(x, 0.05)
+        jax.effects_barrier()
+        visits = ej.machines._pruning.visit_log
+    finally:
+        ej.machines._pruning.visit_log = None
+    np.testing.assert_allclose(np.asarray(got), np.asarray(exact), atol=1e-6)
+    assert visits == [0.5], visits

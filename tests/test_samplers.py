@@ -67,13 +67,17 @@ def test_conditional_sampling_stays_in_class():
     assert labels[d[0].argmin()] == 1 and labels[d[1].argmin()] == 0
 
 
-def test_progress_callback_and_bar():
+def test_progress_callback_and_bar(capsys):
     imgs, x = setup()
     m = ej.machines.els(imgs)
     seen = []
-    ej.samplers.ddim(m, x, [0.9, 0.6, 0.3, 0.0], scales=[5, 3, 3], progress=seen.append)
+    quiet = ej.samplers.ddim(m, x, [0.9, 0.6, 0.3, 0.0], scales=[5, 3, 3], progress=seen.append)
     assert seen == [0, 1, 2]
-    ej.samplers.ddim(m, x, [0.9, 0.6, 0.3, 0.0], scales=[5, 3, 3], progress=True)
+    capsys.readouterr()
+    shown = ej.samplers.ddim(m, x, [0.9, 0.6, 0.3, 0.0], scales=[5, 3, 3], progress=True)
+    err = capsys.readouterr().err  # tqdm writes to stderr: the bar reached its 3 steps
+    assert "sampling" in err and "3/3" in err, err
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(quiet))  # the bar changes nothing
 
 
 def test_sampler_is_one_program_under_user_jit():

@@ -179,7 +179,8 @@ class BlockIndex(NamedTuple):
 
 class DeviceBank(NamedTuple):
     """A prebuilt bank as a machine stores it: the kernel's packed layout (see
-    :class:`ellsjax.kernel.PackedBank`) over ``[Kb, G]`` banks, padded to a multiple of a power of two.
+    :class:`ellsjax.kernel.PackedBank`) over ``[Kb, G]`` banks, padded to a multiple of a power of two
+    (per device slot for a sharded bank; see :func:`pack_group_bank` for where entries lie).
 
     Attributes:
         keys_t: ``[Kb, G, D+1, U]`` keys transposed, ``‖k‖²`` as the last row (1e30 for padding).
@@ -270,41 +271,86 @@ def _block_index(keys: np.ndarray, present: np.ndarray, counts: np.ndarray, bloc
 
 
 def pad_multiple(u: int, devices: int = 1, cap: int = 4096) -> int:
-    """The granularity banks are padded to: a power of two ``≥ min(u, cap)``, times ``devices``."""
+    """The granularity banks of ``u`` entries are padded to: per device, a power of two
+    ``≥ min(⌈u/devices⌉, cap)``; times ``devices``.
+
+    :func:`pack_group_bank` gives every device a slot of a multiple of that power of two and spreads
+    the real entries evenly over the slots, so each device streams ``⌈u/devices⌉`` or ``⌊u/devices⌋``
+    real entries whatever ``u`` (a power of two ``≥ u`` per device would leave the slots of all
+    devices but the first full of padding).
+
+    Example:
+        >>> pad_multiple(10), pad_multiple(10, 4), pad_multiple(10_000, 4)
+        (16, 16, 16384)
+    """
+    per_device = -(-u // devices)
     p = 1
-    while p < min(u, cap):
+    while p < min(per_device, cap):
         p *= 2
     return p * devices
 
 
-def pack_group_bank(gb: GroupBank, multiple: int, block: int | None = None) -> DeviceBank:
+def pack_group_bank(gb: GroupBank, multiple: int, block: int | None = None, *, devices: int = 1) -> DeviceBank:
     """Host-side conversion of a :class:`GroupBank` to the packed, padded :class:`DeviceBank`.
 
-    With ``block`` (a power of two dividing ``multiple``), each bank's entries are reordered by
+    The entry axis is cut into ``devices`` equal slots (a multiple of ``multiple // devices`` each,
+    see :func:`pad_multiple`), one per device of a sharded bank. Each bank's real entries are split
+    into ``devices`` consecutive runs whose sizes differ by at most one, and run ``i`` fills the start
+    of slot ``i`` (padding after it): every device holds its share of real entries, whatever the
+    bank size. With one device this is the bank followed by its padding.
+
+    With ``block`` (a power of two dividing the slot), each slot's entries are reordered by
     :func:`block_order` and a :class:`BlockIndex` is attached (same entries, same results; pruned
-    streaming can then skip whole blocks)."""
+    streaming can then skip whole blocks). Blocks never straddle two slots.
+
+    Example:
+        >>> gb = build_group_bank(np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1), [np.arange(10)],
+        ...                       np.zeros((1, 1, 1), np.int64), None)
+        >>> db = pack_group_bank(gb, pad_multiple(10, 4), devices=4)
+        >>> (db.vv[0, 0, :, 0].reshape(4, -1) > 0).sum(1)  # real entries per device slot
+        array([3, 3, 2, 2])
+    """
     kb, g, u, d = gb.keys.shape
-    up = -(-u // multiple) * multiple
-    keys = np.zeros((kb, g, up, d), np.float32)
-    keys[:, :, :u] = gb.keys
-    present = np.zeros((kb, g, up), bool)
-    present[:, :, :u] = np.isfinite(gb.log_count)
-    counts = np.zeros((kb, g, up), np.float32)
-    counts[:, :, :u] = np.where(present[:, :, :u], np.exp(np.where(present[:, :, :u], gb.log_count, 0.0)), 0.0)
-    values = np.zeros((kb, g, up, (gb.keys if gb.values is None else gb.values).shape[-1]), np.float32)
-    values[:, :, :u] = gb.keys if gb.values is None else gb.values
+    devices = int(devices)
+    if devices < 1 or multiple % devices:
+        raise ValueError(f"devices: expected a positive divisor of multiple={multiple}, got {devices}")
+    per = multiple // devices
+    longest_run = -(-u // devices)
+    slot = -(-longest_run // per) * per  # entries per device: the longest run rounded up to `per`
+    up = slot * devices
+    if block is not None and slot % block:
+        raise ValueError(f"block: {block} does not divide the padded bank size {slot} per device")
+    present_in = np.isfinite(gb.log_count)
+    # (a, b, start, entries): run `entries` of bank (a, b) goes to packed positions start, start+1, …
+    runs = []
+    for a in range(kb):
+        for b in range(g):
+            real = np.flatnonzero(present_in[a, b])
+            for i, run in enumerate(np.array_split(real, devices)):
+                if block is not None and len(run):
+                    run = run[block_order(gb.keys[a, b, run], block)]
+                elif len(run) and run[-1] - run[0] == len(run) - 1:
+                    run = slice(int(run[0]), int(run[-1]) + 1)  # contiguous: a copy, not a gather
+                runs.append((a, b, i * slot, run))
+
+    def gather(x, fill=0.0):
+        out = np.full((kb, g, up, *x.shape[3:]), fill, np.float32)
+        for a, b, start, run in runs:
+            src = x[a, b, run]
+            out[a, b, start : start + len(src)] = src
+        return out
+
+    keys = gather(gb.keys)
+    values = gather(gb.keys if gb.values is None else gb.values)
+    log_count = gather(gb.log_count, -np.inf)
+    present = np.isfinite(log_count)
+    counts = np.where(present, np.exp(np.where(present, log_count, 0.0)), 0.0).astype(np.float32)
     blocks = None
     if block is not None:
-        if up % block:
-            raise ValueError(f"block: {block} does not divide the padded bank size {up}")
         rng = np.random.default_rng(0)
         idx = {name: [] for name in BlockIndex._fields}
         for a in range(kb):
             for b in range(g):
-                n_real = int(present[a, b].sum())  # real entries first (dedup and padding keep them so)
-                perm = np.concatenate([block_order(keys[a, b, :n_real], block), np.arange(n_real, up)])
-                for arr in (keys, present, counts, values):
-                    arr[a, b] = arr[a, b][perm]
                 for name, v in zip(BlockIndex._fields, _block_index(keys[a, b], present[a, b], counts[a, b],
                                                                     block, rng), strict=True):
                     idx[name].append(v)

@@ -310,7 +310,8 @@ class BankMachine(Machine):
         block = self.search.bank_block()
         if block is not None:
             block = min(block, multiple // devices)
-        return self.placement.place(_banks.pack_group_bank(gb, multiple, block))
+        # over n devices: n equal slots, each holding ⌈u/n⌉ or ⌊u/n⌋ real entries (pack_group_bank)
+        return self.placement.place(_banks.pack_group_bank(gb, multiple, block, devices=devices))
 
     # -- strategies --------------------------------------------------------------------------------
     def with_search(self, search: AbstractSearch) -> BankMachine:

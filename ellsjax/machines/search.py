@@ -25,8 +25,11 @@ Placement (``machine.shard(mesh)``):
 * :class:`Single` — one device (the default).
 * :class:`Sharded` — banks split along their entry axis over ``mesh[axis]``; every device streams its
   slice and the partial statistics are merged exactly (:func:`ellsjax.kernel.merge_across`).
-  Entries are dealt evenly: each device holds ``⌈U/d⌉`` or ``⌊U/d⌋`` real entries (padded to a
-  common length with zero-count entries), whatever the bank size.
+  Entries are dealt evenly: the entry axis is cut into one equal slot per device, and each bank's
+  ``u`` real entries into runs of ``⌈u/n⌉`` or ``⌊u/n⌋``, one at the start of each slot (padding, of
+  weight exactly 0, after it), whatever the bank size
+  (:func:`ellsjax.machines._banks.pack_group_bank`); so the cross-device merge combines ``n``
+  non-empty partial softmaxes (fewer only when ``u < n``).
 
 Where there is no prebuilt bank (an unprepared machine, or a bank over ``bank_budget``), the machine
 streams windows straight from the training images, exactly; its bound is then 0.
