@@ -13,7 +13,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # Subcommand modules, in help order.
-_COMMANDS = ("_sample", "_train", "_convert", "_explain", "_calibrate", "_evaluate", "_reproduce", "_machines")
+_COMMANDS = ("_sample", "_train", "_convert", "_explain", "_calibrate", "_evaluate", "_reproduce", "_machines", "_plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

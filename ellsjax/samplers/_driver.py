@@ -10,7 +10,9 @@ Progress is passed explicitly: ``progress=True`` (a tqdm bar) or a callable rece
 step's index. Inside the compiled program a ``jax.debug.callback`` reports ``(token, step)``; the
 token, a traced argument of the call, names the callable registered for that call only
 (:class:`_Listener`), so the compiled program is shared by every call and concurrent calls do not
-mix their reports.
+mix their reports. A sampler traced inside the caller's own ``jax.jit`` or ``jax.export`` reports
+no progress (with a warning): its program stays free of host callbacks, so it can be exported with
+the denoiser as an argument.
 
 Replays: :func:`run` is public. Its ``x0_fn`` hook replaces the denoiser's ``_denoise`` by another
 pure ``x̂0`` function returning ``(x̂0, aux)``; the ``aux`` of every step comes back stacked (this is
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -314,6 +317,12 @@ def run(
         denoiser = prepared(denoiser, scales, label)
     ts = jax.tree.leaves(grid)[0]
     nsteps = ts.shape[0] - 1
+    if progress and not all(_checks.is_concrete(v) for v in jax.tree.leaves((x, denoiser, grid))):
+        # traced by the caller (its own jax.jit, jax.export): a host callback would tie the program to
+        # this process and block its export, so the caller's program reports no progress
+        warnings.warn("progress: a sampler traced inside jax.jit or jax.export reports no progress (the "
+                      "program stays free of host callbacks)", stacklevel=3)
+        progress = False
     with _Listener.listening(progress, nsteps) as (token, has_progress):
         x_end, traj, aux = _trajectory(
             denoiser, x, grid, label, args, jnp.int32(token), method=method, x0_fn=x0_fn or _denoise,
