@@ -582,14 +582,12 @@ def topk_softmax(
     key_norm_max: Array | float,
     value_abs_max: Array | float,
     scoring: str = "bfloat16",
-    recall_target: float = 0.95,
 ) -> TopKResult:
     r"""Approximate posterior means from the ``k`` best-scoring bank entries, with a bound.
 
     1. Scoring: each chunk's raw scores ``l̃_j`` come from a GEMM in ``scoring`` precision (bf16
-       inputs, float32 accumulation by default) and the best ``k`` per query are kept with
-       ``jax.lax.approx_max_k`` (exact top-k on CPU and GPU; approximate with ``recall_target`` on
-       TPU), merged across chunks.
+       inputs, float32 accumulation by default) and the best ``k`` per query are kept with an exact
+       ``jax.lax.top_k``, merged across chunks.
     2. Re-scoring: the candidates are fetched and scored exactly in float32; their softmax gives
        the mean ``x̂_K`` and normaliser ``Z_K``.
     3. Bound: every entry left out scored at most the ``k``-th best ``l̃_(k)``, and scoring errs by at
@@ -597,8 +595,12 @@ def topk_softmax(
        mass left out is ``Z_rest ≤ (C − C_K)·exp((l̃_(k) + δ − max l)/2s²)`` with ``C`` the bank's
        total count, and ``|x̂ − x̂_K| ≤ Z_rest/(Z_K + Z_rest)·(max|v| + |x̂_K|)``.
 
-    The bound is rigorous when the top-k of step 1 is exact (CPU, GPU); on TPU it holds for the
-    entries retrieved, which miss true top-k entries with probability ``1 − recall_target``.
+    The bound is rigorous on every platform because the top-k of step 1 is exact. (On TPUs
+    ``jax.lax.approx_max_k`` would be cheaper but misses true top-k entries with probability
+    ``1 − recall_target``, which no bound covers; there ``top_k`` compiles to the TPU's own ``TopK``
+    op. On GPUs both compile to a full sort of every chunk's scores (jax issue #24414; the H100
+    compile of ``scripts/accelerator_check.py`` shows the ``sort``), which costs more than the
+    exponentials it saves: there, and on CPUs, the search is certified but not faster.)
 
     Args:
         queries: ``[*g, m, d]`` queries.
@@ -610,7 +612,6 @@ def topk_softmax(
         key_norm_max: ``[*g]`` (or scalar) largest ``‖k‖`` in the bank.
         value_abs_max: ``[*g]`` (or scalar) largest ``|v|`` in the bank.
         scoring: ``"bfloat16"`` or ``"float32"`` GEMM inputs for step 1.
-        recall_target: passed to ``approx_max_k`` (only TPUs approximate).
     """
     if scoring not in _UNIT_ROUNDOFF:
         raise ValueError(f"scoring: must be one of {sorted(_UNIT_ROUNDOFF)}, got {scoring!r}")
@@ -627,7 +628,7 @@ def topk_softmax(
         return jnp.where(bank.log_count[..., None, :] > -jnp.inf, raw, -jnp.inf)
 
     def top(vals, ids):
-        best, pos = jax.lax.approx_max_k(vals, min(int(k), vals.shape[-1]), recall_target=recall_target)
+        best, pos = jax.lax.top_k(vals, min(int(k), vals.shape[-1]))
         return best, jnp.take_along_axis(ids, pos, axis=-1)
 
     def fold(carry, i):

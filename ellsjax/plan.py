@@ -116,7 +116,7 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
 _TPU_TOPOLOGY = {  # chips -> topology name, per generation
-    "v5e": {1: "v5e:1x1", 4: "v5e:2x2", 8: "v5e:2x4", 16: "v5e:4x4", 64: "v5e:8x8", 256: "v5e:16x16"},
+    "v5e": {4: "v5e:2x2", 8: "v5e:2x4", 16: "v5e:4x4", 64: "v5e:8x8", 256: "v5e:16x16"},
     "v4": {4: "v4:2x2x1", 8: "v4:2x2x2", 16: "v4:2x2x4"},
     "v5p": {4: "v5p:2x2x1", 8: "v5p:2x2x2", 16: "v5p:2x2x4"},
 }

@@ -144,10 +144,10 @@ class TopK(AbstractSearch):
     """Top-``k`` candidates per query from a ``scoring``-precision GEMM, rescored exactly, used
     where the rigorous bound of a whole group is at most ``tolerance`` (else the exact pass).
 
-    Retrieval is ``jax.lax.approx_max_k`` (:func:`ellsjax.kernel.topk_softmax`): exact top-k on
-    CPU; on TPUs approximate (the bound then holds for the candidates it returns); on GPUs a full
-    sort (jax issue #24414). On CPUs the top-k selection costs more than the exponentials it saves,
-    so results stay certified but rarely faster. Needs prebuilt
+    Retrieval is an exact ``jax.lax.top_k`` on every platform (:func:`ellsjax.kernel.topk_softmax`), so
+    the bound is rigorous everywhere. Where it pays: TPUs (a native ``TopK`` op). On GPUs top-k
+    compiles to a full sort of every chunk's scores and on CPUs the selection costs more than the
+    exponentials it saves: there it is certified but not faster (use :class:`Pruned`). Needs prebuilt
     banks (:meth:`~ellsjax.machines.BankMachine.prepare`); it is not combined with :class:`Sharded`
     (the candidates of every device would have to be merged).
 
