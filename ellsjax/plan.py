@@ -314,6 +314,17 @@ def _bank_shapes(m, scale, devices: int, mesh, axis: str) -> dict:
     return out
 
 
+def _bank_bytes_per_image(m, scale, devices: int) -> float:
+    """Bytes of the prebuilt bank per training image on one of ``devices`` (no deduplication)."""
+    ch = m.image_shape[-1]
+    total = 0.0
+    for bidx, center in m._bank_layout(scale if m.needs_scale else None).values():
+        g, pb, kk = bidx.shape
+        v = ch if center is not None else kk * ch
+        total += g * pb * 4.0 * ((kk * ch + 1) + (1 + v) + (v if center is not None else 0))
+    return total / devices
+
+
 def plan(
     machine: str = "els",
     *,
@@ -391,12 +402,20 @@ def plan(
         bidx = next(iter(m._bank_layout(scale if m.needs_scale else None).values()))[0]
         entries = n * bidx.shape[1] / (devices if sharded else 1)
         low = max(cnt.flops / t.matmul_low, cnt.bytes / 2 / t.bandwidth, cnt.exps * min(1.0, 64 / entries) / t.exp)
+    # the largest N: arguments grow by the pixels (and, sharded, this device's share of the bank) per
+    # image; temporaries are the chunk's, independent of N (where the full-size program did not fit,
+    # they are taken from the same program at a small N)
     pixels = h * w * c * 4
+    per_img = pixels + (_bank_bytes_per_image(m, scale, devices) if sharded else 0.0)
+    if compile and math.isnan(temp_b) and n > 256:
+        small = plan(machine, scale=scale, images=(256, h, w, c), batch=batch, target=target, devices=devices,
+                     memory_budget=memory_budget)
+        temp_b = small.temp_bytes
     max_n = -1
-    if not math.isnan(arg_b):
-        other = arg_b - n * pixels  # batch, times, and (sharded) this device's slice of the bank
-        per_img = pixels + (other / n if sharded else 0.0)
-        max_n = int((t.memory - temp_b - (0.0 if sharded else other)) / per_img)
-    return Plan(machine, scale, (n, h, w, c), int(batch), target, int(devices), sharded, arg_b, temp_b, int(m.policy.budget),
+    if not math.isnan(temp_b):
+        fixed = 2 * batch * (pixels + 4)  # x_t and t (and the output)
+        max_n = int((t.memory - temp_b - fixed) // per_img)
+    return Plan(machine, scale, (n, h, w, c), int(batch), target, int(devices), sharded, arg_b, temp_b,
+                int(m.policy.budget),
                 cnt.flops, cnt.exps, cnt.bytes, cnt.loops, roof[bound], bound, max_n, low,
                 fits and (math.isnan(arg_b) or arg_b + temp_b <= t.memory), note)
