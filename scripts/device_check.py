@@ -11,7 +11,10 @@
    20-step bbELS DDIM sample with the paper's CIFAR-10 schedule; one step of the differentiable
    calibration (soft-window ELS, value and derivative in ℓ); one training step of the paper's
    CIFAR-10 ResNet and UNet (batch 128).
-3. Writes one JSON and prints a table. Sections that would overrun ``--budget`` seconds are skipped
+3. **Against the capacity plan**: the streamed exact ELS step's measured time and the device's peak
+   memory next to :func:`ellsjax.plan.plan`'s roofline prediction and temporaries for this device
+   kind (H100, TPU v5e/v4/v5p, CPU).
+4. Writes one JSON and prints a table. Sections that would overrun ``--budget`` seconds are skipped
    (and say so). ``--quick`` shrinks every size so that the whole check runs in well under a minute
    on a CPU (what the test suite runs).
 
@@ -123,6 +126,7 @@ def timings(args, deadline):
         run(f"els certified search step k={k} (tolerance 1e-3)",
             stepper(lambda k=k: ej.machines.els(images).with_search(ej.machines.TopK(1e-3)).prepare((k,)), k))
     run("is exact step", stepper(lambda: ej.machines.ideal(images).prepare(), None))
+    out.extend(against_plan(images, x, tb, args))
     run("pca step", stepper(lambda: ej.machines.pca(images[: min(len(images), 2000)]), None))
     sched = ej.scales.ScaleSchedule.load("CIFAR10_ResNet_zeros_conditional")
     if args.quick:
@@ -167,6 +171,39 @@ def timings(args, deadline):
     return {"data": source, "batch": args.batch, "rows": out, "skipped_over_budget": skipped}
 
 
+def _plan_target(device) -> str:
+    """The capacity plan's target for a device (its closest published kind)."""
+    kind = str(getattr(device, "device_kind", "")).lower()
+    if device.platform == "tpu":
+        return "v5e" if ("lite" in kind or "v5e" in kind) else ("v5p" if "v5" in kind else "v4")
+    return "h100" if device.platform == "gpu" else "cpu"
+
+
+def against_plan(images, x, tb, args):
+    """The capacity plan's prediction (:func:`ellsjax.plan.plan`: roofline time, temporaries) of the
+    streamed exact ELS step next to its measured time and the device's peak memory."""
+    from ellsjax import plan as _plan
+
+    dev = jax.devices()[0]
+    target = _plan_target(dev)
+    rows = []
+    for k in ((3,) if args.quick else (5, 11)):
+        m = ej.machines.els(images)
+        step = jax.jit(lambda m, xx, tt: m._denoise(xx, tt, None, k))
+        med, first = _timed(lambda: step(m, x, tb), args.repeats)
+        stats = dev.memory_stats() or {}
+        try:
+            p = _plan.plan("els", scale=k, images=images.shape, batch=x.shape[0], target=target)
+            pred = {"predicted_s": p.roofline_s, "bound": p.bound, "predicted_temp_bytes": p.temp_bytes,
+                    "predicted_flops": p.flops}
+        except Exception as e:  # noqa: BLE001 - no compiler for the target here: measured only
+            pred = {"plan_error": f"{type(e).__name__}: {str(e)[:160]}"}
+        rows.append({"what": f"els streamed step k={k} vs plan ({target})", "median_s": med, "first_call_s": first,
+                     "peak_bytes_in_use": stats.get("peak_bytes_in_use"), **pred,
+                     "measured_over_predicted": med / pred["predicted_s"] if "predicted_s" in pred else None})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
@@ -205,7 +242,8 @@ def main(argv=None):
         if "error" in r:
             print(f"| {r['what']} | error: {r['error']} | |")
         else:
-            print(f"| {r['what']} | {r['median_s']:.4f} | {r['first_call_s']:.2f} |")
+            extra = f" (plan: {r['predicted_s']:.4f} s, {r['bound']}-bound)" if r.get("predicted_s") else ""
+            print(f"| {r['what']} | {r['median_s']:.4f}{extra} | {r['first_call_s']:.2f} |")
     for name in result["timings"]["skipped_over_budget"]:
         print(f"| {name} | skipped (over --budget) | |")
     print(f"\ntotal {result['total_s']:.0f} s; {'OK' if result['ok'] else 'FAILED'}; wrote {args.out}")

@@ -16,3 +16,5 @@ def test_device_check_quick(tmp_path):
                  "differentiable calibration step", "training step CIFAR10_ResNet", "training step CIFAR10_UNet"):
         assert part in whats, part
     assert not res["timings"]["skipped_over_budget"]
+    plan_row = next(r for r in res["timings"]["rows"] if "vs plan (cpu)" in r["what"])
+    assert plan_row["predicted_s"] > 0 and plan_row["predicted_flops"] > 0 and plan_row["measured_over_predicted"] > 0
