@@ -649,3 +649,21 @@ def network_run(
         log(f"converted {Path(weights).name} ({conv.info['source_class']}) -> {out} in {conv.info['seconds']:.1f} s; "
             f"{conv.info['time']}")
     return conv.net
+
+
+def trained_or_converted(run_dir: str | os.PathLike, net: _nets.NetConfig, train: Any, data: Any, *,
+                         weights: str | os.PathLike | None = None, log: Any = print, progress: Any = False,
+                         what: str = "experiment") -> tuple[_nets.NetConfig, Any, str]:
+    """An experiment's network in ``run_dir``: converted from the released ``weights`` (checked against
+    ``net``, :func:`network_run`), or trained for ``train`` on ``data`` (resumed where ``run_dir``
+    holds a run). Returns ``(net, train config, note)``: the note says where the network came from."""
+    from ellsjax import training as _training
+
+    if weights is not None:
+        net = network_run(weights, run_dir, net=net, train=train, log=log)
+        return net, _training.load_run_config(run_dir)[1], f"the network converted from {Path(weights).name}, " \
+            "not trained here"
+    log(f"training {net.arch} for {train.steps} steps on {len(data[0])} images -> {run_dir}")
+    _training.train(run_dir, net, train, data=data, resume=Path(run_dir).exists(), progress=progress)
+    return net, train, ""
+

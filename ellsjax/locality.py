@@ -38,6 +38,7 @@ import numpy as np
 
 from ellsjax import _io
 from ellsjax import calibration as _cal
+from ellsjax import convert as _convert
 from ellsjax import evaluation as _ev
 from ellsjax import machines as _machines
 from ellsjax import presets as _presets_mod
@@ -235,16 +236,10 @@ def run(
     cfg = p.train
     images, _ = training.load_data(p.net, cfg)
     run_dir = out / "net"
-    if weights is not None:
-        from ellsjax import convert as _convert
-
-        net = _convert.network_run(weights, run_dir, net=p.net, train=cfg, log=lambda m: log(f"[{p.name}] {m}"))
-        p = dataclasses.replace(p, net=net, description=f"{p.description}; the network converted from "
-                                f"{Path(weights).name}, not trained here")
-        cfg = training.load_run_config(run_dir)[1]
-    else:
-        log(f"[{p.name}] training the {p.net.arch} for {cfg.steps} steps on {images.shape[0]} images")
-        training.train(run_dir, p.net, cfg, data=(images, None), resume=run_dir.exists(), progress=progress)
+    net, cfg, note = _convert.trained_or_converted(run_dir, p.net, cfg, (images, None), weights=weights,
+                                                   log=lambda m: log(f"[{p.name}] {m}"), progress=progress)
+    if note:
+        p = dataclasses.replace(p, net=net, description=f"{p.description}; {note}")
     network = models.load(run_dir)
     timings["train_s"] = time.perf_counter() - t0
     sched = network.schedule

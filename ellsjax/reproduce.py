@@ -44,6 +44,7 @@ import numpy as np
 
 from ellsjax import _io
 from ellsjax import calibration as _cal
+from ellsjax import convert as _convert
 from ellsjax import evaluation as _ev
 from ellsjax import explain as _explain
 from ellsjax import machines as _machines
@@ -223,16 +224,10 @@ def run(
     if p.epochs is not None:
         cfg = dataclasses.replace(cfg, steps=max(1, p.epochs * (images.shape[0] // cfg.batch_size)))
     run_dir = out / "net"
-    if weights is not None:
-        from ellsjax import convert as _convert
-
-        net = _convert.network_run(weights, run_dir, net=p.net, train=cfg, log=lambda m: log(f"[{p.name}] {m}"))
-        p = dataclasses.replace(p, net=net, description=f"{p.description}; the network converted from "
-                                f"{Path(weights).name}, not trained here")
-        cfg = training.load_run_config(run_dir)[1]
-    else:
-        log(f"[{p.name}] training {p.net.arch} for {cfg.steps} steps on {images.shape[0]} images -> {run_dir}")
-        training.train(run_dir, p.net, cfg, data=(images, labels), resume=run_dir.exists(), progress=progress)
+    net, cfg, note = _convert.trained_or_converted(run_dir, p.net, cfg, (images, labels), weights=weights,
+                                                   log=lambda m: log(f"[{p.name}] {m}"), progress=progress)
+    if note:
+        p = dataclasses.replace(p, net=net, description=f"{p.description}; {note}")
     network = models.load(run_dir)
     timings["train_s"] = time.perf_counter() - t0
 
