@@ -402,11 +402,12 @@ def plan(
         bidx = next(iter(m._bank_layout(scale if m.needs_scale else None).values()))[0]
         entries = n * bidx.shape[1] / (devices if sharded else 1)
         low = max(cnt.flops / t.matmul_low, cnt.bytes / 2 / t.bandwidth, cnt.exps * min(1.0, 64 / entries) / t.exp)
-    # the largest N: arguments grow by the pixels (and, sharded, this device's share of the bank) per
-    # image; temporaries are the chunk's, independent of N (where the full-size program did not fit,
-    # they are taken from the same program at a small N)
+    # the largest N: arguments grow per image by its pixels (streamed) or by this device's share of the
+    # prebuilt bank (sharded: the pass never reads the images, and the compiled program drops them);
+    # temporaries are the chunk's, independent of N (where the full-size program did not fit, they
+    # are taken from the same program at a small N)
     pixels = h * w * c * 4
-    per_img = pixels + (_bank_bytes_per_image(m, scale, devices) if sharded else 0.0)
+    per_img = _bank_bytes_per_image(m, scale, devices) if sharded else pixels
     if compile and math.isnan(temp_b) and n > 256:
         small = plan(machine, scale=scale, images=(256, h, w, c), batch=batch, target=target, devices=devices,
                      memory_budget=memory_budget)
