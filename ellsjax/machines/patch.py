@@ -214,10 +214,13 @@ class _PatchMachine(BankMachine):
             d = kk * ch
             mq = queries[name].q.shape[-2]
             lead = int(np.prod(queries[name].q.shape[:-2]))
-            # per training image: gathered windows plus logits and weights of every query
-            # (provenance: two more logits-sized temporaries); large batches in query tiles
-            per_query = 4 if provenance else 2
-            per_entry = 2 * d + ch + 2 + (0 if bank_map is None else bank_map.extra_rows)
+            # per training image, as the TPU compiler keeps them live (the v5e compiles of
+            # scripts/accelerator_check.py): the gathered windows twice (flat, and in the GEMM's
+            # layout), the gather's int32 index table (as large: it is built for the whole chunk), the
+            # values, and three logits-sized blocks per query (logits, their masked copy, the weights;
+            # provenance: two more); large batches in query tiles
+            per_query = 5 if provenance else 3
+            per_entry = 4 * d + ch + 4 + (0 if bank_map is None else bank_map.extra_rows)
             tile = None
             if not cond and self.policy.chunk_size is None:
                 tile = query_tile(self.policy.budget, lead, mq, per_entry, per_query)
