@@ -193,7 +193,9 @@ def against_plan(images, x, tb, args):
         med, first = _timed(lambda: step(m, x, tb), args.repeats)
         stats = dev.memory_stats() or {}
         try:
-            p = _plan.plan("els", scale=k, images=images.shape, batch=x.shape[0], target=target)
+            # --quick: counts and roofline only (the plan's compile costs the CI-sized check seconds)
+            p = _plan.plan("els", scale=k, images=images.shape, batch=x.shape[0], target=target,
+                           compile=not args.quick)
             pred = {"predicted_s": p.roofline_s, "bound": p.bound, "predicted_temp_bytes": p.temp_bytes,
                     "predicted_flops": p.flops}
         except Exception as e:  # noqa: BLE001 - no compiler for the target here: measured only

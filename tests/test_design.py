@@ -190,7 +190,7 @@ def test_budgets_follow_the_target_platform_not_the_host():
         jax.default_backend = real
 
 
-def test_every_machine_builds_from_shapes_and_compiles():
+def test_every_machine_builds_from_shapes_and_lowers():
     spec = jax.ShapeDtypeStruct((12, 8, 8, 1), jnp.float32)
     x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
     t = jax.ShapeDtypeStruct((2,), jnp.float32)
@@ -203,9 +203,9 @@ def test_every_machine_builds_from_shapes_and_compiles():
         m = s.build(spec)
         assert m.image_shape == (8, 8, 1), name
         scale = {"size": 3, "side": 3, "width": 1.0, "none": None}[m.scale_kind]
-        lowered = jax.jit(lambda m, x, t: m._denoise(x, t, None, scale)).trace(m, x, t).lower()
-        if name in ("bbels", "pca"):  # XLA accepts them (compiling every one costs the suite seconds)
-            assert lowered.compile() is not None, name
+        # traced and lowered here; scripts/accelerator_check.py compiles every one for TPU and H100
+        assert "func.func public @main" in jax.jit(lambda m, x, t: m._denoise(x, t, None, scale)).trace(
+            m, x, t).lower().as_text(), name
         with pytest.raises(ValueError, match="built from shapes only"):
             m.denoise(np.zeros((2, 8, 8, 1), np.float32), 0.5, scale=scale)
     with pytest.raises(ValueError, match="no data to build banks"):
