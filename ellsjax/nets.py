@@ -306,7 +306,11 @@ def _host_rng(key: jax.Array) -> np.random.Generator | None:
 # seconds on CPU for even a tiny network; numpy also makes the weights identical on every backend.
 def _uniform(fan_in: int):
     """PyTorch's default init for conv/linear weights and biases: U(−1/√fan_in, 1/√fan_in)."""
-    bound = 1.0 / math.sqrt(fan_in)
+    return _symmetric_uniform(1.0 / math.sqrt(fan_in))
+
+
+def _symmetric_uniform(bound: float):
+    """An initializer drawing U(−bound, bound) (on the host where :func:`_host_rng` allows)."""
 
     def init(key, shape, dtype=jnp.float32):
         rng = _host_rng(key)
@@ -537,15 +541,7 @@ class UNet(nnx.Module):
 
 def _xavier(fan_in: int, fan_out: int, gain: float = 1.0):
     """PyTorch's ``xavier_uniform_``: U(−b, b), ``b = gain·√(6/(fan_in + fan_out))`` (pytorch-ddpm's init)."""
-    bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
-
-    def init(key, shape, dtype=jnp.float32):
-        rng = _host_rng(key)
-        if rng is None:
-            return jax.random.uniform(key, shape, dtype, -bound, bound)
-        return jnp.asarray(rng.uniform(-bound, bound, shape), dtype)
-
-    return init
+    return _symmetric_uniform(gain * math.sqrt(6.0 / (fan_in + fan_out)))
 
 
 def _xconv(cin: int, cout: int, k: int, rngs: nnx.Rngs, *, stride: int = 1, gain: float = 1.0) -> nnx.Conv:
