@@ -289,10 +289,17 @@ class BankMachine(Machine):
             return self
         return dataclasses.replace(self, banks={**self.banks, **new})
 
+    def _bank_fits(self, layout) -> bool:
+        """Whether a bank of this layout fits the policy's ``bank_budget`` (else it is never built and
+        its scale streams windows from the images)."""
+        ch = self.image_shape[-1]
+        total = sum(_banks.bank_nbytes(self.num_images, b, ch, c is not None) for b, c in layout.values())
+        return total <= self.policy.bank_bytes
+
     def _build_bank(self, k, conditional):
         layout = self._bank_layout(k)
-        n, ch = self.num_images, self.image_shape[-1]
-        if sum(_banks.bank_nbytes(n, b, ch, c is not None) for b, c in layout.values()) > self.policy.bank_bytes:
+        n = self.num_images
+        if not self._bank_fits(layout):
             return None
         images = np.asarray(self.pixels).reshape(n, *self.hwc)
         if conditional:
@@ -364,10 +371,7 @@ class BankMachine(Machine):
         super()._ready(scale, label)
         if isinstance(self.placement, Sharded):
             k = scale if self.needs_scale else None
-            layout = self._bank_layout(k)
-            fits = sum(_banks.bank_nbytes(self.num_images, b, self.image_shape[-1], c is not None)
-                       for b, c in layout.values()) <= self.policy.bank_bytes
-            if fits and bank_key(k, label is not None) not in self.banks:
+            if self._bank_fits(self._bank_layout(k)) and bank_key(k, label is not None) not in self.banks:
                 raise ValueError(f"scale: this Sharded machine has no prepared bank for scale {k!r}"
                                  f"{' (class banks)' if label is not None else ''}; its banks are split over the mesh "
                                  f"by prepare: call m = m.prepare(({k!r},){', conditional=True' if label is not None else ''})"

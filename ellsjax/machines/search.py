@@ -130,13 +130,18 @@ def _zero_bound(mean):
     return jnp.zeros(mean.shape[:-1], mean.dtype)
 
 
+def _exact(queries, bank, label, plan: StreamPlan):
+    """``(means, 0)``: the exact pass over every entry, which certifies a zero bound."""
+    mean = _kernel.finalize(bank_stats(queries, bank, label, plan))
+    return mean, _zero_bound(mean)
+
+
 @dataclasses.dataclass(frozen=True)
 class Exact(AbstractSearch):
     """Stream every entry of the bank (the default). Bound 0."""
 
     def run(self, queries, bank, label, plan):
-        mean = _kernel.finalize(bank_stats(queries, bank, label, plan))
-        return mean, _zero_bound(mean)
+        return _exact(queries, bank, label, plan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,15 +179,11 @@ class TopK(AbstractSearch):
                              "with Sharded, or TopK on one device")
 
     def run(self, queries, bank, label, plan):
-        def exact():
-            return _kernel.finalize(bank_stats(queries, bank, label, plan))
-
         if plan.bank_map is not None:  # a rewritten (soft-window) bank: the candidates' keys would differ
-            mean = exact()
-            return mean, _zero_bound(mean)
+            return _exact(queries, bank, label, plan)
         approx = topk_bank(queries, bank, label, plan.policy, self)
         ok = jnp.all(approx.error_bound <= self.tolerance)
-        mean = jax.lax.cond(ok, lambda: approx.mean, exact)
+        mean = jax.lax.cond(ok, lambda: approx.mean, lambda: _exact(queries, bank, label, plan)[0])
         return mean, jnp.where(ok, approx.error_bound, 0.0)
 
     def stats(self, queries, bank, label, plan):
@@ -233,8 +234,7 @@ class Pruned(AbstractSearch):
 
     def run(self, queries, bank, label, plan):
         if not self._prunes(queries, bank, plan):
-            mean = _kernel.finalize(bank_stats(queries, bank, label, plan))
-            return mean, _zero_bound(mean)
+            return _exact(queries, bank, label, plan)
         st, rest = _pruning.pruned_stats(queries, bank, label, tolerance=self.tolerance, tile=self.tile)
         pick = (lambda x: x[label][:, None]) if label is not None else (lambda x: x[0][None])
         return _kernel.finalize(st), _pruning.error_bound(st, rest, pick(_pruning.value_bound(bank.vv)))
