@@ -47,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -70,6 +71,7 @@ __all__ = [
     "PRESETS_SOURCE",
     "preset",
     "build",
+    "attention_weights",
     "init",
     "sinusoidal_embedding",
     "TimeEmbedding",
@@ -618,6 +620,38 @@ def _dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+# Set by attention_weights(): the list that the attention layers of an eager call append their weights to.
+_CAPTURE: contextvars.ContextVar[list | None] = contextvars.ContextVar("ellsjax_attention_capture", default=None)
+
+
+def attention_weights(
+    model: nnx.Module, x_t: Float[Array, "b h w c"], t: Float[ArrayLike, " b"], label: Int[Array, " b"] | None = None,
+) -> list[tuple[int, int, Float[Array, "b n n"]]]:
+    """The self-attention weights of every attention layer of a DDPM UNet on one (eager) call.
+
+    Returns ``[(H_l, W_l, A_l)]`` in call order: ``A_l[b, i, j]`` is how much query pixel ``i``
+    (row-major over the layer's ``H_l×W_l`` grid) attends to pixel ``j`` (rows sum to 1). Runs the
+    model eagerly (not under ``jax.jit``, where the weights would be tracers).
+
+    Example:
+        >>> import jax.numpy as jnp, ellsjax as ej
+        >>> cfg = ej.nets.NetConfig(arch="ddpm-unet", image_size=8, width=32, ch_mult=(1, 2), num_res_blocks=1,
+        ...                         attn=(0,))
+        >>> maps = attention_weights(ej.nets.build(cfg), jnp.zeros((2, 8, 8, 1)), jnp.full((2,), 0.5))
+        >>> [(h, w, a.shape) for h, w, a in maps]
+        [(8, 8, (2, 64, 64)), (4, 4, (2, 16, 16)), (8, 8, (2, 64, 64)), (8, 8, (2, 64, 64))]
+    """
+    if isinstance(x_t, jax.core.Tracer):
+        raise TypeError("x_t: attention_weights runs the model eagerly; call it outside jax.jit")
+    record: list = []
+    token = _CAPTURE.set(record)
+    try:
+        model(x_t, t, label)
+    finally:
+        _CAPTURE.reset(token)
+    return record
+
+
 class _Attention(nnx.Module):
     """Single-head self-attention over the pixels: ``x + proj(softmax(q·kᵀ/√C)·v)`` on ``GroupNorm(x)``."""
 
@@ -633,6 +667,9 @@ class _Attention(nnx.Module):
         y = self.norm(x)
         q, k, v = (m(y).reshape(b, h * w, c) for m in (self.q, self.k, self.v))
         att = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * (int(c) ** -0.5), axis=-1)
+        record = _CAPTURE.get()
+        if record is not None:
+            record.append((h, w, att))
         return x + self.proj(jnp.einsum("bij,bjc->bic", att, v).reshape(b, h, w, c))
 
 
