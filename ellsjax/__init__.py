@@ -28,7 +28,8 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 #: The public submodules, bottom layer first; each is imported when first accessed.
 _SUBMODULES = (
     "data", "schedules", "presets", "scales", "edm", "kernel", "denoiser", "machines", "samplers", "models",
-    "nets", "training", "convert", "calibration", "evaluation", "explain", "reproduce", "locality", "plotting", "cli",
+    "nets", "training", "convert", "calibration", "evaluation", "explain", "reproduce", "studies", "locality", "plotting",
+    "cli",
 )
 
 

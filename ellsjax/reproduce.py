@@ -19,15 +19,18 @@
    the network's, IS's and every machine's samples), ``OUT/figures/*.png`` and the schedules
    ``OUT/scales_grid.json`` / ``OUT/scales_soft_{gaussian,box}.json``.
 
-Presets (:data:`PRESETS`): ``smoke`` (seconds; the test suite runs it), ``mnist-cpu`` (a small
-circular ResNet on 16×16 MNIST; about 12 minutes on a 2-core CPU) and the paper's networks for a
+Presets (:data:`PRESETS`): ``smoke`` and ``fashion-smoke`` (seconds; the test suite runs them),
+``mnist-cpu`` (a small circular ResNet on 16×16 MNIST), ``fashion-mnist-cpu`` and ``cifar10-cpu``
+(class-conditional zero-padded ResNets on 16×16 Fashion-MNIST and CIFAR-10), the attention pair
+``attention-cpu-with`` / ``attention-cpu-without`` (and its smoke versions; compared by
+:mod:`ellsjax.studies`), each well under half an hour on a 2-core CPU, and the paper's networks for a
 GPU (``paper-mnist-resnet-zeros``, ``paper-mnist-resnet-circular``, ``paper-mnist-unet-zeros``,
 ``paper-fashion-mnist-resnet``, ``paper-cifar10-resnet``, ``paper-cifar10-unet``; the networks and
 training lengths of :data:`ellsjax.nets.PRESETS`, 100 evaluation seeds).
 
 Example:
-    >>> sorted(PRESETS)[:3]
-    ['mnist-cpu', 'paper-cifar10-resnet', 'paper-cifar10-unet']
+    >>> [name for name in sorted(PRESETS) if name.endswith("-cpu")]
+    ['cifar10-cpu', 'fashion-mnist-cpu', 'mnist-cpu']
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from ellsjax import presets as _presets_mod
 from ellsjax import samplers as _samplers
 from ellsjax.scales import ScaleSchedule
 
-__all__ = ["ReproducePreset", "PRESETS", "preset", "run"]
+__all__ = ["ReproducePreset", "PRESETS", "preset", "run", "finished"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,11 @@ class ReproducePreset:
             with default options): those taking a scale (``pspc``'s patch size) are grid-calibrated
             over the ``candidates`` that fit the image, the rest (``wiener``, ``pca``, ``cfdm``)
             have none.
+        mixtures: whole-image denoisers (``"is"``, ``"wiener"``) each mixed with the hard machine at
+            its grid schedule, ``(1 − w_i)·x̂0_local + w_i·x̂0_global``
+            (:func:`ellsjax.machines.mixture`), the weights learned by
+            :func:`ellsjax.calibration.differentiable_calibrate` on the calibration trajectories and
+            evaluated like the rest (not in the paper: what a global part adds to the local theory).
         batch_size: images per machine call in calibration and evaluation (small on CPUs, where the
             kernel's chunks shrink as the query block grows; large on accelerators).
         description: one line for the report.
@@ -108,6 +116,7 @@ class ReproducePreset:
     soft_optimizer: str = "auto"
     soft_windows: tuple[str, ...] = ("gaussian", "box")
     others: tuple[str, ...] = ("pspc", "wiener", "pca", "cfdm")
+    mixtures: tuple[str, ...] = ()
     batch_size: int = 16
     description: str = ""
 
@@ -179,7 +188,38 @@ def _presets() -> dict[str, ReproducePreset]:
             description="class-conditional zero-padded ResNet (width 32, 4 layers) on 1000 CIFAR-10 images at "
                         "16x16 (the shared subset; $ELLSJAX_DATA_DIR), 4000 steps",
         ),
+        "fashion-smoke": ReproducePreset(
+            name="fashion-smoke",
+            net=nets.NetConfig(arch="resnet", image_size=8, width=16, depth=2, padding="zeros", conditional=True,
+                               num_classes=10),
+            train=training.TrainConfig(steps=10, batch_size=16, lr=2e-3, dataset="fashion_mnist", limit=40,
+                                       log_every=10, checkpoint_every=1000),
+            candidates=(3, 5), calib_seeds=2, eval_seeds=2, nsteps=3, soft_windows=(), others=(),
+            description="plumbing check: a conditional zero-padded 8x8 ResNet, 10 steps (numbers meaningless)",
+        ),
     }
+    # the attention study's pair (ellsjax.studies): the same DDPM UNet, trained alike, with self-attention
+    # at full resolution (and in the middle) or with none
+    for suffix, attn in (("with", {"attn": (0,)}), ("without", {"mid_attn": False})):
+        out[f"attention-smoke-{suffix}"] = ReproducePreset(
+            name=f"attention-smoke-{suffix}",
+            net=nets.NetConfig(arch="ddpm-unet", image_size=8, width=32, ch_mult=(1,), num_res_blocks=1, **attn),
+            train=training.TrainConfig(steps=6, batch_size=8, lr=2e-3, limit=32, log_every=10, checkpoint_every=1000),
+            candidates=(3,), calib_seeds=2, eval_seeds=2, nsteps=3, soft_windows=(), others=(), mixtures=("is",),
+            description=f"plumbing check: an 8x8 DDPM UNet {suffix} attention, 6 steps (numbers meaningless)",
+        )
+        out[f"attention-cpu-{suffix}"] = ReproducePreset(
+            name=f"attention-cpu-{suffix}",
+            net=nets.NetConfig(arch="ddpm-unet", image_size=16, width=32, ch_mult=(1, 2), num_res_blocks=1, **attn),
+            # EMA 0.995: a short run (ellsjax.locality's CPU presets measured 0.999 too slow to forget the init)
+            train=training.TrainConfig(steps=2500, batch_size=32, lr=1e-3, limit=1000, ema_decay=0.995,
+                                       log_every=100, checkpoint_every=1000),
+            candidates=(1, 3, 5, 7, 9, 11, 13, 15), calib_seeds=16, eval_seeds=100, nsteps=20,
+            soft_support=11, soft_iterations=5, soft_batch=8, soft_windows=("box",), others=(),
+            mixtures=("is", "wiener"),
+            description=f"DDPM UNet (ch 32, ch_mult 1,2, 1 block per level) {suffix} self-attention "
+                        "(16x16 and 8x8) on 1000 MNIST images at 16x16, 2500 steps",
+        )
     paper = {
         "paper-mnist-resnet-zeros": ("MNIST_ResNet_zeros", "MNIST_ResNet_zeros"),
         "paper-mnist-resnet-circular": ("MNIST_ResNet_circular", "MNIST_ResNet_circular"),
@@ -325,6 +365,7 @@ def run(
     ev = _ev.evaluate(network, hard, x_eval, ts, scales=grid.scales, label=lab_eval, network_samples=net_samples,
                       baseline_samples=ideal_samples, batch_size=bs)
     record(f"{p.machine}-grid", p.machine, ts, grid.scales, ev)
+    samples = {"network": net_samples, "is": ideal_samples, f"{p.machine}-grid": ev.machine}
     for window, diff in diffs.items():
         ev = _ev.evaluate(network, softs[window], x_eval, ts, scales=diff.ells, label=lab_eval,
                           network_samples=net_samples, baseline_samples=ideal_samples, batch_size=bs)
@@ -371,7 +412,30 @@ def run(
                schedule="grid" if oscales is not None else "—")
         other_scales[name] = oscales
     timings["others_s"] = time.perf_counter() - t4
+
+    # 3c. the local machine plus a whole-image posterior, its per-step weights learned from gradients
+    t5 = time.perf_counter()
+    mixtures: dict[str, dict[str, Any]] = {}
+    for name in p.mixtures:
+        glob = _machines.build(name, images, mlabels, schedule=network.schedule)
+        mix = _machines.mixture(hard, glob)
+        log(f"[{p.name}] differentiable calibration of the {p.machine} + {name} mixture's weights")
+        mc = _cal.differentiable_calibrate(network, mix, None, ts, init=[(k, 0.0) for k in grid.scales],
+                                           label=lab_cal, trajectory=traj)
+        ev = _ev.evaluate(network, mix, x_eval, ts, scales=mc.scales, label=lab_eval, network_samples=net_samples,
+                          baseline_samples=ideal_samples, batch_size=bs)
+        key = f"{p.machine}+{name}-mixture"
+        record(key, f"{p.machine}+{name}", ts, [list(pair) for pair in mc.scales], ev, schedule="grid + learned w")
+        samples[key] = ev.machine
+        mixtures[name] = {"weights": list(mc.weights), "local_scales": list(mc.local_scales),
+                          "objective": float(np.sum(mc.step_loss)), "objective_local": float(np.sum(mc.step_loss_local)),
+                          "step_loss": mc.step_loss.tolist(), "step_loss_local": mc.step_loss_local.tolist()}
+    timings["mixtures_s"] = time.perf_counter() - t5
     timings["total_s"] = time.perf_counter() - t0
+    # the evaluation seeds' samples (what per-pixel comparisons, e.g. the attention study's error maps, read)
+    with _io.atomic_path(out / "samples.npz") as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **{k.replace("+", "_plus_"): np.asarray(v, np.float32) for k, v in samples.items()},
+                            labels=np.asarray(-1 if lab_eval is None else lab_eval))
 
     results = {
         "preset": p.name,
@@ -385,6 +449,7 @@ def run(
                      "file": "scales_grid.json"},
             "others": {n: {"scales": sc, "file": None if sc is None else f"scales_grid_{n}.json"}
                        for n, sc in other_scales.items()},
+            "mixtures": mixtures,
             "grid_objective": float(np.sum(grid_loss)),
             "grid_step_loss": grid_loss.tolist(),
             "soft": {
@@ -395,6 +460,7 @@ def run(
                 for w, d in diffs.items()
             },
         },
+        "protocol": _protocol(p),
         "evaluations": rows,
         "creativity": creativity,
         "figures": figures,
@@ -406,6 +472,48 @@ def run(
     _io.write_text(out / "report.md", _report(p, results, cfg, int(images.shape[0])))
     log(f"[{p.name}] done in {timings['total_s']:.0f} s -> {out / 'report.md'}")
     return results
+
+
+def _protocol(p: ReproducePreset) -> dict[str, Any]:
+    """The preset's calibration and evaluation options (what, with the network and training, makes a
+    finished run reusable: :func:`finished`)."""
+    keep = ("published", "candidates", "calib_seeds", "eval_seeds", "nsteps", "metric", "soft_support",
+            "soft_iterations", "soft_batch", "soft_lr", "soft_curve", "soft_optimizer", "soft_windows", "others",
+            "mixtures")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in
+            ((k, getattr(p, k)) for k in keep)}
+
+
+def finished(p: ReproducePreset | str, out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The results of a finished run of ``p`` in ``out_dir`` (its ``results.json``), or ``None`` when
+    there is none or it was made with other settings (network, training, calibration or evaluation
+    options; a run of another preset)."""
+    p = preset(p) if isinstance(p, str) else p
+    path = Path(out_dir) / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        import json
+
+        res = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if res.get("preset") != p.name or res.get("net") != json_ready(p.net.to_dict()):
+        return None
+    if res.get("protocol") is not None and res["protocol"] != _protocol(p):
+        return None
+    want = {k: v for k, v in json_ready(p.train.to_dict()).items() if k != "steps"}
+    got = {k: v for k, v in res.get("train", {}).items() if k in want}
+    return res if got == want else None
+
+
+def json_ready(d: Any) -> Any:
+    """``d`` as it reads back from JSON (tuples become lists)."""
+    if isinstance(d, dict):
+        return {k: json_ready(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [json_ready(v) for v in d]
+    return d
 
 
 def _fits(machine, k) -> bool:
@@ -471,6 +579,9 @@ def _report(p: ReproducePreset, res: dict[str, Any], cfg, n_images: int) -> str:
     for n, o in cal.get("others", {}).items():
         if o["scales"] is not None:
             lines.append(f"- {n} grid: {_fmt_scales(o['scales'])}")
+    for n, mx in cal.get("mixtures", {}).items():
+        lines.append(f"- {n} weight w in the {p.machine} + {n} mixture (at the grid's patch sizes; objective "
+                     f"{mx['objective']:.4g}, {mx['objective_local']:.4g} at w = 0): {_fmt_scales(mx['weights'])}")
     objs = ", ".join(f"{c['objective']:.4g} for the learned {w} window" for w, c in cal["soft"].items())
     lines += [
         "",

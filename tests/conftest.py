@@ -119,3 +119,14 @@ def trained_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("trained_run")
     training.train(d, tiny_net(), tiny_train_config(), progress=False)
     return d
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """``ellsjax reproduce --preset smoke`` through the command line (the reproduce tests read it; the
+    studies test reuses it as a finished member)."""
+    from ellsjax import cli
+
+    out = tmp_path_factory.mktemp("smoke")
+    assert cli.main(["reproduce", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
+    return out

@@ -22,10 +22,8 @@ def _valid_png(path):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke")
-    assert cli.main(["reproduce", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
-    return out
+def smoke(smoke_run):
+    return smoke_run
 
 
 def test_reproduce_smoke_outputs(smoke):
