@@ -61,6 +61,7 @@ runtime_checks = _checks.runtime_checks
 #: * ``"width"``: a positive float window width ``ℓ`` in pixels (the soft-window machines);
 #: * ``"none"``: no scale (IS, Wiener, PCA-locality, σ-CFDM, trained networks).
 ScaleKind = Literal["size", "side", "width", "none"]
+#: :data:`ScaleKind`'s members as a tuple.
 SCALE_KINDS: tuple[str, ...] = ("size", "side", "width", "none")
 
 _DESCRIBE = {
