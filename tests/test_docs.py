@@ -70,7 +70,7 @@ def _free_names(code: str) -> tuple[set[str], set[str]]:
 
 def test_the_readme_and_guides_have_fast_blocks():
     fast = {p.name for p in DOC_FILES for code in _blocks(p) if FAST in code.splitlines()[0]}
-    assert {"README.md", "getting-started.md", "machines.md", "samplers.md"} <= fast, fast
+    assert {"README.md", "data.md", "machines.md", "samplers.md", "scaling.md"} <= fast, fast
 
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
