@@ -13,6 +13,7 @@ otherwise the first module listing it. ``python docs/_ext/apipages.py`` (re)writ
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import pkgutil
@@ -45,13 +46,20 @@ def _public_owner(modname: str) -> str:
     return ".".join(parts)
 
 
-def _assigned_at_top(module: str, name: str) -> bool:
-    mod = importlib.import_module(module)
+@functools.cache
+def _source(module: str) -> tuple[ast.Module, list[str]] | None:
+    """A module's parsed source and its lines (None without a source file)."""
     try:
-        tree = ast.parse(Path(inspect.getsourcefile(mod)).read_text())
+        source = Path(inspect.getsourcefile(importlib.import_module(module))).read_text()
     except (TypeError, OSError):
+        return None
+    return ast.parse(source), source.splitlines()
+
+
+def _assigned_at_top(module: str, name: str) -> bool:
+    if (parsed := _source(module)) is None:
         return False
-    for node in tree.body:
+    for node in parsed[0].body:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
         if any(isinstance(t, ast.Name) and t.id == name for t in targets):
             return True
@@ -61,11 +69,9 @@ def _assigned_at_top(module: str, name: str) -> bool:
 def doc_comment(module: str, name: str) -> list[str]:
     """The ``#:`` comment lines above ``name``'s top-level assignment in ``module``'s source (Sphinx's form for
     documenting a constant), or a string statement right after it; [] if none."""
-    try:
-        source = Path(inspect.getsourcefile(importlib.import_module(module))).read_text()
-    except (TypeError, OSError):
+    if (parsed := _source(module)) is None:
         return []
-    tree, lines = ast.parse(source), source.splitlines()
+    tree, lines = parsed
     for i, node in enumerate(tree.body):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
         if not any(isinstance(t, ast.Name) and t.id == name for t in targets):
