@@ -46,6 +46,7 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_default_options = {"show-inheritance": True}
 autodoc_preserve_defaults = True
+python_maximum_signature_line_length = 100  # long signatures: one parameter per line
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
