@@ -7,7 +7,8 @@ re-export it and link to the home. Documenting an object once keeps Sphinx's cro
 The home of a function or class is the public module it is defined in (a private submodule's objects belong to
 the public package above it), when that module lists it; of a constant, the module that assigns it at top level;
 otherwise the first module listing it. ``python docs/_ext/apipages.py`` (re)writes a page per module under
-``docs/api/`` that does not exist yet; ``tests/test_api_docs.py`` checks the committed pages against this.
+``docs/api/`` that does not exist yet and the index (``--force``: every page, keeping hand-written descriptions);
+``tests/test_api_docs.py`` checks the committed pages against this.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import functools
 import importlib
 import inspect
 import pkgutil
+import re
 import sys
 import types
 from pathlib import Path
@@ -140,8 +142,12 @@ def homes() -> dict[tuple[str, str], str]:
     return out
 
 
-def render(module: str, table: dict[tuple[str, str], str]) -> str:
-    """A page for ``module``: its docstring, its own names (autodoc), then the names it re-exports (links)."""
+def render(module: str, table: dict[tuple[str, str], str], bodies: dict[str, list[str]] | None = None) -> str:
+    """A page for ``module``: its docstring, its own names (autodoc), then the names it re-exports (links).
+
+    ``bodies``: text written under a directive on the page by hand (a constant's description), kept.
+    """
+    bodies = bodies or {}
     mod = importlib.import_module(module)
     title = module
     lines = [title, "=" * len(title), "", f".. automodule:: {module}", "   :no-members:", ""]
@@ -156,6 +162,8 @@ def render(module: str, table: dict[tuple[str, str], str]) -> str:
             lines += ["   :members:"]
         if k == "data":
             lines += ["   :no-value:"]
+        if bodies.get(f"{module}.{n}"):
+            lines += [""] + ["   " + b for b in bodies[f"{module}.{n}"]]
         lines += [""]
     if reexported:
         lines += [".. rubric:: Also here", "", "Names this module re-exports, documented on their own page:", ""]
@@ -169,15 +177,43 @@ def render(module: str, table: dict[tuple[str, str], str]) -> str:
     return "\n".join(lines)
 
 
+def _bodies(page: str) -> dict[str, list[str]]:
+    """The hand-written text under each directive of an existing page (not its options)."""
+    out = {}
+    for m in re.finditer(r"^\.\. auto\w+:: (\S+)\n((?:[ \t]+.*\n|\n)*)", page, re.M):
+        body = [ln[3:] for ln in m.group(2).splitlines() if ln.strip() and not ln.strip().startswith(":")]
+        if body:
+            out[m.group(1)] = body
+    return out
+
+
+def index(modules: list[str]) -> str:
+    """``docs/api/index.rst``: every public module, the machine families in a second list."""
+    top = [m for m in modules if not m.startswith("ellsjax.machines.")]
+    families = [m for m in modules if m.startswith("ellsjax.machines.")]
+    return "\n".join([
+        "API reference", "=============", "",
+        "One page per public module. Each name of a module's ``__all__`` is documented once, on the page of the module",
+        "that defines it; a module that re-exports it links there (``tests/test_api_docs.py`` checks both).", "",
+        ".. toctree::", "   :maxdepth: 1", "", *(f"   {m}" for m in top), "",
+        "The machine families, one module each (their builders and classes are re-exported by :mod:`ellsjax.machines`):",
+        "", ".. toctree::", "   :maxdepth: 1", "", *(f"   {m}" for m in families), ""])
+
+
 def main(argv: list[str]) -> int:
+    """Write ``docs/api/index.rst`` and the page of every public module that has none; ``--force`` rewrites
+    every page from the modules' ``__all__`` (keeping hand-written descriptions under the directives)."""
     sys.path.insert(0, str(DOCS.parent))
     table = homes()
-    for module in public_modules():
+    modules = public_modules()
+    (DOCS / "api" / "index.rst").write_text(index(modules))
+    for module in modules:
         path = DOCS / (page_of(module) + ".rst")
         if path.exists() and "--force" not in argv:
             continue
+        bodies = _bodies(path.read_text()) if path.exists() else {}
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render(module, table))
+        path.write_text(render(module, table, bodies))
         print("wrote", path.relative_to(DOCS.parent))
     return 0
 
