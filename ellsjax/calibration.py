@@ -66,6 +66,7 @@ from ellsjax import _checks
 from ellsjax import samplers as _samplers
 from ellsjax._batching import map_padded
 from ellsjax.denoiser import Denoiser
+from ellsjax.machines.mixture import LocalGlobalMixture
 from ellsjax.machines.soft import SoftEquivariantLocalScore
 from ellsjax.scales import ScaleSchedule
 
@@ -75,6 +76,7 @@ __all__ = [
     "GridCalibration",
     "grid_calibrate",
     "SoftCalibration",
+    "MixtureCalibration",
     "differentiable_calibrate",
     "widths_from_sizes",
     "trajectory_loss",
@@ -317,19 +319,105 @@ class SoftCalibration(NamedTuple):
         self.schedule.save(path, **meta)
 
 
-def _ells_from(params, curve, ts):
-    if curve == "per_step":
-        return jnp.exp(params)
-    return jnp.exp(params[0] + params[1] * ts + params[2] * ts * ts)
+class MixtureCalibration(NamedTuple):
+    """Result of :func:`differentiable_calibrate` for a :class:`~ellsjax.machines.LocalGlobalMixture`.
+
+    Attributes:
+        ts: ``[S+1]`` the time grid.
+        local_scales: ``S`` local scales ``k_i`` (given, held fixed).
+        weights: ``S`` learned weights ``w_i ∈ [0, 1]`` of the global part.
+        losses: ``[iters]`` per round, as :attr:`SoftCalibration.losses`.
+        step_loss: ``[S]`` each step's normalised loss at the final weights on all seeds.
+        step_loss_local: ``[S]`` the same at ``w = 0`` (the local machine alone), for comparison.
+        timings: seconds per phase, as :attr:`SoftCalibration.timings`.
+        optimizer: ``"line_search"`` or ``"adam"``.
+    """
+
+    ts: np.ndarray
+    local_scales: tuple
+    weights: tuple
+    losses: np.ndarray
+    step_loss: np.ndarray
+    step_loss_local: np.ndarray
+    timings: dict | None = None
+    optimizer: str = "line_search"
+
+    @property
+    def scales(self) -> tuple:
+        """The mixture's per-step scales ``(k_i, w_i)`` for the samplers."""
+        return tuple(zip(self.local_scales, self.weights, strict=True))
+
+
+def _values_from(params, curve, ts, link="exp"):
+    u = params if curve == "per_step" else params[0] + params[1] * ts + params[2] * ts * ts
+    return jnp.exp(u) if link == "exp" else u
+
+
+class _WidthParam:
+    """A soft machine's per-step parameter: ``u = log ℓ`` in ``[log 0.05, log K]``; the static part of
+    a step is the window side of its ``ℓ``."""
+
+    link = "exp"
+
+    def __init__(self, machine, init, s):
+        init_arr = np.broadcast_to(np.asarray(init, np.float64), (s,)) if np.ndim(init) == 0 else np.asarray(init, np.float64)
+        if init_arr.shape != (s,) or not np.all(np.isfinite(init_arr)) or np.any(init_arr <= 0):
+            raise ValueError(f"init: expected one positive ℓ or {s} of them, got {init!r}")
+        self.machine = machine
+        self.lo, self.hi = float(np.log(_ELL_MIN)), float(np.log(float(machine.support)))
+        self.u0 = np.clip(np.log(init_arr), self.lo, self.hi)
+
+    value = staticmethod(lambda u: float(np.exp(u)))
+    dvalue = staticmethod(lambda u: float(np.exp(u)))  # dℓ/du
+
+    def static(self, i, value):
+        return self.machine.window_size(value)
+
+    def view(self, machine, static, conditional):
+        return machine.prepare(sides=[static], conditional=conditional)
+
+    @staticmethod
+    def x0(machine, x, t, label, value, static):
+        return machine.denoise_ell(x, t, label, value, side=static)
+
+
+class _MixtureParam:
+    """A mixture's per-step parameter: the weight ``w`` itself in ``[0, 1]`` (the objective is a
+    quadratic in it); the static part of step ``i`` is its fixed local scale."""
+
+    link = "identity"
+    lo, hi = 0.0, 1.0
+
+    def __init__(self, machine, init, s):
+        pairs = list(init) if isinstance(init, (list, tuple)) else None
+        if pairs is None or len(pairs) != s or any(not isinstance(p, (tuple, list)) or len(p) != 2 for p in pairs):
+            raise ValueError(f"init: a mixture needs one (local scale, weight) pair per step ({s}), got {init!r}")
+        checked = [machine.check_scale(tuple(p)) for p in pairs]
+        self.machine = machine
+        self.local = tuple(k for k, _ in checked)
+        self.u0 = np.array([w for _, w in checked], np.float64)
+
+    value = staticmethod(float)
+    dvalue = staticmethod(lambda u: 1.0)
+
+    def static(self, i, value):
+        return self.local[i]
+
+    def view(self, machine, static, conditional):
+        return machine.prepare(((static, 0.0),), conditional=conditional)
+
+    @staticmethod
+    def x0(machine, x, t, label, value, static):
+        return machine.denoise_weight(x, t, label, value, local_scale=static)
 
 
 def differentiable_calibrate(
     network: Denoiser,
-    machine: SoftEquivariantLocalScore,
+    machine: SoftEquivariantLocalScore | LocalGlobalMixture,
     x_start: Float[ArrayLike, "b h w c"] | None,
     ts: Any = None,
     *,
-    init: float | Sequence[float] = 2.0,
+    init: Any = 2.0,
     iterations: int | None = None,
     learning_rate: float = 0.1,
     batch: int | None = None,
@@ -367,10 +455,14 @@ def differentiable_calibrate(
 
     Args:
         network: the reference denoiser (network or machine; pass ``network_scales`` for a machine).
-        machine: a soft-window machine (:func:`ellsjax.machines.soft_els` / ``soft_bbels``).
+        machine: a soft-window machine (:func:`ellsjax.machines.soft_els` / ``soft_bbels``), or a
+            :class:`~ellsjax.machines.LocalGlobalMixture` whose global weight ``w_i`` is learned per
+            step at fixed local scales (see below).
         x_start: ``[B, H, W, C]`` starting noise.
         ts: time grid (default :func:`calibration_times` ``(20)``).
-        init: starting ``ℓ``: one float, or one per step (e.g. from :func:`grid_calibrate`).
+        init: starting ``ℓ``: one float, or one per step (e.g. from :func:`grid_calibrate`). For a
+            mixture: one ``(k_i, w_i)`` pair per step, the local scales (held fixed) and the
+            starting weights.
         iterations: evaluations per step (line search) or Adam steps; default 6 resp. 40.
         learning_rate: Adam learning rate (on ``log ℓ``); unused by the line search.
         batch: seeds per evaluation (line search: a fixed subset; Adam: a random subset per step);
@@ -385,6 +477,12 @@ def differentiable_calibrate(
 
     Returns:
         A :class:`SoftCalibration`; ``.ells`` are the soft machine's per-step scales for the sampler.
+        For a mixture, a :class:`MixtureCalibration`; ``.scales`` are its ``(k_i, w_i)``.
+
+    A mixture's objective is, per step, a quadratic in ``w_i`` (``x̂0`` is affine in ``w``), so the
+    line search runs on ``w`` itself in ``[0, 1]``: the cubic Hermite step through two points with
+    their derivatives is then the exact minimiser, reached in a few evaluations; Adam steps are
+    projected back onto ``[0, 1]``. Only ``curve="per_step"`` applies.
 
     Example:
         >>> import jax, ellsjax as ej
@@ -397,14 +495,18 @@ def differentiable_calibrate(
         (2, 'line_search', True)
     """
     _check_pair(network, machine)
-    if not isinstance(machine, SoftEquivariantLocalScore):
-        raise TypeError(f"machine: expected a soft-window machine (ej.machines.soft_els), got {type(machine).__name__}")
+    if not isinstance(machine, (SoftEquivariantLocalScore, LocalGlobalMixture)):
+        raise TypeError(f"machine: expected a soft-window machine (ej.machines.soft_els) or a local/global mixture "
+                        f"(ej.machines.mixture), got {type(machine).__name__}")
     if curve not in ("per_step", "quadratic"):
         raise ValueError(f"curve: must be 'per_step' or 'quadratic', got {curve!r}")
     if optimizer not in ("auto", "line_search", "adam"):
         raise ValueError(f"optimizer: must be 'auto', 'line_search' or 'adam', got {optimizer!r}")
     if optimizer == "auto":
         optimizer = "line_search" if curve == "per_step" else "adam"
+    mix = isinstance(machine, LocalGlobalMixture)
+    if mix and curve != "per_step":
+        raise ValueError("curve: a mixture's weights are learned per step; use curve='per_step'")
     if optimizer == "line_search" and curve != "per_step":
         raise ValueError("optimizer: 'line_search' needs curve='per_step' (the quadratic curve couples the steps; "
                          "use 'adam')")
@@ -421,72 +523,77 @@ def differentiable_calibrate(
     batch = b if batch is None else _checks.check_positive_int(batch, "batch")
     if batch > b:
         raise ValueError(f"batch: {batch} is more than the {b} seeds")
-    init_arr = np.broadcast_to(np.asarray(init, np.float64), (s,)) if np.ndim(init) == 0 else np.asarray(init, np.float64)
-    if init_arr.shape != (s,) or not np.all(np.isfinite(init_arr)) or np.any(init_arr <= 0):
-        raise ValueError(f"init: expected one positive ℓ or {s} of them, got {init!r}")
+    param = _MixtureParam(machine, init, s) if mix else _WidthParam(machine, init, s)
     tstep = jnp.asarray(traj.ts[:s], jnp.float32)
     xs = traj.xs[:s]
     targets = traj.x0s
     norms = np.asarray(jnp.mean(targets.reshape(s, b, -1) ** 2, axis=(1, 2)))
     rng = np.random.default_rng(key)
     timings = {"prepare": 0.0, "compile": 0.0, "iterations": 0.0, "final": 0.0}
-    steps = _StepPrograms(machine, labels is not None, timings)
+    steps = _StepPrograms(machine, labels is not None, timings, param)
 
-    def evaluate(i, ell, sel):
+    def evaluate(i, value, sel):
         lab = None if labels is None else labels[sel]
-        return steps.value_and_grad(float(ell), xs[i, sel], targets[i, sel], tstep[i], norms[i], lab)
+        return steps.value_and_grad(float(value), xs[i, sel], targets[i, sel], tstep[i], norms[i], lab,
+                                    static=param.static(i, value))
 
     t_iter = time.perf_counter()
     if optimizer == "line_search":
         sel = np.sort(rng.choice(b, batch, replace=False)) if batch < b else np.arange(b)
-        search = _LineSearch(np.log(np.minimum(np.maximum(init_arr, _ELL_MIN), machine.support)),
-                             lo=np.log(_ELL_MIN), hi=np.log(float(machine.support)))
+        search = _LineSearch(param.u0, lo=param.lo, hi=param.hi)
         losses = []
         for _ in range(iterations):
             todo = search.pending()
             if not todo:
                 break
             u = search.propose()
-            res = {i: evaluate(i, np.exp(u[i]), sel) for i in todo}  # dispatch all, then read back
-            search.update({i: (float(v), float(g) * float(np.exp(u[i]))) for i, (v, g) in res.items()})
+            res = {i: evaluate(i, param.value(u[i]), sel) for i in todo}  # dispatch all, then read back
+            search.update({i: (float(v), float(g) * param.dvalue(u[i])) for i, (v, g) in res.items()})
             losses.append(float(np.sum(search.best_f)))
             if not np.isfinite(losses[-1]):
                 raise ValueError(f"network: the loss became NaN/inf at iteration {len(losses)}; check the "
                                  "network's x̂0")
-        ells = np.exp(search.best_u)
+        values = np.array([param.value(u) for u in search.best_u])
         known = search.best_f if batch == b else None  # the search's values are the final losses then
     else:
         import optax
 
         if curve == "per_step":
-            params = jnp.log(jnp.asarray(init_arr, jnp.float32))
+            params = jnp.asarray(param.u0, jnp.float32)
         else:  # least-squares fit of the quadratic to log(init)
-            coef = np.polynomial.polynomial.polyfit(np.asarray(tstep, np.float64), np.log(init_arr), 2)
+            coef = np.polynomial.polynomial.polyfit(np.asarray(tstep, np.float64), param.u0, 2)
             params = jnp.asarray(coef, jnp.float32)
         opt = optax.adam(float(learning_rate))
         opt_state = opt.init(params)
-        update = _make_update(opt, curve)
+        update = _make_update(opt, curve, param.link, (param.lo, param.hi))
         losses = []
         for _ in range(iterations):
             sel = np.sort(rng.choice(b, batch, replace=False)) if batch < b else np.arange(b)
-            ells = np.asarray(_ells_from(params, curve, tstep))
-            # each step at its own window side (the machine's definition), one compiled program per side
-            vals, grads = zip(*(evaluate(i, ells[i], sel) for i in range(s)), strict=True)
+            values = np.asarray(_values_from(params, curve, tstep, param.link))
+            # each step at its own static part (window side / local scale), one compiled program per part
+            vals, grads = zip(*(evaluate(i, values[i], sel) for i in range(s)), strict=True)
             params, opt_state = update(params, opt_state, jnp.stack(grads), tstep)
             losses.append(float(np.sum(np.asarray(vals))))
             if not (np.isfinite(losses[-1]) and bool(jnp.all(jnp.isfinite(params)))):
-                raise ValueError(f"network: the loss or ℓ became NaN/inf at iteration {len(losses)}; check the "
-                                 "network's x̂0 (and learning_rate)")
-        ells = np.asarray(_ells_from(params, curve, tstep))
+                raise ValueError(f"network: the loss or the parameters became NaN/inf at iteration {len(losses)}; "
+                                 "check the network's x̂0 (and learning_rate)")
+        values = np.asarray(_values_from(params, curve, tstep, param.link))
         known = None
     timings["iterations"] = time.perf_counter() - t_iter - timings["prepare"] - timings["compile"]
     t_final = time.perf_counter()
     if known is not None:
         step_loss = np.asarray(known, np.float64)
     else:
-        step_loss = np.array([steps.loss(float(ells[i]), xs[i], targets[i], tstep[i], norms[i], labels, batch)
-                              for i in range(s)])
+        step_loss = np.array([steps.loss(float(values[i]), xs[i], targets[i], tstep[i], norms[i], labels, batch,
+                                         static=param.static(i, values[i])) for i in range(s)])
+    if mix:
+        local_loss = np.array([steps.loss(0.0, xs[i], targets[i], tstep[i], norms[i], labels, batch,
+                                          static=param.static(i, 0.0)) for i in range(s)])
     timings["final"] = time.perf_counter() - t_final
+    if mix:
+        return MixtureCalibration(np.asarray(traj.ts), param.local, tuple(float(v) for v in values), np.asarray(losses),
+                                  step_loss, local_loss, timings, optimizer)
+    ells = values
     return SoftCalibration(np.asarray(traj.ts), tuple(float(v) for v in ells), machine.support,
                            machine.padding, machine.window, machine.edge, np.asarray(losses), step_loss, curve,
                            timings, optimizer)
@@ -597,64 +704,74 @@ def _hermite_argmin(f0, f1, m0, m1):
     return float(tau[j]), float(p[j])
 
 
-@partial(jax.jit, static_argnames=("side",))
-def _step_value_and_grad(machine, ell, x, target, t, norm, label, *, side):
-    """One step's normalised loss ``L = mean‖x̂0(ℓ) − x̂0_net‖² / norm`` at window ``side`` and
-    ``dL/dℓ``, in forward mode: ``ℓ`` is one scalar, so a JVP (the tangent carried through the
-    same streaming pass) costs about one more forward pass, where reverse mode would store or
-    recompute every chunk's softmax."""
+@partial(jax.jit, static_argnames=("side", "x0"))
+def _step_value_and_grad(machine, ell, x, target, t, norm, label, *, side, x0=_WidthParam.x0):
+    """One step's normalised loss ``L = mean‖x̂0(p) − x̂0_net‖² / norm`` at the static part ``side``
+    (a soft machine's window side, a mixture's local scale) and ``dL/dp`` for the scalar parameter
+    ``p`` (``ℓ``, or a mixture's ``w``), in forward mode: ``p`` is one scalar, so a JVP (the tangent
+    carried through the same streaming pass) costs about one more forward pass, where reverse mode
+    would store or recompute every chunk's softmax."""
     tb = jnp.full((x.shape[0],), t)
-    x0, dx0 = jax.jvp(lambda e: machine.denoise_ell(x, tb, label, e, side=side), (ell,), (jnp.ones_like(ell),))
-    diff = x0 - target
-    return jnp.mean(diff * diff) / norm, 2.0 * jnp.mean(diff * dx0) / norm
+    out, dout = jax.jvp(lambda e: x0(machine, x, tb, label, e, side), (ell,), (jnp.ones_like(ell),))
+    diff = out - target
+    return jnp.mean(diff * diff) / norm, 2.0 * jnp.mean(diff * dout) / norm
 
 
 class _StepPrograms:
-    """Per window side: the machine carrying only that side's bank (a fixed pytree structure, so each
-    side's value-and-gradient program compiles once and is reused by every step and iteration)."""
+    """Per static part (window side / local scale): the machine carrying only what that part needs (a
+    fixed pytree structure, so each part's value-and-gradient program compiles once and is reused by
+    every step and iteration)."""
 
-    def __init__(self, machine, conditional, timings):
+    def __init__(self, machine, conditional, timings, param=None):
         self.machine, self.conditional, self.timings = machine, conditional, timings
+        self.param = param if param is not None else _WidthParam(machine, 1.0, 1)
         self.views, self.compiled = {}, set()
 
-    def view(self, side):
-        if side not in self.views:
+    def view(self, static):
+        if static not in self.views:
             t0 = time.perf_counter()
-            ready = self.machine.prepare(sides=[side], conditional=self.conditional)
-            self.views[side] = ready
+            self.views[static] = self.param.view(self.machine, static, self.conditional)
             self.timings["prepare"] += time.perf_counter() - t0
-        return self.views[side]
+        return self.views[static]
 
-    def value_and_grad(self, ell, x, target, t, norm, label):
-        side = self.machine.window_size(ell)
-        args = (self.view(side), jnp.float32(ell), x, target, t, jnp.float32(norm), label)
-        if ("grad", side) not in self.compiled:  # the first call compiles: time it apart
+    def _static(self, value, static):
+        return self.param.static(0, value) if static is None else static
+
+    def value_and_grad(self, value, x, target, t, norm, label, *, static=None):
+        static = self._static(value, static)
+        args = (self.view(static), jnp.float32(value), x, target, t, jnp.float32(norm), label)
+        kw = {"side": static, "x0": self.param.x0}
+        if ("grad", static) not in self.compiled:  # the first call compiles: time it apart
             t0 = time.perf_counter()
-            out = jax.block_until_ready(_step_value_and_grad(*args, side=side))
+            out = jax.block_until_ready(_step_value_and_grad(*args, **kw))
             self.timings["compile"] += time.perf_counter() - t0
-            self.compiled.add(("grad", side))
+            self.compiled.add(("grad", static))
             return out
-        return _step_value_and_grad(*args, side=side)
+        return _step_value_and_grad(*args, **kw)
 
-    def loss(self, ell, x, target, t, norm, label, batch):
-        side = self.machine.window_size(ell)
-        m = self.view(side)
-        x0 = map_padded(lambda xc, lc: _step_x0(m, jnp.float32(ell), xc, t, lc, side=side), batch, x, label)
+    def loss(self, value, x, target, t, norm, label, batch, *, static=None):
+        static = self._static(value, static)
+        m = self.view(static)
+        x0 = map_padded(lambda xc, lc: _step_x0(m, jnp.float32(value), xc, t, lc, side=static, x0=self.param.x0),
+                        batch, x, label)
         return float(jnp.mean((x0 - target) ** 2) / norm)
 
 
-@partial(jax.jit, static_argnames=("side",))
-def _step_x0(machine, ell, x, t, label, *, side):
-    return machine.denoise_ell(x, jnp.full((x.shape[0],), t), label, ell, side=side)
+@partial(jax.jit, static_argnames=("side", "x0"))
+def _step_x0(machine, ell, x, t, label, *, side, x0=_WidthParam.x0):
+    return x0(machine, x, jnp.full((x.shape[0],), t), label, ell, side)
 
 
-def _make_update(opt, curve):
+def _make_update(opt, curve, link="exp", bounds=None):
     @jax.jit
-    def update(params, opt_state, dloss_dell, ts):
-        # the chain rule from each step's dL/dℓ_i to the parameters (log ℓ per step, or the curve)
-        _, vjp = jax.vjp(lambda p: _ells_from(p, curve, ts), params)
-        grads = vjp(dloss_dell)[0]
+    def update(params, opt_state, dloss_dvalue, ts):
+        # the chain rule from each step's dL/dp_i to the parameters (log ℓ or w per step, or the curve)
+        _, vjp = jax.vjp(lambda p: _values_from(p, curve, ts, link), params)
+        grads = vjp(dloss_dvalue)[0]
         updates, opt_state = opt.update(grads, opt_state, params)
-        return params + updates, opt_state
+        params = params + updates
+        if link == "identity":  # projected onto the parameter's interval (a mixture's w in [0, 1])
+            params = jnp.clip(params, *bounds)
+        return params, opt_state
 
     return update

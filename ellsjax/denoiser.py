@@ -59,15 +59,18 @@ runtime_checks = _checks.runtime_checks
 #: * ``"size"``: an odd patch size ``k`` (ELS, bbELS, LS; the paper's scale);
 #: * ``"side"``: any positive int window side (PSPC-Square's ``k×k`` windows, even sides too);
 #: * ``"width"``: a positive float window width ``ℓ`` in pixels (the soft-window machines);
+#: * ``"mixture"``: a pair ``(k, w)``, the local machine's scale and the global part's weight
+#:   ``w ∈ [0, 1]`` (:class:`ellsjax.machines.LocalGlobalMixture`);
 #: * ``"none"``: no scale (IS, Wiener, PCA-locality, σ-CFDM, trained networks).
-ScaleKind = Literal["size", "side", "width", "none"]
+ScaleKind = Literal["size", "side", "width", "mixture", "none"]
 #: :data:`ScaleKind`'s members as a tuple.
-SCALE_KINDS: tuple[str, ...] = ("size", "side", "width", "none")
+SCALE_KINDS: tuple[str, ...] = ("size", "side", "width", "mixture", "none")
 
 _DESCRIBE = {
     "size": "a positive odd int patch size",
     "side": "a positive int window side",
     "width": "a positive float window width ℓ (pixels)",
+    "mixture": "a pair (local scale, weight w in [0, 1])",
     "none": "no scale",
 }
 
@@ -95,6 +98,13 @@ def check_scale_value(kind: ScaleKind, value: Any, name: str = "scale") -> int |
         raise ValueError(f"{name}: this denoiser needs a scale: {_DESCRIBE[kind]}")
     if kind == "size":
         return _checks.check_scale(value, name)
+    if kind == "mixture":  # the pair's shape and weight; the local scale is its machine's to check
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise TypeError(f"{name}: expected {_DESCRIBE[kind]}, got {value!r}")
+        w = value[1]
+        if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Real) or not (0.0 <= float(w) <= 1.0):
+            raise ValueError(f"{name}: the weight w must be a float in [0, 1], got {w!r}")
+        return (value[0], float(w))
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected {_DESCRIBE[kind]}, got {value!r}")
     if kind == "width":

@@ -23,7 +23,8 @@ arXiv 2412.20292, App. C.1; reference code github.com/Kambm/convolutional_diffus
   rows → Linear → Swish → Linear (``4·width``); a 3×3 head; per level ``num_res_blocks`` residual
   blocks (GroupNorm(32) → Swish → conv, + the projected embedding, GroupNorm(32) → Swish → dropout
   → conv, 1×1 shortcut when the width changes, self-attention at the levels in ``attn``) and a
-  stride-2 conv down; a middle of two residual blocks, the first with self-attention; up levels of
+  stride-2 conv down; a middle of two residual blocks, the first with self-attention (unless
+  ``mid_attn=False``: the same UNet without any attention when ``attn`` is empty too); up levels of
   ``num_res_blocks + 1`` blocks on the concatenated skips and a nearest ×2 upsample + conv; a
   GroupNorm → Swish → conv tail. Its time input is the DDPM step ``i = t·T − 1`` (``t = (i+1)/T``
   on :func:`ellsjax.schedules.ddpm_linear`); between integer steps the table's sinusoids are
@@ -46,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -69,6 +71,7 @@ __all__ = [
     "PRESETS_SOURCE",
     "preset",
     "build",
+    "attention_weights",
     "init",
     "sinusoidal_embedding",
     "TimeEmbedding",
@@ -123,7 +126,10 @@ class NetConfig:
         ch_mult: DDPM UNet: width multiplier per level (``None``: ``(1, 2, 2, 2)``); ``depth`` is
             its length.
         attn: DDPM UNet: levels (indices into ``ch_mult``) whose residual blocks end in
-            self-attention; the middle block always has one.
+            self-attention.
+        mid_attn: DDPM UNet: the middle's first residual block ends in self-attention (Ho et al.'s
+            UNet, the default); ``False`` with ``attn=()`` is the same network without attention, a
+            purely convolutional control.
         num_res_blocks: DDPM UNet: residual blocks per down level (``+1`` per up level).
         dropout: DDPM UNet: dropout rate inside the residual blocks, applied in training only.
         time_steps: DDPM UNet: rows ``T`` of the sinusoidal time table (the DDPM steps).
@@ -145,6 +151,7 @@ class NetConfig:
     add_one: bool = True
     ch_mult: tuple[int, ...] | None = None
     attn: tuple[int, ...] = ()
+    mid_attn: bool = True
     num_res_blocks: int = 2
     dropout: float = 0.0
     time_steps: int = 1000
@@ -166,8 +173,8 @@ class NetConfig:
             raise ValueError(f"add_one: expected a bool, got {self.add_one!r}")
         if self.arch == "ddpm-unet":
             self._check_ddpm()
-        elif self.ch_mult is not None or self.attn or self.dropout:
-            raise ValueError("ch_mult, attn, dropout: options of arch='ddpm-unet' only")
+        elif self.ch_mult is not None or self.attn or self.dropout or self.mid_attn is not True:
+            raise ValueError("ch_mult, attn, mid_attn, dropout: options of arch='ddpm-unet' only")
         # fill in the paper's defaults (frozen: set through object.__setattr__)
         width = _DEFAULT_WIDTH[self.arch] if self.width is None else _checks.check_positive_int(self.width, "width")
         depth = _DEFAULT_DEPTH[self.arch] if self.depth is None else _checks.check_positive_int(self.depth, "depth")
@@ -236,6 +243,8 @@ class NetConfig:
         if any(not 0 <= i < len(mult) for i in attn) or len(set(attn)) != len(attn):
             raise ValueError(f"attn: level indices must be distinct and lie in [0, {len(mult)}), got {attn}")
         object.__setattr__(self, "attn", tuple(sorted(attn)))
+        if not isinstance(self.mid_attn, bool):
+            raise ValueError(f"mid_attn: expected a bool, got {self.mid_attn!r}")
         _checks.check_positive_int(self.num_res_blocks, "num_res_blocks")
         _checks.check_positive_int(self.time_steps, "time_steps")
         if self.time_steps < 2:
@@ -611,6 +620,38 @@ def _dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+# Set by attention_weights(): the list that the attention layers of an eager call append their weights to.
+_CAPTURE: contextvars.ContextVar[list | None] = contextvars.ContextVar("ellsjax_attention_capture", default=None)
+
+
+def attention_weights(
+    model: nnx.Module, x_t: Float[Array, "b h w c"], t: Float[ArrayLike, " b"], label: Int[Array, " b"] | None = None,
+) -> list[tuple[int, int, Float[Array, "b n n"]]]:
+    """The self-attention weights of every attention layer of a DDPM UNet on one (eager) call.
+
+    Returns ``[(H_l, W_l, A_l)]`` in call order: ``A_l[b, i, j]`` is how much query pixel ``i``
+    (row-major over the layer's ``H_l×W_l`` grid) attends to pixel ``j`` (rows sum to 1). Runs the
+    model eagerly (not under ``jax.jit``, where the weights would be tracers).
+
+    Example:
+        >>> import jax.numpy as jnp, ellsjax as ej
+        >>> cfg = ej.nets.NetConfig(arch="ddpm-unet", image_size=8, width=32, ch_mult=(1, 2), num_res_blocks=1,
+        ...                         attn=(0,))
+        >>> maps = attention_weights(ej.nets.build(cfg), jnp.zeros((2, 8, 8, 1)), jnp.full((2,), 0.5))
+        >>> [(h, w, a.shape) for h, w, a in maps]
+        [(8, 8, (2, 64, 64)), (4, 4, (2, 16, 16)), (8, 8, (2, 64, 64)), (8, 8, (2, 64, 64))]
+    """
+    if isinstance(x_t, jax.core.Tracer):
+        raise TypeError("x_t: attention_weights runs the model eagerly; call it outside jax.jit")
+    record: list = []
+    token = _CAPTURE.set(record)
+    try:
+        model(x_t, t, label)
+    finally:
+        _CAPTURE.reset(token)
+    return record
+
+
 class _Attention(nnx.Module):
     """Single-head self-attention over the pixels: ``x + proj(softmax(q·kᵀ/√C)·v)`` on ``GroupNorm(x)``."""
 
@@ -626,6 +667,9 @@ class _Attention(nnx.Module):
         y = self.norm(x)
         q, k, v = (m(y).reshape(b, h * w, c) for m in (self.q, self.k, self.v))
         att = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * (int(c) ** -0.5), axis=-1)
+        record = _CAPTURE.get()
+        if record is not None:
+            record.append((h, w, att))
         return x + self.proj(jnp.einsum("bij,bjc->bic", att, v).reshape(b, h, w, c))
 
 
@@ -690,7 +734,7 @@ class DDPMUNet(nnx.Module):
                 blocks.append(_Down(now, rngs))
                 chs.append(now)
         self.down = nnx.List(blocks)
-        self.middle = nnx.List([_DDPMResBlock(now, now, tdim, c.dropout, True, rngs),
+        self.middle = nnx.List([_DDPMResBlock(now, now, tdim, c.dropout, c.mid_attn, rngs),
                                 _DDPMResBlock(now, now, tdim, c.dropout, False, rngs)])
         blocks = []
         for i, mult in reversed(list(enumerate(c.ch_mult))):

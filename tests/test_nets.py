@@ -123,6 +123,8 @@ def test_call_checks_the_image_shape():
         ({"arch": "ddpm-unet", "width": 32, "depth": None, "padding": "circular"}, "padding: the DDPM UNet has zero"),
         ({"arch": "ddpm-unet", "width": 32, "depth": None, "dropout": 1.0}, r"dropout: expected a rate in \[0, 1\)"),
         ({"arch": "ddpm-unet", "width": 32, "depth": None, "image_size": 12}, "image_size: .* divisible by 8"),
+        ({"mid_attn": False}, "mid_attn, dropout: options of arch='ddpm-unet' only"),
+        ({"arch": "ddpm-unet", "width": 32, "depth": None, "mid_attn": 0}, "mid_attn: expected a bool"),
     ],
 )
 def test_bad_config_is_a_clear_error(kwargs, msg):
@@ -176,3 +178,21 @@ def test_initialization_follows_pytorch_defaults():
     same, other = nets.build(cfg, seed=5), nets.build(cfg, seed=6)
     assert np.array_equal(same.layers[0].conv.kernel[...], kernel)
     assert not np.array_equal(other.layers[0].conv.kernel[...], kernel)
+
+
+def test_attention_weights_and_the_attention_free_control():
+    """The DDPM UNet's attention layers report row-stochastic weights over their grids; with attn=()
+    and mid_attn=False the same UNet has no attention at all (and fewer parameters)."""
+    kw = {"arch": "ddpm-unet", "image_size": 8, "width": 32, "ch_mult": (1, 2), "num_res_blocks": 1}
+    with_attn, without = nets.NetConfig(**kw, attn=(0,)), nets.NetConfig(**kw, mid_attn=False)
+    x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 1)), jnp.array([0.3, 0.8])
+    model, control = nets.build(with_attn), nets.build(without)
+    maps = nets.attention_weights(model, x, t)
+    assert [(h, w) for h, w, _ in maps] == [(8, 8), (4, 4), (8, 8), (8, 8)]
+    for h, w, a in maps:
+        assert a.shape == (2, h * w, h * w)
+        np.testing.assert_allclose(jnp.sum(a, -1), 1.0, atol=1e-5)
+    assert nets.attention_weights(control, x, t) == []
+    assert nets.count_params(control) < nets.count_params(model)
+    with pytest.raises(TypeError, match="eagerly"):
+        jax.jit(lambda x: nets.attention_weights(model, x, t)[0][2])(x)

@@ -43,6 +43,7 @@ from ellsjax.machines.pca import neighbourhoods as pca_neighbourhoods
 from ellsjax.machines.golddiff import GoldDiff, golddiff
 from ellsjax.machines.cfdm import SmoothedClosedForm, cfdm, cfdm_time, from_cfdm_time
 from ellsjax.machines.soft import SoftEquivariantLocalScore, soft_bbels, soft_els
+from ellsjax.machines.mixture import LocalGlobalMixture, mixture
 
 
 def _discover() -> None:
@@ -138,6 +139,8 @@ __all__ = [
     "SoftEquivariantLocalScore",
     "soft_els",
     "soft_bbels",
+    "LocalGlobalMixture",
+    "mixture",
     "memory_budget_for",
     "bank_budget_for",
     "memory_budgets",
