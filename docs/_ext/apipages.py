@@ -80,7 +80,8 @@ def doc_comment(module: str, name: str) -> list[str]:
             continue
         doc, j = [], node.lineno - 2
         while j >= 0 and lines[j].lstrip().startswith("#:"):
-            doc.insert(0, lines[j].lstrip()[2:].strip())
+            text = lines[j].lstrip()[2:].rstrip()
+            doc.insert(0, text[1:] if text.startswith(" ") else text)  # keeps a continuation line's indent
             j -= 1
         after = tree.body[i + 1] if i + 1 < len(tree.body) else None
         if not doc and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
