@@ -9,12 +9,12 @@ Submodules load on first use (``import ellsjax.data`` loads no machine or sample
 
 Example:
     >>> import jax, ellsjax as ej
-    >>> images, labels = ej.data.load("mnist", limit=64)
-    >>> m = ej.machines.els(images, padding="zeros")
-    >>> x = jax.random.normal(jax.random.key(0), (1, *images.shape[1:]))
-    >>> x0 = ej.samplers.ddim(m, x, [0.95, 0.5, 0.0], scales=[7, 3])
+    >>> images, labels = ej.data.load("mnist", limit=64, image_size=12)
+    >>> m = ej.machines.els(images, padding="circular")
+    >>> x = jax.random.normal(jax.random.key(0), (4, *images.shape[1:]))
+    >>> x0 = ej.samplers.ddim(m, x, ej.schedules.paper_times(5), scales=[7, 5, 3, 3])
     >>> x0.shape
-    (1, 28, 28, 1)
+    (4, 12, 12, 1)
 """
 
 import importlib

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 #: The two boundary rules of this field: ``"circular"`` (wrap around; ELS, circularly padded
 #: networks) and ``"zeros"`` (zero padding; boundary-broken ELS, zero-padded networks).
 Padding = Literal["circular", "zeros"]
+#: The padding values, :data:`Padding`'s members as a tuple.
 PADDINGS: tuple[str, ...] = ("zeros", "circular")
 
 

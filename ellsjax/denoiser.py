@@ -63,6 +63,7 @@ runtime_checks = _checks.runtime_checks
 #:   ``w ∈ [0, 1]`` (:class:`ellsjax.machines.LocalGlobalMixture`);
 #: * ``"none"``: no scale (IS, Wiener, PCA-locality, σ-CFDM, trained networks).
 ScaleKind = Literal["size", "side", "width", "mixture", "none"]
+#: :data:`ScaleKind`'s members as a tuple.
 SCALE_KINDS: tuple[str, ...] = ("size", "side", "width", "mixture", "none")
 
 _DESCRIBE = {

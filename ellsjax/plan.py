@@ -71,6 +71,7 @@ class Target:
     sources: str
 
 
+#: The planning targets by name (``ellsjax plan --target NAME``).
 TARGETS: dict[str, Target] = {
     "h100": Target(
         "h100", "gpu", memory=84_929_347_584, matmul=66.9e12, matmul_low=989.4e12 / 2,

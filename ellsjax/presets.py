@@ -41,9 +41,12 @@ __all__ = [
 # files/scales_*.pt (copied from ../shared/reference/kamb_ganguli_scales.json). Index j = 0 … 19,
 # 0 = lowest noise. Images 32×32 (MNIST/FashionMNIST resized from 28), cosine_legacy schedule.
 # 'zeros' networks pair with the boundary-broken ELS machine, 'circular' with plain ELS.
+#: Where :data:`PAPER_SCALES` comes from (paper and release files).
 PAPER_SCALES_SOURCE = (
     "Kamb & Ganguli, arXiv 2412.20292; github.com/Kambm/convolutional_diffusion files/scales_*.pt"
 )
+#: The published per-step patch sizes by network name, as released (index 0 = lowest noise, 20 entries);
+#: :func:`paper_scales` and ``ScaleSchedule.paper`` turn one into a sampler's schedule.
 PAPER_SCALES: dict[str, tuple[int, ...]] = {
     "CIFAR10_ResNet_circular_conditional": (3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15, 15),
     "CIFAR10_ResNet_zeros_conditional": (3, 3, 3, 3, 5, 5, 5, 7, 7, 7, 7, 9, 9, 11, 11, 13, 15, 17, 17, 17),
@@ -106,6 +109,7 @@ def paper_scales(
 #: PSPC-Square patch sizes for 32×32 CIFAR-10 over the 18 steps of the EDM grid
 #: ``ej.edm.karras_sigmas(18)`` (σ from 80 to 0.002), step ``i`` at ``σ_i``.
 PSPC_CIFAR10_SCALES: tuple[int, ...] = (32, 32, 32, 32, 32, 32, 32, 23, 15, 11, 7, 5, 3, 3, 3, 3, 3, 3)
+#: Where :data:`PSPC_CIFAR10_SCALES` comes from.
 PSPC_CIFAR10_SOURCE = (
     "Niedoba et al., ICML 2025, appendix B; github.com/plai-group/pspc CIFAR_PATCH_SCHEDULE (18-step EDM grid)"
 )
@@ -122,6 +126,7 @@ class NetworkSpec(NamedTuple):
     epochs: int = 300
 
 
+#: Where :data:`NETWORKS` comes from (paper appendix and release scripts).
 NETWORKS_SOURCE = (
     "Kamb & Ganguli, arXiv 2412.20292 App. C.1; github.com/Kambm/convolutional_diffusion "
     "(scripts/training_script.py: ResNet width 128·mult = 256, last kernel 3, no normalization; UNet features "

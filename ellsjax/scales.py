@@ -50,6 +50,7 @@ from ellsjax import schedules as _schedules
 
 __all__ = ["ScaleSchedule", "SCHEDULE_KINDS", "WIDTH_OPTIONS"]
 
+#: What a schedule holds: patch ``"size"``\ s (ints) or window ``"width"``\ s (floats).
 SCHEDULE_KINDS: tuple[str, ...] = ("size", "width")
 #: Machine options a width schedule records (those of :func:`ellsjax.machines.soft_els`).
 WIDTH_OPTIONS: tuple[str, ...] = ("support", "window", "edge")

@@ -79,8 +79,11 @@ __all__ = [
     "CHECKPOINT_DIR",
 ]
 
+#: A run directory's configuration file (the network and training configs).
 CONFIG_FILE = "config.json"
+#: A run directory's metrics, one JSON line per logged step.
 METRICS_FILE = "metrics.jsonl"
+#: A run directory's checkpoint folder, one subfolder per saved step.
 CHECKPOINT_DIR = "checkpoints"
 _FORMAT = "ellsjax-train-run/1"
 # Options that only say how long to run and how often to report; a resumed run may change them.

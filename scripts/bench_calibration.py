@@ -18,13 +18,18 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
 import ellsjax as ej
 from ellsjax import calibration as cal
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchmeta  # noqa: E402
 
 
 def main():
@@ -44,6 +49,7 @@ def main():
     p.add_argument("--init", default="2.0", help="a width ℓ, or 'grid' (start from the grid schedule)")
     p.add_argument("--batch-size", type=int, default=16, help="grid: images per machine call")
     p.add_argument("--out", default="bench_calibration.json")
+    _benchmeta.add_record_flag(p)
     args = p.parse_args()
 
     t0 = time.perf_counter()
@@ -84,6 +90,7 @@ def main():
 
     timings = getattr(res, "timings", None)
     out = {
+        "meta": _benchmeta.meta(),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
                  "jax": jax.__version__, "load_avg_after": os.getloadavg()},
         "args": vars(args), "num_train_images": int(images.shape[0]), "image_shape": list(network.image_shape),
@@ -106,6 +113,18 @@ def main():
         for k, v in timings.items():
             print(f"| soft: {k} | {v:.1f} |")
     print(f"objective (Σ normalised x̂0 MSE): grid {grid_obj:.4g}, soft {out['soft_objective']:.4g}; wrote {args.out}")
+    if args.record:
+        _benchmeta.record(
+            "bench_calibration", title="Grid and differentiable calibration",
+            description="One set of network trajectories; the grid calibration of the hard machine and the "
+                        "differentiable calibration of its soft twin on the same trajectories, each one call "
+                        "including bank builds and compilation (`scripts/bench_calibration.py`).",
+            columns=["network run", "training images", "trajectories", "candidates", "support K", "optimizer",
+                     "grid (s)", "differentiable (s)", "ratio", "objective grid → soft"],
+            rows=[[args.model, f"{images.shape[0]} at {'×'.join(map(str, network.image_shape[:2]))}", args.n,
+                   args.candidates, args.support, f"{res.optimizer}, init {args.init}", round(t_grid, 1),
+                   round(t_soft, 1), round(t_soft / t_grid, 2), f"{grid_obj:.4g} → {out['soft_objective']:.4g}"]],
+            notes=f"network trajectories {t_traj:.1f} s; window {args.window}.")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,17 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
 import ellsjax as ej
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchmeta  # noqa: E402
 
 
 def _timed(fn):
@@ -42,6 +47,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON file to write")
+    _benchmeta.add_record_flag(p)
     args = p.parse_args(argv)
 
     path = args.path or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", f"{args.dataset}.npz")
@@ -73,7 +79,7 @@ def main(argv=None):
         "unprepared_over_prepared": statistics.median(unprepared) / statistics.median(prepared),
         "max_abs_diff": diff, "ellsjax": getattr(ej, "__file__", ""), "jax": jax.__version__,
         "host": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d"), "meta": _benchmeta.meta(),
     }
     print(f"{args.machine} k={args.scale}, {args.n} {args.dataset} images {args.image_size}px, B={args.batch}, "
           f"t={args.t} (median of {args.repeats})")
@@ -86,6 +92,17 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
+    if args.record:
+        _benchmeta.record(
+            "bench_first_call", title="First call, repeated calls and prepared banks",
+            description="What a `denoise` call costs the first time in a process (compilation), for a fresh machine "
+                        "in a warm process, unprepared, and after `prepare` (`scripts/bench_first_call.py`).",
+            columns=["machine", "k", "N", "image", "B", "t", "first call (s)", "fresh machine, warm (s)",
+                     "unprepared (s)", "prepare (s)", "prepared (s)", "unprepared / prepared"],
+            rows=[[args.machine, args.scale, args.n, f"{args.image_size}×{args.image_size}", args.batch, args.t,
+                   round(first, 2), round(fresh, 3), round(res["unprepared_median_s"], 3), round(prep_s, 2),
+                   round(res["prepared_median_s"], 3), round(res["unprepared_over_prepared"], 2)]],
+            notes=f"{args.dataset}; medians of {args.repeats}; max |prepared − first| = {diff:.1e}.")
     return res
 
 

@@ -22,13 +22,18 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import ellsjax as ej
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchmeta  # noqa: E402
 
 
 def _f(v, fmt=".1f"):
@@ -213,6 +218,7 @@ def main():
                    help="builder option for the benchmarked machines (repeatable; values parsed as JSON, "
                         "e.g. --option tolerance=0.01 --option schedule='\"ddpm_linear\"')")
     p.add_argument("--out", default="bench_machines.json")
+    _benchmeta.add_record_flag(p)
     args = p.parse_args()
     options = {}
     for item in args.option:
@@ -262,6 +268,7 @@ def main():
               f"mode {sample['max_diff_vs_first']:.2e}; load average after {sample['load_avg_after']}", flush=True)
     sample = samples[0] if len(samples) == 1 else (samples or None)
     result = {
+        "meta": _benchmeta.meta(),
         "host": {"platform": platform.platform(), "processor": platform.processor(), "cpus": jax.local_device_count(),
                  "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -282,6 +289,31 @@ def main():
               f"{r['compile_s']:.1f} | {r['bank_build_s']:.1f} | {r['bank_entries']} | "
               f"{'-' if r['max_err_vs_float64'] is None else format(r['max_err_vs_float64'], '.1e')} | "
               f"{'-' if r['max_err_vs_reference'] is None else r['reference'] + ' ' + format(r['max_err_vs_reference'], '.1e')} |")
+    if args.record:
+        _record(args, rows, samples, result["peak_rss_mib"])
+
+
+def _record(args, rows, samples, peak_rss_mib):
+    """The step table (and whole samples, if timed) for the docs' benchmarks page."""
+    notes = (f"{args.dataset} at {args.image_size}×{args.image_size}, a noised held-out image per query image; "
+             f"median step of {args.repeats} after warm-up (compile and bank build separate); GFLOP/s by "
+             f"2·H·W·k²·C·N·(H−k+1)(W−k+1); max error against float64 numpy on {args.check_pixels} pixels; "
+             f"peak RSS {peak_rss_mib:.0f} MiB.")
+    for smp in samples:
+        notes += (f" Whole {smp['preset']} sample ({smp['machine']}, N = {smp['N']}, prune {smp['prune']}): "
+                  f"{smp['sample_s_total']:.1f} s wall, {smp['sample_cpu_s']:.1f} s CPU, bank builds and compilation "
+                  f"included; max difference from the first mode {smp['max_diff_vs_first']:.1e}.")
+    table = [[r["machine"], r["k"], r["t"], r["prune"],
+              "-" if r["blocks_skipped"] is None else f"{100 * r['blocks_skipped']:.0f}%", r["N"], r["batch"],
+              round(r["step_s_median"], 4), _f(r["gflops_achieved"]), _f(r["gemm_gflops_same_shape"]),
+              round(r["compile_s"], 2), round(r["bank_build_s"], 2), r["bank_entries"],
+              "-" if r["max_err_vs_float64"] is None else f"{r['max_err_vs_float64']:.1e}"] for r in rows]
+    _benchmeta.record(
+        "bench_machines", title="Machine steps",
+        description="One `denoise` step per machine, patch size k and noise level t (`scripts/bench_machines.py`).",
+        columns=["machine", "k", "t", "prune", "blocks skipped", "N", "B", "step (s)", "GFLOP/s", "GEMM GFLOP/s",
+                 "compile (s)", "bank (s)", "bank entries", "max err"],
+        rows=table, notes=notes)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchmeta  # noqa: E402
 
 # name -> (preset or None, NetConfig overrides); batch sizes are per backend (CPU: small enough
 # that a repeat takes seconds, accelerators: the paper's 128)
@@ -132,6 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="updates per timed repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench_train.json", help="JSON results file")
+    _benchmeta.add_record_flag(p)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = p.parse_args(argv)
     if args.one:
@@ -167,8 +172,15 @@ def main(argv=None) -> int:
     for r in results:
         print("  ".join(str(r.get(c, "-")).rjust(w) for c, w in cols))
     with open(args.out, "w") as f:
-        json.dump({"machine": info, "results": results}, f, indent=1)
+        json.dump({"meta": _benchmeta.meta(), "machine": info, "results": results}, f, indent=1)
     print(f"-> {args.out}")
+    if args.record:
+        _benchmeta.record(
+            "bench_train", title="Training throughput",
+            description="Training updates per second of the network configurations, images per second over "
+                        f"{args.repeats} timed repeats (`scripts/bench_train.py`).",
+            columns=[heads[c] for c, _ in cols], rows=[[r.get(c, "-") for c, _ in cols] for r in results],
+            notes=f"backend {info['backend']} ({info['device']}), load average {info['load_average'][0]:.2f} at the end.")
     return 0
 
 

@@ -15,12 +15,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 
 from ellsjax import plan as _plan  # noqa: E402
 from ellsjax.cli._plan import format_table  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchmeta  # noqa: E402
 
 DATASETS = {"cifar10": (50_000, 32, 32, 3), "mnist": (60_000, 28, 28, 1), "imagenet64": (1_281_167, 64, 64, 3)}
 SETUPS = (("h100", 1), ("v5e", 8), ("v5e", 256))
@@ -32,6 +37,7 @@ def main(argv=None):
     p.add_argument("--scales", default="5,11")
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--json", default=None)
+    _benchmeta.add_record_flag(p)
     args = p.parse_args(argv)
     rows = []
     for name in args.datasets.split(","):
@@ -48,8 +54,18 @@ def main(argv=None):
     print("\nA prediction: " + "; ".join(f"{t}: {_plan.TARGETS[t].sources}" for t in ("h100", "v5e")))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "batch": args.batch,
-                       "rows": rows}, f, indent=1, default=str)
+            json.dump({"jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "meta": _benchmeta.meta(),
+                       "batch": args.batch, "rows": rows}, f, indent=1, default=str)
+    if args.record:
+        lines = [ln for ln in format_table(rows).splitlines() if ln.startswith("|")]
+        cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+        _benchmeta.record(
+            "capacity_plan", title="Capacity plan (a prediction, not a measurement)",
+            description="Exact ELS per dataset, patch size and accelerator setup, compiled on the host for the target "
+                        "without data or device and costed from published peak rates (`scripts/capacity_plan.py`, "
+                        "`ellsjax plan`).",
+            columns=cells[0], rows=[r for r in cells[2:]],
+            notes=f"Batch {args.batch}. " + "; ".join(f"{t}: {_plan.TARGETS[t].sources}" for t in ("h100", "v5e")))
 
 
 if __name__ == "__main__":

@@ -24,11 +24,16 @@ import importlib
 import json
 import os
 import platform
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
 import ellsjax as ej
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchmeta  # noqa: E402
 
 _banks = importlib.import_module("ellsjax.machines._banks")
 _pruning = importlib.import_module("ellsjax.machines._pruning")
@@ -84,6 +89,7 @@ def main(argv=None):
                    help="logit margins below the best (104: float32 underflow, exact mode)")
     p.add_argument("--queries", type=int, default=64, help="query pixels sampled per case")
     p.add_argument("--out", default="pruning_headroom.json")
+    _benchmeta.add_record_flag(p)
     args = p.parse_args(argv)
     images, _ = ej.data.load(args.dataset, source="npz", path=args.path, limit=args.n + 1, image_size=args.image_size)
     images = np.asarray(images)
@@ -95,7 +101,7 @@ def main(argv=None):
                          args.queries)
         print(rows[-1], flush=True)
     with open(args.out, "w") as f:
-        json.dump({"host": platform.platform(), "args": vars(args), "rows": rows}, f, indent=1)
+        json.dump({"meta": _benchmeta.meta(), "host": platform.platform(), "args": vars(args), "rows": rows}, f, indent=1)
     for mg in margins:
         print(f"\nmargin {mg:g}: fraction that must be scored (per query, mean)")
         print("| k | t | entries | " + " | ".join(f"blocks of {b}: true / bound" for b in blocks) + " |")
@@ -104,6 +110,19 @@ def main(argv=None):
             cells = " | ".join(f"{r[f'blocks{b}_true_within_{mg:g}']:.3f} / {r[f'blocks{b}_bound_within_{mg:g}']:.3f}"
                                for b in blocks)
             print(f"| {r['k']} | {r['t']} | {r[f'entries_within_{mg:g}']:.3f} | {cells} |")
+    if args.record:
+        for mg in margins:
+            _benchmeta.record(
+                f"pruning_headroom_margin{mg:g}", title=f"Pruning headroom, margin {mg:g}",
+                description="Per single query (before any tile union), the fraction that must be scored: entries "
+                            f"within {mg:g} of the best logit, and per block size the blocks holding one (true) and "
+                            "the blocks the bounds cannot rule out (bound); `scripts/pruning_headroom.py`.",
+                columns=["k", "t", "entries", *(f"blocks of {b}: true / bound" for b in blocks)],
+                rows=[[r["k"], r["t"], round(r[f"entries_within_{mg:g}"], 3),
+                       *(f"{r[f'blocks{b}_true_within_{mg:g}']:.3f} / {r[f'blocks{b}_bound_within_{mg:g}']:.3f}"
+                         for b in blocks)] for r in rows],
+                notes=f"{args.n} {args.dataset} images at {args.image_size}×{args.image_size}, {args.queries} query "
+                      "pixels of a noised held-out image per case; paper's schedule.")
     return 0
 
 

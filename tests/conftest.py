@@ -18,7 +18,7 @@ from pathlib import Path
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Likewise XLA:CPU's MLIR fusion emitters: they take longer to compile a small program than the older
 # elemental emitters, which compute the same operations (measured on 13 machine tests: 32.5 → 20.1
-# CPU-seconds; whole suite in the README). Appended, so a user's own XLA_FLAGS still apply.
+# CPU-seconds; the whole suite in CONTRIBUTING.md's test budget). Appended, so a user's own XLA_FLAGS still apply.
 if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
 # Many tests build the same small programs again (a fresh closure per call, the CLI and multi-process

@@ -24,22 +24,29 @@ def test_docstring_examples_run(name):
     assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
 
 
-# -- the README's Python blocks -------------------------------------------------------------------------
-# Each block either runs as written on the bundled data, saying how long on its first line
-# ("# runs as written …" or "# continues the … block …: about N s"), or says what it needs and how long
-# ("# needs: …"). Every name a block uses must be defined by it, by an earlier block, or be named in its
-# "needs" line: a block that uses a name nobody defines (the calibration block's `noise` once) fails here.
-# Running them costs minutes of CPU (the Use block about 20 CPU-s, explain about 3 CPU-min), more than
-# this suite's budget: ELLSJAX_RUN_README=1 runs the blocks that need nothing else, in order.
+# -- the Python blocks of the README and the docs' pages ---------------------------------------------
+# Each block says on its first line whether it runs and how long it takes:
+#   "# runs as written (the tests run it): about N s"  runs here, in order with the file's earlier such blocks;
+#   "# runs as written …: about N s"                   runs as written, too slow for this suite;
+#   "# continues the … block (names): …"               continues an earlier block (these names come from it);
+#   "# needs: …"                                       needs what it names (data, a run, a GPU, names of yours).
+# Every name a block uses must be defined by it, by an earlier block of its file, or be named on its first
+# line: a block that uses a name nobody defines (the calibration block's `noise` once) fails here.
+# ELLSJAX_RUN_DOCS=1 also runs the slow blocks that need nothing else (minutes of CPU).
+
+import os  # noqa: E402
+import re  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = [ROOT / "README.md", ROOT / "docs" / "getting-started.md",
+             *sorted((ROOT / "docs" / "guides").glob("*.md")), *sorted((ROOT / "docs" / "design").glob("*.md"))]
+FAST = "(the tests run it)"
 
 
-def _readme_blocks():
-    import re
-    import textwrap
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"^( *)```python\n(.*?)^\1```", text, flags=re.S | re.M)
+def _blocks(path: Path) -> list[str]:
+    blocks = re.findall(r"^( *)```python\n(.*?)^\1```", path.read_text(), flags=re.S | re.M)
     return [textwrap.dedent(code) for _, code in blocks]
 
 
@@ -61,31 +68,44 @@ def _free_names(code: str) -> tuple[set[str], set[str]]:
     return used, defined
 
 
-def test_readme_blocks_say_what_they_need_and_define_what_they_use():
-    import builtins
-    import re
+def test_the_readme_and_guides_have_fast_blocks():
+    fast = {p.name for p in DOC_FILES for code in _blocks(p) if FAST in code.splitlines()[0]}
+    assert {"README.md", "data.md", "machines.md", "samplers.md", "scaling.md"} <= fast, fast
 
-    blocks = _readme_blocks()
-    assert len(blocks) >= 6
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_blocks_say_what_they_need_and_define_what_they_use(path):
+    import builtins
+
     known = set(dir(builtins))
-    for i, code in enumerate(blocks):
+    for i, code in enumerate(_blocks(path)):
         first = code.splitlines()[0]
-        assert first.startswith(("# runs as written", "# continues", "# needs:")), (i, first)
+        assert first.startswith(("# runs as written", "# continues", "# needs:")), (path.name, i, first)
         # how long (or where it runs): "about 50 s", "12 min", "hours", or the test that runs it
-        assert re.search(r"\d\s*(s|min|h)\b|\b(seconds|minutes|hours)\b|tests/", first), (i, first)
+        assert re.search(r"\d\s*(s|min|h)\b|\b(seconds|minutes|hours)\b|tests/", first), (path.name, i, first)
         used, defined = _free_names(code)
-        needs = set(first.replace(",", " ").split()) if first.startswith("# needs:") else set()
-        missing = sorted(used - defined - known - needs)
-        assert not missing, f"README block {i} ({first!r}) uses {missing}, defined by no earlier block"
+        named = set(re.split(r"[\s,()]+", first)) if first.startswith(("# needs:", "# continues")) else set()
+        missing = sorted(used - defined - known - named)
+        assert not missing, f"{path.name} block {i} ({first!r}) uses {missing}, defined by no earlier block"
         known |= defined
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("ELLSJAX_RUN_README"),
-                    reason="minutes of CPU: set ELLSJAX_RUN_README=1 to run the README's runnable blocks")
-def test_readme_runnable_blocks_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", [p for p in DOC_FILES if any(FAST in c.splitlines()[0] for c in _blocks(p))],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_fast_blocks_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks that write files write them here
-    ns: dict = {}
-    for i, code in enumerate(_readme_blocks()):
-        if code.startswith("# needs:"):
-            continue
-        exec(compile(code, f"README block {i}", "exec"), ns)  # noqa: S102
+    ns: dict = {"__name__": "__docs__"}
+    for i, code in enumerate(_blocks(path)):
+        if FAST in code.splitlines()[0]:
+            exec(compile(code, f"{path.name} block {i}", "exec"), ns)  # noqa: S102
+
+
+@pytest.mark.skipif(not os.environ.get("ELLSJAX_RUN_DOCS"),
+                    reason="minutes of CPU: set ELLSJAX_RUN_DOCS=1 to run the slow runnable blocks too")
+def test_all_runnable_blocks_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in DOC_FILES:
+        ns: dict = {"__name__": "__docs__"}
+        for i, code in enumerate(_blocks(path)):
+            if code.startswith("# runs as written") or code.startswith("# continues") and "guide's" not in code[:80]:
+                exec(compile(code, f"{path.name} block {i}", "exec"), ns)  # noqa: S102

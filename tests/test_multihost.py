@@ -1,4 +1,4 @@
-"""Sharded banks across two processes on localhost (the multi-host recipe of the README), checked
+"""Sharded banks across two processes on localhost (the multi-host recipe of docs/guides/scaling.md), checked
 against a single-process result: every device holds its share of the entries, and the cross-device
 merge's rescale term changes the result."""
 

@@ -155,3 +155,29 @@ def test_cli_errors(smoke, tmp_path):
         cli.main(["evaluate", "--model", str(tmp_path / "nothing"), "--machine", "is"])
     with pytest.raises(SystemExit, match="--preset"):
         cli.main(["reproduce", "--preset", "nope", "--out", str(tmp_path / "x")])
+
+
+def test_readme_figure_rows_are_network_machine_and_ideal_score(smoke, tmp_path, capsys):
+    """scripts/readme_figure.py on the smoke run (the README's figure comes from an mnist-cpu run the same way):
+    rows network | grid-calibrated ELS | IS, each sampled from the noise of jax.random.key(0)."""
+    from tests.conftest import load_script
+
+    out = tmp_path / "readme.png"
+    assert load_script("readme_figure").main([str(smoke), "--out", str(out), "--seeds", "3", "--zoom", "1"]) == 0
+    assert "network | els (grid-calibrated, 4 steps) | is" in capsys.readouterr().out
+    img = np.rint(matplotlib.image.imread(out)[..., 0] * 255)           # grey: R = G = B
+    side = 8 + 2                                                          # 8x8 samples, 2 px gaps
+    assert img.shape == (3 * side + 2, 3 * side + 2)
+    tiles = np.stack([[img[2 + r * side:r * side + side, 2 + c * side:c * side + side] for c in range(3)]
+                      for r in range(3)])                                 # [row, seed, 8, 8]
+    # the same samples from the library (the evaluation's programs: compiled already)
+    network = ej.models.load(smoke / "net")
+    images, _ = ej.training.load_data(*ej.training.load_run_config(smoke / "net"))
+    grid = ScaleSchedule.load(smoke / "scales_grid.json")
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+    rows = [ej.evaluation.sample(network, x, grid.times()),
+            ej.evaluation.sample(ej.machines.els(images, schedule=network.schedule), x, grid.times(), scales=grid.values),
+            ej.evaluation.sample(ej.machines.ideal(images, schedule=network.schedule), x, grid.times())]
+    for row, expected in zip(tiles, rows, strict=True):
+        assert np.abs(row - ej.plotting.to_uint8(expected)[..., 0]).max() <= 1
+    assert np.abs(tiles[0] - tiles[2]).max() > 10                         # the rows differ

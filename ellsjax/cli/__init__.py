@@ -17,6 +17,7 @@ _COMMANDS = ("_sample", "_train", "_convert", "_explain", "_calibrate", "_evalua
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ellsjax`` argument parser, one subcommand per ``ellsjax.cli._<name>`` module."""
     parser = argparse.ArgumentParser(
         prog="ellsjax", description="Analytic diffusion denoisers (ELS machine and relatives) in JAX."
     )

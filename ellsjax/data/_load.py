@@ -17,6 +17,7 @@ import numpy as np
 from ellsjax import _checks
 from ellsjax.data._idx import read_idx_split
 
+#: The dataset names :func:`load` knows.
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "celeb_a")
 SOURCES: tuple[str, ...] = ("bundled", "npz", "idx", "tfds", "auto")
 ENV_DATA_DIR = "ELLSJAX_DATA_DIR"

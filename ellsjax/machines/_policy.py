@@ -134,6 +134,7 @@ def bank_budget_for(platform: str) -> int:
 #: tiles of at least :data:`MIN_QUERY_TILE` queries, each streaming the whole bank, so the GEMMs stay
 #: large instead of shrinking to a few bank entries per chunk.
 MIN_CHUNK_ENTRIES = 512
+#: The fewest queries in one tile of a large unconditional batch (see :data:`MIN_CHUNK_ENTRIES`).
 MIN_QUERY_TILE = 1024
 
 

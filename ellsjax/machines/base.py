@@ -222,8 +222,9 @@ class BankMachine(Machine):
     """A machine whose posterior is a softmax over a bank of training patches (abstract): banks can
     be prebuilt (:meth:`prepare`), searched by a strategy (:meth:`with_search`) and placed over
     devices (:meth:`shard`); :meth:`denoise_with_bound` returns the estimate with its certified bound.
+    Its attributes are :class:`Machine`'s and these.
 
-    Attributes (beyond :class:`Machine`):
+    Attributes:
         banks: prebuilt deduplicated banks, ``{bank_key(scale, conditional): {group: DeviceBank}}``
             (:func:`bank_key`, :class:`~ellsjax.machines._banks.DeviceBank`); empty until
             :meth:`prepare` returns a machine that carries them.

@@ -182,9 +182,10 @@ def neighbourhoods(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PCALocality(Machine):
-    """The PCA-locality machine. Build with :func:`pca`. It has no scale.
+    """The PCA-locality machine. Build with :func:`pca`. It has no scale. Its attributes are
+    :class:`~ellsjax.machines.Machine`'s and these.
 
-    Attributes (beyond :class:`~ellsjax.machines.Machine`):
+    Attributes:
         basis: ``[D, r]`` leading covariance eigenvectors of the whole training set.
         eigvals: ``[r]`` their eigenvalues.
         threshold: ``θ``.
