@@ -19,7 +19,7 @@
    the network's, IS's and every machine's samples), ``OUT/figures/*.png`` and the schedules
    ``OUT/scales_grid.json`` / ``OUT/scales_soft_{gaussian,box}.json``.
 
-Presets (:data:`PRESETS`): ``smoke`` and ``fashion-smoke`` (seconds; the test suite runs them),
+Presets (:data:`PRESETS`): ``smoke`` (seconds; the test suite runs it),
 ``mnist-cpu`` (a small circular ResNet on 16×16 MNIST), ``fashion-mnist-cpu`` and ``cifar10-cpu``
 (class-conditional zero-padded ResNets on 16×16 Fashion-MNIST and CIFAR-10), the attention pair
 ``attention-cpu-with`` / ``attention-cpu-without`` (and its smoke versions; compared by
@@ -187,15 +187,6 @@ def _presets() -> dict[str, ReproducePreset]:
             soft_support=11, soft_iterations=5, soft_batch=8, soft_windows=("box",),
             description="class-conditional zero-padded ResNet (width 32, 4 layers) on 1000 CIFAR-10 images at "
                         "16x16 (the shared subset; $ELLSJAX_DATA_DIR), 4000 steps",
-        ),
-        "fashion-smoke": ReproducePreset(
-            name="fashion-smoke",
-            net=nets.NetConfig(arch="resnet", image_size=8, width=16, depth=2, padding="zeros", conditional=True,
-                               num_classes=10),
-            train=training.TrainConfig(steps=10, batch_size=16, lr=2e-3, dataset="fashion_mnist", limit=40,
-                                       log_every=10, checkpoint_every=1000),
-            candidates=(3, 5), calib_seeds=2, eval_seeds=2, nsteps=3, soft_windows=(), others=(),
-            description="plumbing check: a conditional zero-padded 8x8 ResNet, 10 steps (numbers meaningless)",
         ),
     }
     # the attention study's pair (ellsjax.studies): the same DDPM UNet, trained alike, with self-attention

@@ -60,7 +60,7 @@ def test_calibration_recovers_known_weights_and_samples_with_them(setup):
     assert np.all(res.step_loss <= res.step_loss_local + 1e-9) and res.step_loss[0] < 1e-4 < res.step_loss_local[0]
     # Adam, projected onto [0, 1], moves the same way and never leaves the interval
     adam = cal.differentiable_calibrate(m, m, noise, ts, init=[(k, 0.5) for k, _ in truth], network_scales=truth,
-                                        optimizer="adam", iterations=15, learning_rate=0.1)
+                                        optimizer="adam", iterations=4, learning_rate=0.1)
     assert all(0.0 <= w <= 1.0 for w in adam.weights) and adam.losses[-1] < adam.losses[0]
     out = ej.samplers.ddim(m, noise, ts, scales=res.scales)
     assert out.shape == noise.shape and bool(jnp.all(jnp.isfinite(out)))

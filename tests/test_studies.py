@@ -26,25 +26,23 @@ def paper(smoke_run, tmp_path_factory):
 def test_paper_table_rows_figure_and_reuse(paper):
     out, res, lines = paper
     assert any("reusing the finished run" in m and m.endswith("smoke") for m in lines)
-    assert [r["run"] for r in res["rows"]] == ["smoke", "fashion-smoke", "attention-smoke-with",
-                                               "attention-smoke-without"]
+    assert [r["run"] for r in res["rows"]] == ["smoke", "attention-smoke-with", "attention-smoke-without"]
     for row in res["rows"]:  # each row is its run's grid-machine evaluation
         member = json.loads(next(out.rglob(f"{row['run']}/results.json")).read_text())
         grid = member["evaluations"][f"{row['machine']}-grid"]["summary"]
         assert row["median_r"] == grid["machine"]["pearson_r"]["median"]
         assert row["is_median_r"] == grid["baseline"]["pearson_r"]["median"]
         assert row["frac_beats_is"] == grid["frac_beats_baseline"]
-    assert [r["architecture"] for r in res["rows"]][1:] == ["resnet (zeros, conditional)", "unet+attention (zeros)",
-                                                           "unet (zeros)"]
+    assert [r["architecture"] for r in res["rows"]] == ["resnet (circular)", "unet+attention (zeros)", "unet (zeros)"]
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
     png = matplotlib.image.imread(out / res["figures"]["samples"])
     assert png.ndim == 3 and png.shape[0] > 50
     assert "| mnist | resnet (circular) |" in (out / "report.md").read_text()
     # a finished member is reused only with the same settings
-    p = reproduce.preset("fashion-smoke")
-    assert reproduce.finished(p, out / "fashion-smoke") is not None
-    assert reproduce.finished(dataclasses.replace(p, eval_seeds=3), out / "fashion-smoke") is None
-    assert reproduce.finished("smoke", out / "fashion-smoke") is None
+    p, run = reproduce.preset("attention-smoke-with"), out / "attention-smoke" / "attention-smoke-with"
+    assert reproduce.finished(p, run) is not None
+    assert reproduce.finished(dataclasses.replace(p, eval_seeds=3), run) is None
+    assert reproduce.finished("attention-smoke-without", run) is None
 
 
 def test_attention_study_error_maps_and_mixture(paper):
