@@ -70,3 +70,14 @@ def test_attention_study_error_maps_and_mixture(paper):
 def test_cli_resolves_studies_and_refuses_weights(tmp_path):
     with pytest.raises(SystemExit, match="--weights: paper-smoke is a study"):
         cli.main(["reproduce", "--preset", "paper-smoke", "--out", str(tmp_path), "--weights", "x.pt"])
+
+
+def test_record_study_tables_come_from_the_runs(paper):
+    from tests.conftest import load_script
+
+    out, res, _ = paper
+    tables = dict(load_script("record_study").tables(out))
+    table = tables["paper_smoke"]
+    assert [row[0] for row in table["rows"]] == [r["dataset"] for r in res["rows"]]
+    assert [row[4] for row in table["rows"]] == [f"{r['median_r']:.3f}" for r in res["rows"]]
+    assert {"paper_smoke_smoke", "attention_smoke"} <= set(tables)
