@@ -489,13 +489,22 @@ def finished(p: ReproducePreset | str, out_dir: str | os.PathLike) -> dict[str, 
         res = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if res.get("preset") != p.name or res.get("net") != json_ready(p.net.to_dict()):
+    from ellsjax import nets, training
+
+    if res.get("preset") != p.name:
         return None
     if res.get("protocol") is not None and res["protocol"] != _protocol(p):
         return None
-    want = {k: v for k, v in json_ready(p.train.to_dict()).items() if k != "steps"}
-    got = {k: v for k, v in res.get("train", {}).items() if k in want}
-    return res if got == want else None
+    try:  # through the configs, so that an option added since (at its default) still matches
+        net = nets.NetConfig.from_dict(res["net"])
+        train = training.TrainConfig.from_dict(res["train"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if p.epochs is None and train != p.train:
+        return None
+    if p.epochs is not None and dataclasses.replace(train, steps=p.train.steps) != p.train:
+        return None  # the steps follow from the epochs and the data
+    return res if net == p.net else None
 
 
 def json_ready(d: Any) -> Any:
