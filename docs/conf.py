@@ -56,12 +56,6 @@ napoleon_attr_annotations = False
 # -- HTML -------------------------------------------------------------------------------------------------------
 html_theme = "furo"
 html_title = f"ellsjax {release}"
-# The README's figure (docs/_static/readme.png, drawn by scripts/readme_figure.py from an mnist-cpu run) is shown
-# on the front page once it is committed; a checkout without it builds without the figure.
-if (DOCS / "_static" / "readme.png").exists():
-    tags.add("readme_figure")  # noqa: F821 (Sphinx provides `tags` to conf.py)
-
-
 def _constant_docs(app, what, name, obj, options, lines):
     """A constant is documented by its ``#:`` comment (found where the package assigns it, private modules
     included), never by the docstring of its type (a dict's or a NamedTuple's)."""
@@ -76,25 +70,5 @@ def _constant_docs(app, what, name, obj, options, lines):
         lines[:] = own
 
 
-# Parts of the front page that exist only once their files are committed: the README's figure
-# (docs/_static/readme.png, drawn by scripts/readme_figure.py from an mnist-cpu run) and the paper-table guide.
-# Without them the page is built without them, instead of with a broken image or toctree entry.
-OPTIONAL = {"_static/readme.png": ("<!-- figure -->", "<!-- /figure -->"), "guides/paper-table.md": None}
-
-
-def _optional_parts(app, docname, source):
-    if docname != "index":
-        return
-    for path, markers in OPTIONAL.items():
-        if (DOCS / path).exists():
-            continue
-        if markers is None:  # a toctree line
-            source[0] = source[0].replace(path.removesuffix(".md") + "\n", "")
-        else:
-            start, end = (source[0].index(m) for m in markers)
-            source[0] = source[0][:start] + source[0][end + len(markers[1]):]
-
-
 def setup(app):
     app.connect("autodoc-process-docstring", _constant_docs)
-    app.connect("source-read", _optional_parts)

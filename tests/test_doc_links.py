@@ -11,7 +11,7 @@ FILES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md",
 # [text](target) and ![alt](target), outside code spans and fenced blocks
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 # Drawn from a run longer than the suite allows (scripts/readme_figure.py on `ellsjax reproduce --preset
-# mnist-cpu`), and committed with it; test_readme_figure_is_committed reports it while it is missing.
+# mnist-cpu`), and committed.
 FIGURE = ROOT / "docs" / "_static" / "readme.png"
 
 
@@ -30,8 +30,6 @@ def test_relative_links_resolve(path):
     broken = []
     for target in _links(path):
         file = (path.parent / target.split("#")[0]).resolve()
-        if file == FIGURE:
-            continue
         if not file.exists():
             broken.append(target)
     assert not broken, f"{path.relative_to(ROOT)}: broken links {broken}"
@@ -42,7 +40,6 @@ def test_readme_links_the_figure():
 
 
 def test_readme_figure_is_committed():
-    if not FIGURE.exists():
-        pytest.skip("docs/_static/readme.png: not drawn yet (python scripts/readme_figure.py RUN_DIR on an mnist-cpu run)")
+    assert FIGURE.exists(), "docs/_static/readme.png: draw it with python scripts/readme_figure.py RUN_DIR"
     assert FIGURE.stat().st_size < 150_000, "the README's figure should stay small (< 150 KB)"
     assert FIGURE.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
