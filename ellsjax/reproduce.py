@@ -55,7 +55,7 @@ from ellsjax import presets as _presets_mod
 from ellsjax import samplers as _samplers
 from ellsjax.scales import ScaleSchedule
 
-__all__ = ["ReproducePreset", "PRESETS", "preset", "run", "finished"]
+__all__ = ["ReproducePreset", "PRESETS", "preset", "run", "finished", "fitted_schedule"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,16 +363,11 @@ def run(
         record(f"{p.soft_machine}-{window}", p.soft_machine, ts, diff.ells, ev)
     if p.published is not None:
         published = ScaleSchedule.load(p.published)
-        pts, pscales = published.times(), tuple(published.values)
-        cap = max((k for k in range(1, max(pscales) + 1) if _fits(hard, k)), default=None)
-        schedule_name = "published"
-        if cap is not None and cap < max(pscales):
-            # the paper's networks saw larger images: patches that do not fit this image size are capped,
-            # said in the schedule's name and the log (the report lists the schedule as evaluated)
-            pscales = tuple(min(k, cap) for k in pscales)
-            schedule_name = f"published, capped at {cap}"
+        pts = published.times()
+        pscales, schedule_name = fitted_schedule(hard, published.values)
+        if schedule_name != "published":
             log(f"[{p.name}] the published schedule {p.published} has patches larger than the "
-                f"{shape[0]}x{shape[1]} images allow; evaluating it capped at {cap}")
+                f"{shape[0]}x{shape[1]} images allow; evaluating it {schedule_name.removeprefix('published, ')}")
         try:  # the machine's own check: e.g. ELS patches no larger than the image
             _samplers.check_scales(pscales, hard, published.nsteps)
         except ValueError as e:
@@ -514,6 +509,26 @@ def json_ready(d: Any) -> Any:
     if isinstance(d, (list, tuple)):
         return [json_ready(v) for v in d]
     return d
+
+
+def fitted_schedule(machine, scales) -> tuple[tuple, str]:
+    """A published schedule made to fit ``machine``'s images: the patch sizes it cannot take (the
+    paper's networks saw larger images) capped at the largest it can, and the schedule's name for the
+    report (``"published"``, or ``"published, capped at K"``).
+
+    Example:
+        >>> import jax, ellsjax as ej
+        >>> imgs = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), minval=-1, maxval=1)
+        >>> fitted_schedule(ej.machines.els(imgs), (11, 9, 5, 3))
+        ((7, 7, 5, 3), 'published, capped at 7')
+        >>> fitted_schedule(ej.machines.els(imgs), (5, 3))
+        ((5, 3), 'published')
+    """
+    scales = tuple(scales)
+    cap = max((k for k in range(1, max(scales) + 1) if _fits(machine, k)), default=None)
+    if cap is None or cap >= max(scales):
+        return scales, "published"
+    return tuple(min(k, cap) for k in scales), f"published, capped at {cap}"
 
 
 def _fits(machine, k) -> bool:
