@@ -10,11 +10,13 @@ first — and then writes its own ``OUT/results.json``, ``OUT/report.md`` and fi
   attention-free control, ``mid_attn=False``), each explained by its grid-calibrated bbELS machine
   (and its soft twin, and bbELS mixed with a whole-image posterior, :func:`ellsjax.machines.mixture`).
   It reports the drop in median Pearson r, and *where* the network and the machine disagree: the
-  per-pixel error map ``E(p) = mean_seeds Σ_c (x_net − x_machine)²(p)`` of each network, its border
-  band against the interior, and, for the attention network, how far each pixel's attention reaches
-  (``D(p) = Σ_q A_{pq}‖p − q‖``, averaged over its full-resolution attention layers, seeds and
-  times) with the Pearson correlation across pixels between ``D`` and the extra error
-  ``E_attn − E_conv`` (positive: the machine fails more where attention reaches further).
+  per-pixel disagreement map ``E(p)`` of each network (``1 − r`` split over the pixels,
+  :func:`disagreement_map`), its border band against the interior, and, for the attention network,
+  how far each pixel's attention reaches (``D(p) = Σ_q A_{pq}‖p − q‖``, averaged over its
+  full-resolution attention layers, seeds and times; and ``D(p) − D_uniform(p)``, the reach beyond
+  what uniform attention has from that pixel) with the Pearson correlation across pixels between
+  the reach and the extra disagreement ``E_attn − E_conv`` (positive: the machine fails more where
+  attention reaches further).
 * ``kind="table"`` (``paper-cpu``): the paper's table shape, one row per (dataset, architecture):
   the machine's median r, IS's median r and the fraction of seeds on which the machine beats IS,
   with the paper's reported values alongside, one figure (network | machine | IS rows from the same
@@ -41,7 +43,7 @@ from ellsjax import _io
 from ellsjax import presets as _presets_mod
 from ellsjax import reproduce as _rep
 
-__all__ = ["Study", "STUDIES", "study", "run", "attention_report", "paper_table", "PAPER_TABLE"]
+__all__ = ["Study", "STUDIES", "study", "run", "attention_report", "paper_table", "disagreement_map", "PAPER_TABLE"]
 
 #: Median Pearson r between the ELS machine and the network as Kamb & Ganguli report it (arXiv
 #: 2412.20292, Table 1, as quoted in ellsjax issue 24): best model per dataset, their ResNets, and the
@@ -252,7 +254,7 @@ def attention_report(s: Study, out: Path, members: dict[str, dict[str, Any]], *,
         for k, v in smp.items():
             if k in ("network", "is"):
                 continue
-            maps[f"{label}:{k}"] = np.sum((smp["network"] - v) ** 2, axis=-1).mean(0)  # [H, W]
+            maps[f"{label}:{k}"] = disagreement_map(smp["network"], v)  # [H, W]
     h, w = maps[f"with:{key}"].shape
     # the border band: pixels within r of an edge, r = half the grid schedule's median patch size
     k_med = int(np.median(res_with["calibration"]["grid"]["scales"]))
@@ -291,12 +293,19 @@ def attention_report(s: Study, out: Path, members: dict[str, dict[str, Any]], *,
     attention = None
     if count:
         dist, beyond = dist / count, beyond / count
+        # uniform attention's reach: the geometry alone (a corner is far from most pixels), what the
+        # excess reach D(p) − D_uniform(p) is measured against
+        uniform = dmat.mean(-1).reshape(h, w)
         extra = maps[f"with:{key}"] - maps[f"without:{key}"]
         attention = {
             "layers_times": count, "mean_distance_px": float(dist.mean()),
-            "mass_beyond_patch": float(beyond.mean()), "patch_radius": r,
+            "uniform_distance_px": float(uniform.mean()),
+            "mass_beyond_patch": float(beyond.mean()),
+            "uniform_mass_beyond_patch": float((cheb > r).mean()), "patch_radius": r,
             "corr_distance_vs_extra_error": _pearson(dist, extra),
             "corr_distance_vs_error_with": _pearson(dist, maps[f"with:{key}"]),
+            "corr_excess_distance_vs_extra_error": _pearson(dist - uniform, extra),
+            "corr_excess_distance_vs_error_with": _pearson(dist - uniform, maps[f"with:{key}"]),
             "corr_beyond_vs_extra_error": _pearson(beyond, extra),
         }
     fig = _error_figure(out / "figures" / "error_maps.png", maps, key, dist if count else None)
@@ -305,6 +314,34 @@ def attention_report(s: Study, out: Path, members: dict[str, dict[str, Any]], *,
            "error_bands": band, "attention": attention, "figures": {"error_maps": str(fig.relative_to(out))}}
     _io.write_text(out / "report.md", _attention_markdown(s, res))
     return res
+
+
+def disagreement_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Where two sets of samples ``[B, H, W, C]`` disagree: ``1 − r`` (Pearson) split over the pixels.
+
+    Each sample is centered and scaled to unit norm (``z``, as Pearson r does), so that
+    ``Σ_{p,c} (z_a − z_b)²/2 = 1 − r``; the map is ``H·W·Σ_c (z_a − z_b)²(p)/2`` averaged over the
+    samples, whose mean over the pixels is the mean of ``1 − r``. Every sample weighs the same, whatever
+    its range (a network sample far outside ``[−1, 1]`` does not dominate, as it would a squared error).
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.random.default_rng(0).normal(size=(3, 4, 4, 1)); b = a + 0.3 * np.roll(a, 1, axis=1)
+        >>> from ellsjax.evaluation import pearson_r
+        >>> bool(np.isclose(disagreement_map(a, b).mean(), np.mean(1 - pearson_r(a, b))))
+        True
+    """
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        x = x - x.mean(axis=(1, 2, 3), keepdims=True)
+        norm = np.sqrt(np.sum(x * x, axis=(1, 2, 3), keepdims=True))
+        if np.any(norm == 0):
+            raise ValueError("a, b: a constant sample has no defined correlation")
+        return x / norm
+
+    za, zb = unit(a), unit(b)
+    h, w = za.shape[1:3]
+    return (h * w * 0.5 * np.sum((za - zb) ** 2, axis=-1)).mean(0)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -321,7 +358,7 @@ def _error_figure(path: Path, maps: dict[str, np.ndarray], key: str, dist: np.nd
 
     panels = [(f"with attention: net vs {key}", maps[f"with:{key}"]),
               (f"without attention: net vs {key}", maps[f"without:{key}"]),
-              ("extra error with attention", maps[f"with:{key}"] - maps[f"without:{key}"])]
+              ("extra disagreement with attention", maps[f"with:{key}"] - maps[f"without:{key}"])]
     mix = sorted(m for m in maps if m.startswith("with:") and m.endswith("-mixture"))
     if mix:
         panels.append((f"with attention: net vs {mix[0][5:]}", maps[mix[0]]))
@@ -349,8 +386,9 @@ def _attention_markdown(s: Study, res: dict[str, Any]) -> str:
     isr = res["is_median_r"]
     lines.append(f"| is | {isr['with_attention']:.3f} | {isr['without_attention']:.3f} | "
                  f"{isr['without_attention'] - isr['with_attention']:+.3f} |")
-    lines += ["", "Per-pixel error E(p) = mean over seeds of Σ_c (network − machine)² (border band: pixels within the "
-              "grid schedule's median patch radius of an edge):", "",
+    lines += ["", "Per-pixel disagreement E(p): 1 − r split over the pixels (samples centered and scaled to unit norm, "
+              "E(p) = H·W·Σ_c (z_net − z_machine)²/2, mean over seeds; its mean over pixels is the mean of 1 − r). "
+              "Border band: pixels within the grid schedule's median patch radius of an edge:", "",
               "| network: machine | mean | border band | interior |", "| --- | --- | --- | --- |"]
     for m, b in res["error_bands"].items():
         inner = "—" if b["interior"] is None else f"{b['interior']:.4f}"
@@ -358,11 +396,15 @@ def _attention_markdown(s: Study, res: dict[str, Any]) -> str:
     a = res["attention"]
     if a is not None:
         lines += ["", f"Attention reach of the attention network (full-resolution layers, {a['layers_times']} "
-                  f"layer×time maps): mean distance {a['mean_distance_px']:.2f} px; attention mass beyond the "
-                  f"machine's patch radius {a['patch_radius']}: {a['mass_beyond_patch']:.3f}. Pearson correlation "
-                  "across pixels of the reach D(p) with the extra error E_attn − E_conv: "
-                  f"{_fmt(a['corr_distance_vs_extra_error'])}; with E_attn: {_fmt(a['corr_distance_vs_error_with'])}; "
-                  f"of the mass beyond the patch with the extra error: {_fmt(a['corr_beyond_vs_extra_error'])}."]
+                  f"layer×time maps): mean distance {a['mean_distance_px']:.2f} px (uniform attention: "
+                  f"{a['uniform_distance_px']:.2f} px); attention mass beyond the machine's patch radius "
+                  f"{a['patch_radius']}: {a['mass_beyond_patch']:.3f} (uniform: {a['uniform_mass_beyond_patch']:.3f}). "
+                  "Pearson correlation across pixels of the reach D(p) with the extra disagreement E_attn − E_conv: "
+                  f"{_fmt(a['corr_distance_vs_extra_error'])}, with E_attn: {_fmt(a['corr_distance_vs_error_with'])}; "
+                  "of the excess reach D(p) − D_uniform(p) (the geometry removed) with the extra disagreement: "
+                  f"{_fmt(a['corr_excess_distance_vs_extra_error'])}, with E_attn: "
+                  f"{_fmt(a['corr_excess_distance_vs_error_with'])}; of the mass beyond the patch with the extra "
+                  f"disagreement: {_fmt(a['corr_beyond_vs_extra_error'])}."]
     lines += ["", f"![error maps]({res['figures']['error_maps']})", ""]
     return "\n".join(lines)
 

@@ -82,12 +82,14 @@ def tables(root: Path) -> list[tuple[str, dict]]:
         bands = "; ".join(f"{k}: mean {b['mean']:.4f}, border {b['border']:.4f}, interior "
                           f"{'—' if b['interior'] is None else format(b['interior'], '.4f')}"
                           for k, b in att["error_bands"].items())
-        notes = f"Per-pixel error (mean over seeds of Σ_c (network − machine)²): {bands}."
+        notes = f"Per-pixel disagreement (1 − r split over the pixels, ellsjax.studies.disagreement_map): {bands}."
         if a is not None:
-            notes += (f" Attention reach: mean {a['mean_distance_px']:.2f} px, mass beyond the patch radius "
-                      f"{a['patch_radius']}: {a['mass_beyond_patch']:.3f}; correlation across pixels of the reach with "
-                      f"the extra error {_r(a['corr_distance_vs_extra_error'])}, with the attention network's error "
-                      f"{_r(a['corr_distance_vs_error_with'])}.")
+            notes += (f" Attention reach: mean {a['mean_distance_px']:.2f} px (uniform attention "
+                      f"{a['uniform_distance_px']:.2f} px), mass beyond the patch radius {a['patch_radius']}: "
+                      f"{a['mass_beyond_patch']:.3f} (uniform {a['uniform_mass_beyond_patch']:.3f}); correlation across "
+                      f"pixels of the excess reach (minus uniform attention's) with the extra disagreement "
+                      f"{_r(a['corr_excess_distance_vs_extra_error'])}, with the attention network's disagreement "
+                      f"{_r(a['corr_excess_distance_vs_error_with'])}.")
         out.append((att["study"].replace("-", "_"), {
             "title": f"What attention does to the theory ({att['study']})",
             "description": att["description"] + ". Median Pearson r, 100 evaluation seeds per network.",
