@@ -196,7 +196,7 @@ def _presets() -> dict[str, ReproducePreset]:
             name=f"attention-smoke-{suffix}",
             net=nets.NetConfig(arch="ddpm-unet", image_size=8, width=32, ch_mult=(1,), num_res_blocks=1, **attn),
             train=training.TrainConfig(steps=6, batch_size=8, lr=2e-3, limit=32, log_every=10, checkpoint_every=1000),
-            candidates=(3,), calib_seeds=2, eval_seeds=2, nsteps=3, soft_windows=(), others=(), mixtures=("is",),
+            candidates=(3,), calib_seeds=2, eval_seeds=2, nsteps=2, soft_windows=(), others=(), mixtures=("is",),
             description=f"plumbing check: an 8x8 DDPM UNet {suffix} attention, 6 steps (numbers meaningless)",
         )
         out[f"attention-cpu-{suffix}"] = ReproducePreset(

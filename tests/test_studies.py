@@ -57,7 +57,7 @@ def test_attention_study_error_maps_and_mixture(paper):
         assert np.mean(res["error_maps"][f"{label}:{key}"]) == pytest.approx(1 - np.mean(r), rel=1e-6)
         member = json.loads((d / name / "results.json").read_text())
         w = member["calibration"]["mixtures"]["is"]["weights"]
-        assert len(w) == 3 and all(0.0 <= v <= 1.0 for v in w)
+        assert len(w) == 2 and all(0.0 <= v <= 1.0 for v in w)
         assert member["calibration"]["mixtures"]["is"]["objective"] <= member["calibration"]["mixtures"]["is"][
             "objective_local"] + 1e-9
     a = res["attention"]
