@@ -82,6 +82,19 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1) -> 
     return write_text(path, json.dumps(obj, indent=indent))
 
 
+def save_figure(path: str | os.PathLike, fig: Any, *, dpi: float | None = None) -> Path:
+    """A matplotlib figure saved as PNG to ``path`` atomically, then closed (also when saving fails);
+    returns the path."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", **({} if dpi is None else {"dpi": dpi}))
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 def save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
     """``np.savez_compressed`` to ``path`` atomically; returns the path."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -253,12 +253,7 @@ def save_figures(ev: Evaluation, out_dir: str | os.PathLike, *, name: str = "mac
         ax.set_ylabel(f"{name} Pearson r vs network")
         ax.set_title(f"{name}: median r {np.median(y):.3f} (IS {np.median(x):.3f})")
         fig.tight_layout()
-        paths["scatter"] = out / f"{prefix}scatter.png"
-        try:
-            with _io.atomic_path(paths["scatter"]) as tmp:
-                fig.savefig(tmp, format="png")
-        finally:
-            plt.close(fig)
+        paths["scatter"] = _io.save_figure(out / f"{prefix}scatter.png", fig)
     k = min(max_images, ev.network.shape[0])
     rows = [ev.network[:k], ev.machine[:k]] + ([ev.baseline[:k]] if ev.baseline is not None else [])
     grid = _plotting.image_grid(np.concatenate(rows), ncols=k)

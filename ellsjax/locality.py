@@ -342,8 +342,4 @@ def _grid_figure(samples: dict[str, np.ndarray], path: Path, max_images: int = 8
             ax.set_yticks([])
         axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
     fig.tight_layout()
-    try:
-        with _io.atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    _io.save_figure(path, fig, dpi=100)

@@ -371,10 +371,7 @@ def _error_figure(path: Path, maps: dict[str, np.ndarray], key: str, dist: np.nd
         ax.axis("off")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    with _io.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return _io.save_figure(path, fig, dpi=110)
 
 
 def _attention_markdown(s: Study, res: dict[str, Any]) -> str:
@@ -474,10 +471,7 @@ def _table_figure(path: Path, runs, n: int) -> Path:
         ax.set_title(f"{name}: rows network | {key} | IS", fontsize=8)
         ax.axis("off")
     fig.tight_layout()
-    with _io.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return _io.save_figure(path, fig, dpi=100)
 
 
 def _table_markdown(s: Study, res: dict[str, Any]) -> str:
