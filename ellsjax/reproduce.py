@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -161,34 +162,29 @@ def _presets() -> dict[str, ReproducePreset]:
             soft_support=11, soft_iterations=5, soft_batch=8, soft_windows=("box",),
             description="circular ResNet (width 32, 4 layers) on 1000 MNIST images at 16x16, 4000 steps",
         ),
-        "fashion-mnist-cpu": ReproducePreset(
-            name="fashion-mnist-cpu",
-            # the paper's FashionMNIST networks: class-conditional, zero padding (hence bbELS)
-            net=nets.NetConfig(arch="resnet", image_size=16, width=32, depth=4, padding="zeros", conditional=True,
-                               num_classes=10),
-            train=training.TrainConfig(steps=4000, batch_size=64, lr=1e-3, dataset="fashion_mnist", source="auto",
-                                       limit=1000, ema_decay=0.999, log_every=100, checkpoint_every=1000),
-            published="FashionMNIST_ResNet_zeros_conditional",
-            candidates=(1, 3, 5, 7, 9, 11, 13, 15), calib_seeds=16, eval_seeds=100, nsteps=20,
-            soft_support=11, soft_iterations=5, soft_batch=8, soft_windows=("box",),
-            description="class-conditional zero-padded ResNet (width 32, 4 layers) on 1000 Fashion-MNIST images at "
-                        "16x16, 4000 steps",
-        ),
-        "cifar10-cpu": ReproducePreset(
-            name="cifar10-cpu",
-            # 16x16: at 32x32 one bbELS call on this data costs 7-10x the 16x16 one (measured 2026-12-07), which
-            # puts the calibration and evaluation alone past the 25-minute budget of a CPU preset
-            net=nets.NetConfig(arch="resnet", image_size=16, channels=3, width=32, depth=4, padding="zeros",
-                               conditional=True, num_classes=10),
-            train=training.TrainConfig(steps=4000, batch_size=64, lr=1e-3, dataset="cifar10", source="auto",
-                                       limit=1000, ema_decay=0.999, log_every=100, checkpoint_every=1000),
-            published="CIFAR10_ResNet_zeros_conditional",
-            candidates=(1, 3, 5, 7, 9, 11, 13, 15), calib_seeds=16, eval_seeds=100, nsteps=20,
-            soft_support=11, soft_iterations=5, soft_batch=8, soft_windows=("box",),
-            description="class-conditional zero-padded ResNet (width 32, 4 layers) on 1000 CIFAR-10 images at "
-                        "16x16 (the shared subset; $ELLSJAX_DATA_DIR), 4000 steps",
-        ),
     }
+
+    def conditional_cpu(name, dataset, channels, published, description):
+        # the paper's FashionMNIST and CIFAR-10 networks are class-conditional with zero padding (hence
+        # bbELS); here a small ResNet on 1000 images at 16x16 (CIFAR-10 too: at 32x32 one bbELS call on this
+        # data costs 7-10x the 16x16 one, measured 2026-12-07, which puts the calibration and evaluation
+        # alone past the 25-minute budget of a CPU preset)
+        return ReproducePreset(
+            name=name,
+            net=nets.NetConfig(arch="resnet", image_size=16, channels=channels, width=32, depth=4, padding="zeros",
+                               conditional=True, num_classes=10),
+            train=training.TrainConfig(steps=4000, batch_size=64, lr=1e-3, dataset=dataset, source="auto",
+                                       limit=1000, ema_decay=0.999, log_every=100, checkpoint_every=1000),
+            published=published,
+            candidates=(1, 3, 5, 7, 9, 11, 13, 15), calib_seeds=16, eval_seeds=100, nsteps=20,
+            soft_support=11, soft_iterations=5, soft_batch=8, soft_windows=("box",),
+            description=f"class-conditional zero-padded ResNet (width 32, 4 layers) on 1000 {description}, 4000 steps",
+        )
+
+    out["fashion-mnist-cpu"] = conditional_cpu("fashion-mnist-cpu", "fashion_mnist", 1,
+                                               "FashionMNIST_ResNet_zeros_conditional", "Fashion-MNIST images at 16x16")
+    out["cifar10-cpu"] = conditional_cpu("cifar10-cpu", "cifar10", 3, "CIFAR10_ResNet_zeros_conditional",
+                                         "CIFAR-10 images at 16x16 (the shared subset; $ELLSJAX_DATA_DIR)")
     # the attention study's pair (ellsjax.studies): the same DDPM UNet, trained alike, with self-attention
     # at full resolution (and in the middle) or with none
     for suffix, attn in (("with", {"attn": (0,)}), ("without", {"mid_attn": False})):
@@ -419,9 +415,8 @@ def run(
     timings["mixtures_s"] = time.perf_counter() - t5
     timings["total_s"] = time.perf_counter() - t0
     # the evaluation seeds' samples (what per-pixel comparisons, e.g. the attention study's error maps, read)
-    with _io.atomic_path(out / "samples.npz") as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **{k.replace("+", "_plus_"): np.asarray(v, np.float32) for k, v in samples.items()},
-                            labels=np.asarray(-1 if lab_eval is None else lab_eval))
+    _io.save_npz(out / "samples.npz", labels=np.asarray(-1 if lab_eval is None else lab_eval),
+                 **{k.replace("+", "_plus_"): np.asarray(v, np.float32) for k, v in samples.items()})
 
     results = {
         "preset": p.name,
@@ -479,8 +474,6 @@ def finished(p: ReproducePreset | str, out_dir: str | os.PathLike) -> dict[str, 
     if not path.is_file():
         return None
     try:
-        import json
-
         res = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
@@ -500,15 +493,6 @@ def finished(p: ReproducePreset | str, out_dir: str | os.PathLike) -> dict[str, 
     if p.epochs is not None and dataclasses.replace(train, steps=p.train.steps) != p.train:
         return None  # the steps follow from the epochs and the data
     return res if net == p.net else None
-
-
-def json_ready(d: Any) -> Any:
-    """``d`` as it reads back from JSON (tuples become lists)."""
-    if isinstance(d, dict):
-        return {k: json_ready(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [json_ready(v) for v in d]
-    return d
 
 
 def fitted_schedule(machine, scales) -> tuple[tuple, str]:
